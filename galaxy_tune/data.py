@@ -1,0 +1,370 @@
+"""Galaxy Zoo data: validate the Kaggle layout, label a binary task, split it once, cache decoded pixels.
+
+`prepare` turns `<data-dir>` into a prepared folder: `splits.csv` (GalaxyID, label, split; row i is row i of
+every pixel cache), `prepare.json` (task, class names, counts, seed) and `cache/<size>px-crop<c>.npy`, a uint8
+(N, H, W, 3) array decoded once and memory-mapped by every trial, so one copy in the page cache serves them all.
+`batches` turns a split of that cache into normalised, augmented tensors on the training device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+from .errors import GalaxyTuneError
+from .kaggle import CLASS_COLUMNS, CSV_NAME, IMAGE_SIZE_PX, IMAGES_DIR
+
+TASKS = {
+    # task: (class names in label order, description)
+    "seed-top2": (("Class6.2", "Class1.2"), "arg-max of all 37 answers is Class6.2 (0) or Class1.2 (1)"),
+    "smooth-featured": (("Class1.1", "Class1.2"), "Q1 smooth (0) vs features/disk (1) with a confident vote"),
+}
+SPLITS = ("train", "val", "test")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VOTE_TOLERANCE = 1e-4  # published fractions are rounded; allow tiny excursions outside [0, 1]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, which task, which split, which pixels."""
+
+    data_dir: Path
+    task: str = "seed-top2"
+    min_vote: float = 0.8
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    image_size_px: int = 224
+    crop_px: int | None = None  # centre crop of the 424 px frame before resizing; None keeps the frame
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared folder: the split manifest, the task's class names and the pixel cache of one image size."""
+
+    folder: Path
+    task: str
+    class_names: tuple[str, ...]
+    image_size_px: int
+    crop_px: int | None
+
+    @property
+    def cache_path(self) -> Path:
+        return self.folder / "cache" / cache_name(self.image_size_px, self.crop_px)
+
+    def manifest(self) -> pd.DataFrame:
+        return pd.read_csv(self.folder / "splits.csv")
+
+
+def prepared_folder(results_dir: Path, config: DataConfig) -> Path:
+    """Where the manifest and pixel caches of one (data set, task, split seed) live, shared by all runs."""
+    tag = f"{Path(config.data_dir).resolve().name}-{config.task}-seed{config.seed}"
+    return Path(results_dir).resolve() / "prepared" / tag
+
+
+def cache_name(image_size_px: int, crop_px: int | None) -> str:
+    return f"{image_size_px}px-crop{crop_px or IMAGE_SIZE_PX}.npy"
+
+
+# ---------------------------------------------------------------- labels
+
+
+def read_votes(data_dir: Path) -> pd.DataFrame:
+    """The Kaggle vote table indexed by GalaxyID, validated: 37 numeric columns in [0, 1], unique IDs."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise GalaxyTuneError(f"data folder {data_dir} does not exist: pass --data-dir with the Kaggle "
+                              f"folder holding {CSV_NAME} and {IMAGES_DIR}/")
+    csv = data_dir / CSV_NAME
+    if not csv.is_file():
+        raise GalaxyTuneError(f"{csv} is missing: the data folder must hold the Kaggle {CSV_NAME}")
+    try:
+        votes = pd.read_csv(csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise GalaxyTuneError(f"{csv} is not a readable CSV ({err}): restore the Kaggle file") from None
+    expected = ["GalaxyID", *CLASS_COLUMNS]
+    missing = [c for c in expected if c not in votes.columns]
+    extra = [c for c in votes.columns if c not in expected]
+    if missing or extra:
+        parts = ([f"missing columns {', '.join(missing)}"] if missing else []) + (
+            [f"unexpected columns {', '.join(map(str, extra))}"] if extra else [])
+        raise GalaxyTuneError(f"{csv}: {'; '.join(parts)}: the header must be GalaxyID,Class1.1,...,Class11.6")
+    for column in expected:
+        if not pd.api.types.is_numeric_dtype(votes[column]):
+            raise GalaxyTuneError(f"{csv}: column {column} has non-numeric values: fix or remove those rows")
+    if votes[expected].isna().any().any():
+        bad = votes.columns[votes.isna().any()].tolist()
+        raise GalaxyTuneError(f"{csv}: empty values (NaN) in {', '.join(bad)}: fill or remove those rows")
+    duplicated = votes["GalaxyID"][votes["GalaxyID"].duplicated()].unique()
+    if len(duplicated):
+        raise GalaxyTuneError(f"{csv}: duplicate GalaxyID {', '.join(map(str, duplicated[:5]))}: keep one row each")
+    fractions = votes[CLASS_COLUMNS]
+    outside = fractions.columns[((fractions < -VOTE_TOLERANCE) | (fractions > 1 + VOTE_TOLERANCE)).any()]
+    if len(outside):
+        raise GalaxyTuneError(f"{csv}: vote fractions outside [0, 1] in {', '.join(outside)}: "
+                              "the columns must hold fractions of votes")
+    return votes.astype({"GalaxyID": np.int64}).set_index("GalaxyID")
+
+
+def task_labels(votes: pd.DataFrame, task: str, min_vote: float = 0.8) -> pd.Series:
+    """Binary labels (0/1) of the galaxies a task keeps, indexed by GalaxyID."""
+    if task not in TASKS:
+        raise GalaxyTuneError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    negative, positive = TASKS[task][0]
+    if task == "seed-top2":
+        # idxmax takes the first of equal columns, as numpy argmax does: Class1.2 beats its Class2.x ties.
+        winner = votes[CLASS_COLUMNS].idxmax(axis=1)
+    else:
+        q1 = votes[["Class1.1", "Class1.2", "Class1.3"]]
+        winner = q1.idxmax(axis=1).where(q1.max(axis=1) >= min_vote)
+    kept = winner[winner.isin([negative, positive])]
+    return (kept == positive).astype(np.int64).rename("label")
+
+
+def split_manifest(labels: pd.Series, seed: int, val_fraction: float, test_fraction: float) -> pd.DataFrame:
+    """Seeded, stratified train/val/test split: a frame with GalaxyID, label, split in GalaxyID order."""
+    ids, y = labels.index.to_numpy(), labels.to_numpy()
+    held = val_fraction + test_fraction
+    if not (0 < val_fraction and 0 < test_fraction and held < 1):
+        raise GalaxyTuneError(f"val/test fractions {val_fraction}/{test_fraction} must be > 0 and sum below 1")
+    counts = np.bincount(y, minlength=2)
+    if counts.min() == 0:
+        raise GalaxyTuneError(f"the task leaves class {int(np.argmin(counts))} empty ({len(y)} galaxies kept): "
+                              "choose another --task or a lower --min-vote")
+    try:
+        train_ids, rest_ids, _, rest_y = train_test_split(ids, y, test_size=held, stratify=y, random_state=seed)
+        val_ids, test_ids = train_test_split(rest_ids, test_size=test_fraction / held, stratify=rest_y,
+                                             random_state=seed)
+        if min(np.bincount(rest_y[np.isin(rest_ids, part)], minlength=2).min() for part in (val_ids, test_ids)) == 0:
+            raise ValueError("a held-out split lacks a class")
+    except ValueError:
+        raise GalaxyTuneError(f"too few images for a stratified split: class counts {counts.tolist()}; "
+                              "each class needs several images per split: add data or choose another task") from None
+    split = pd.Series("train", index=ids)
+    split[val_ids], split[test_ids] = "val", "test"
+    return pd.DataFrame({"GalaxyID": ids, "label": y, "split": split.to_numpy()})
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def decode(path: Path, image_size_px: int, crop_px: int | None) -> np.ndarray:
+    """One galaxy JPEG as (size, size, 3) uint8: centre-crop, then resize, as the reference's transforms do."""
+    with Image.open(path) as image:
+        if image.format != "JPEG" or image.mode != "RGB" or image.size != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
+            raise ValueError(f"not a {IMAGE_SIZE_PX}x{IMAGE_SIZE_PX} RGB JPEG ({image.format} {image.mode} "
+                             f"{image.size[0]}x{image.size[1]})")
+        crop = crop_px or IMAGE_SIZE_PX
+        # Let libjpeg decode at a reduced scale when the output is small: same pixels, several times faster.
+        image.draft("RGB", (IMAGE_SIZE_PX * image_size_px // crop,) * 2)
+        scale = image.size[0] / IMAGE_SIZE_PX
+        lo, hi = (IMAGE_SIZE_PX - crop) / 2 * scale, (IMAGE_SIZE_PX + crop) / 2 * scale
+        image = image.resize((image_size_px, image_size_px), Image.Resampling.BILINEAR, box=(lo, lo, hi, hi))
+        return np.asarray(image, dtype=np.uint8)
+
+
+def source_fingerprint(data_dir: Path, ids: np.ndarray) -> str:
+    """Changes when the CSV or any listed image file changes (size or modification time)."""
+    digest = hashlib.sha256()
+    for path in [Path(data_dir) / CSV_NAME, *(image_path(data_dir, i) for i in ids)]:
+        try:
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        except FileNotFoundError:
+            digest.update(f"{path.name}:missing;".encode())
+    return digest.hexdigest()[:16]
+
+
+def image_path(data_dir: Path, galaxy_id: int) -> Path:
+    return Path(data_dir) / IMAGES_DIR / f"{galaxy_id}.jpg"
+
+
+def check_images(data_dir: Path, ids: np.ndarray) -> dict[int, str]:
+    """GalaxyID -> what is wrong, for every image that is missing, unreadable, truncated or of the wrong shape."""
+    bad = {}
+    for galaxy_id in tqdm(ids, desc="checking images", unit="img", leave=False, disable=len(ids) < 2000):
+        path = image_path(data_dir, galaxy_id)
+        if not path.is_file():
+            bad[int(galaxy_id)] = "missing"
+            continue
+        try:
+            with Image.open(path) as image:
+                if image.format != "JPEG" or image.mode != "RGB" or image.size != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
+                    bad[int(galaxy_id)] = f"not a {IMAGE_SIZE_PX}x{IMAGE_SIZE_PX} RGB JPEG"
+                    continue
+                image.draft("RGB", (IMAGE_SIZE_PX // 8,) * 2)  # a full scan of the entropy data, cheaply
+                image.load()
+        except (OSError, SyntaxError, ValueError) as err:
+            bad[int(galaxy_id)] = f"unreadable ({err})"
+    return bad
+
+
+def build_cache(prepared: Prepared, data_dir: Path) -> Path:
+    """Decode every image of the manifest once into the uint8 cache; reuse it when it matches its source."""
+    path = prepared.cache_path
+    ids = prepared.manifest()["GalaxyID"].to_numpy()
+    meta = {"fingerprint": source_fingerprint(data_dir, ids), "count": len(ids),
+            "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px}
+    meta_path = path.with_suffix(".json")
+    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    size = prepared.image_size_px
+    pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), size, size, 3))
+    for row, galaxy_id in enumerate(tqdm(ids, desc=f"caching {size}px pixels", unit="img", leave=False)):
+        try:
+            pixels[row] = decode(image_path(data_dir, galaxy_id), size, prepared.crop_px)
+        except (OSError, SyntaxError, ValueError) as err:
+            tmp.unlink()
+            raise GalaxyTuneError(f"{image_path(data_dir, galaxy_id)} changed since the split was made and is now "
+                                  f"unreadable ({err}): restore it, or delete {prepared.folder} to re-split") from None
+    pixels.flush()
+    del pixels
+    os.replace(tmp, path)  # atomic: concurrent readers see the old cache or the whole new one
+    write_atomically(meta_path, json.dumps(meta))
+    return path
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def prepare(config: DataConfig, out_dir: Path, skip_bad: bool = False) -> Prepared:
+    """Validate the data, write the split manifest and build the pixel cache (all reused when unchanged)."""
+    out_dir = Path(out_dir).resolve()
+    if config.task not in TASKS:
+        raise GalaxyTuneError(f"unknown task {config.task!r}: choose one of {', '.join(TASKS)}")
+    if config.crop_px is not None and not 0 < config.crop_px <= IMAGE_SIZE_PX:
+        raise GalaxyTuneError(f"--crop {config.crop_px} must be between 1 and {IMAGE_SIZE_PX} px")
+    if config.image_size_px < 8:
+        raise GalaxyTuneError(f"--image-size {config.image_size_px} is too small: use 8 px or more")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise GalaxyTuneError(f"cannot write to {out_dir} ({err.strerror}): choose a writable --out/--results-dir") from None
+    data_dir = Path(config.data_dir).resolve()
+    labels = task_labels(read_votes(data_dir), config.task, config.min_vote)
+    split_settings = {"data_dir": str(data_dir), "task": config.task, "min_vote": config.min_vote,
+                      "seed": config.seed, "val_fraction": config.val_fraction,
+                      "test_fraction": config.test_fraction, "skip_bad": skip_bad}
+    info_path = out_dir / "prepare.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    fingerprint = source_fingerprint(data_dir, np.array([], dtype=np.int64))  # the CSV alone
+    if info.get("settings") != split_settings or info.get("csv_fingerprint") != fingerprint:
+        bad = check_images(data_dir, labels.index.to_numpy())
+        if bad and not skip_bad:
+            listing = "; ".join(f"{image_path(data_dir, i).name}: {why}" for i, why in list(bad.items())[:20])
+            more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
+            raise GalaxyTuneError(f"{len(bad)} bad image(s) in {data_dir / IMAGES_DIR}: {listing}{more}; "
+                                  "replace them or pass --skip-bad to drop them")
+        if bad:
+            print(f"skipping {len(bad)} bad image(s) (--skip-bad)")
+        manifest = split_manifest(labels.drop(index=list(bad)), config.seed, config.val_fraction,
+                                  config.test_fraction)
+        write_atomically(out_dir / "splits.csv", manifest.to_csv(index=False))
+        counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
+        info = {"task": config.task, "class_names": list(TASKS[config.task][0]), "seed": config.seed,
+                "counts": {s: [int(counts.loc[s].get(c, 0)) for c in (0, 1)] for s in SPLITS},
+                "skipped_bad_images": len(bad), "settings": split_settings, "csv_fingerprint": fingerprint}
+    prepared = Prepared(out_dir, config.task, tuple(info["class_names"]), config.image_size_px, config.crop_px)
+    build_cache(prepared, data_dir)
+    caches = sorted(set(info.get("caches", [])) | {prepared.cache_path.name})
+    write_atomically(info_path, json.dumps({**info, "image_size_px": config.image_size_px,
+                                            "crop_px": config.crop_px, "caches": caches}, indent=2))
+    return prepared
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_prepared(folder: Path, image_size_px: int, crop_px: int | None) -> Prepared:
+    """A prepared folder written earlier by `prepare` (the cache of that image size must exist)."""
+    info = json.loads((Path(folder) / "prepare.json").read_text())
+    prepared = Prepared(Path(folder), info["settings"]["task"], tuple(info["class_names"]), image_size_px, crop_px)
+    if not prepared.cache_path.is_file():
+        raise GalaxyTuneError(f"no pixel cache {prepared.cache_path}: run `python -m galaxy_tune prepare` first")
+    return prepared
+
+
+def class_counts(prepared: Prepared) -> dict[str, list[int]]:
+    """Images per class for each split."""
+    return json.loads((prepared.folder / "prepare.json").read_text())["counts"]
+
+
+def data_summary(prepared: Prepared) -> dict:
+    """What a result records about its data."""
+    info = json.loads((prepared.folder / "prepare.json").read_text())
+    return {"prepared": str(prepared.folder), **info["settings"], "class_names": list(prepared.class_names),
+            "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px, "counts": info["counts"]}
+
+
+# ---------------------------------------------------------------- batches
+
+
+@dataclass
+class ImageSplit:
+    """One split of the cache: memory-mapped pixels (no copy) and their labels."""
+
+    pixels: np.ndarray  # (N_all, H, W, 3) uint8 memmap
+    rows: np.ndarray  # rows of this split
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def open_split(prepared: Prepared, split: str) -> ImageSplit:
+    manifest = prepared.manifest()
+    rows = np.flatnonzero(manifest["split"].to_numpy() == split)
+    pixels = np.load(prepared.cache_path, mmap_mode="r")
+    return ImageSplit(pixels, rows, manifest["label"].to_numpy()[rows])
+
+
+def batches(split: ImageSplit, batch_size: int, device: torch.device, *, shuffle: bool = False,
+            augment: bool = False, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised float batches (N, 3, H, W) and labels on `device`; seeded shuffling and dihedral augmentation.
+
+    Normalisation and flips/90-degree rotations run as batched tensor ops on the device, so the loop never
+    decodes a JPEG; the same seed gives the same batches, which is what makes resumed training reproducible.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split), generator=generator).numpy() if shuffle else np.arange(len(split))
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    labels = torch.from_numpy(split.labels)
+    for start in range(0, len(order), batch_size):
+        picked = np.sort(order[start:start + batch_size])  # sorted rows read the memmap sequentially
+        raw = torch.from_numpy(split.pixels[split.rows[picked]])
+        x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+        if augment:
+            x = dihedral(x, torch.randint(0, 8, (len(x),), generator=generator).to(device))
+        yield x, labels[picked].to(device, non_blocking=True)
+
+
+def dihedral(x: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
+    """Apply one of the 8 flips/rotations of the square to each image (element in 0..7)."""
+    out = x.clone()
+    for e in range(1, 8):
+        chosen = element == e
+        if chosen.any():
+            view = x[chosen].rot90(e % 4, dims=(2, 3))
+            out[chosen] = view.flip(3) if e >= 4 else view
+    return out

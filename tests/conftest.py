@@ -1,0 +1,34 @@
+"""Shared fixtures: a small generated Kaggle-format data set, its prepared cache, and one local Ray."""
+
+from pathlib import Path
+
+import pytest
+
+from galaxy_tune.data import DataConfig, prepare
+from galaxy_tune.demo_data import write_demo_data
+
+FIXTURES = Path(__file__).parent / "fixtures"
+IMAGE_SIZE_PX, CROP_PX = 32, 256
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """120 synthetic galaxies in the exact Kaggle layout (read-only for tests: copy it to modify it)."""
+    return write_demo_data(tmp_path_factory.mktemp("demo"), num_images=120, seed=1)
+
+
+@pytest.fixture(scope="session")
+def prepared(demo_dir, tmp_path_factory):
+    """The demo data prepared at 32 px: split manifest and pixel cache."""
+    config = DataConfig(demo_dir, image_size_px=IMAGE_SIZE_PX, crop_px=CROP_PX)
+    return prepare(config, tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray (2 CPUs, no dashboard) for every test that runs a search."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,144 @@
+"""Data: labels of both tasks, CSV validation, stratified reproducible splits, the pixel cache and batches."""
+
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CROP_PX, FIXTURES, IMAGE_SIZE_PX
+from galaxy_tune.data import (DataConfig, batches, dihedral, open_split, prepare, read_votes, split_manifest,
+                              task_labels)
+from galaxy_tune.errors import GalaxyTuneError
+from galaxy_tune.kaggle import CLASS_COLUMNS, CSV_NAME, IMAGES_DIR
+
+
+def real_rows(tmp_path):
+    folder = tmp_path / "real"
+    folder.mkdir()
+    shutil.copy(FIXTURES / "galaxyzoo_real_rows.csv", folder / CSV_NAME)
+    return folder
+
+
+def test_seed_top2_labels_real_rows_with_ties(tmp_path):
+    labels = task_labels(read_votes(real_rows(tmp_path)), "seed-top2")
+    # Hand-computed: 100078 (Class1.1 wins) and 100123 (Class6.1 wins) are dropped; 100143 and 100445 tie
+    # Class1.2 with a Class2.x/3.x answer and the first column wins, so they are Class1.2 (label 1).
+    assert labels.to_dict() == {100008: 0, 100023: 0, 100053: 0, 100090: 0, 100134: 1, 100143: 1, 100445: 1,
+                                135453: 0}
+
+
+def test_smooth_featured_keeps_confident_votes(tmp_path):
+    votes = read_votes(real_rows(tmp_path))
+    assert task_labels(votes, "smooth-featured", min_vote=0.8).to_dict() == {100090: 0, 100134: 1}
+    assert task_labels(votes, "smooth-featured", min_vote=0.7).to_dict() == {
+        100053: 0, 100090: 0, 100134: 1, 100143: 1, 100445: 1}
+
+
+@pytest.mark.parametrize("damage, culprit", [
+    (lambda df: df.drop(columns=["Class3.1"]), "missing columns Class3.1"),
+    (lambda df: df.assign(Extra=1.0), "unexpected columns Extra"),
+    (lambda df: df.assign(**{"Class5.2": "lots"}), "column Class5.2 has non-numeric"),
+    (lambda df: df.assign(**{"Class7.1": np.nan}), "NaN) in Class7.1"),
+    (lambda df: pd.concat([df, df.iloc[[0]]]), "duplicate GalaxyID 100008"),
+    (lambda df: df.assign(**{"Class9.2": 1.5}), "outside [0, 1] in Class9.2"),
+])
+def test_bad_csv_names_the_culprit(tmp_path, damage, culprit):
+    folder = real_rows(tmp_path)
+    damage(pd.read_csv(folder / CSV_NAME)).to_csv(folder / CSV_NAME, index=False)
+    with pytest.raises(GalaxyTuneError, match=re.escape(culprit)):
+        read_votes(folder)
+
+
+def test_missing_csv_and_folder(tmp_path):
+    with pytest.raises(GalaxyTuneError, match="does not exist"):
+        read_votes(tmp_path / "nowhere")
+    with pytest.raises(GalaxyTuneError, match=f"{CSV_NAME} is missing"):
+        read_votes(tmp_path)
+
+
+def test_split_is_stratified_and_reproducible():
+    labels = pd.Series(np.r_[np.zeros(700, int), np.ones(300, int)], index=np.arange(1000) + 100000)
+    a = split_manifest(labels, seed=3, val_fraction=0.1, test_fraction=0.1)
+    assert a["split"].value_counts().to_dict() == {"train": 800, "val": 100, "test": 100}
+    for _, part in a.groupby("split"):
+        assert part["label"].mean() == pytest.approx(0.3, abs=0.01)
+    assert a.equals(split_manifest(labels, seed=3, val_fraction=0.1, test_fraction=0.1))
+    assert not a.equals(split_manifest(labels, seed=4, val_fraction=0.1, test_fraction=0.1))
+
+
+def test_too_few_images_or_an_empty_class_is_refused():
+    with pytest.raises(GalaxyTuneError, match="empty"):
+        split_manifest(pd.Series([0] * 50), seed=0, val_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(GalaxyTuneError, match="too few images"):
+        split_manifest(pd.Series([0] * 20 + [1] * 2), seed=0, val_fraction=0.1, test_fraction=0.1)
+
+
+def test_prepare_writes_manifest_and_cache(prepared, demo_dir):
+    manifest = prepared.manifest()
+    assert list(manifest.columns) == ["GalaxyID", "label", "split"]
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    pixels = np.load(prepared.cache_path, mmap_mode="r")
+    assert pixels.shape == (len(manifest), IMAGE_SIZE_PX, IMAGE_SIZE_PX, 3) and pixels.dtype == np.uint8
+    # Row i of the cache is the image of row i of the manifest.
+    galaxy_id = manifest["GalaxyID"].iloc[5]
+    with Image.open(demo_dir / IMAGES_DIR / f"{galaxy_id}.jpg") as image:
+        lo, hi = (424 - CROP_PX) // 2, (424 + CROP_PX) // 2
+        expected = np.asarray(image.convert("RGB").crop((lo, lo, hi, hi)).resize((IMAGE_SIZE_PX,) * 2), float)
+    assert np.abs(pixels[5].astype(float) - expected).mean() < 6  # same picture, up to resampling
+
+
+def test_cache_is_reused_and_rebuilt_when_an_image_changes(demo_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    config = DataConfig(data, image_size_px=16)
+    first = prepare(config, tmp_path / "out")
+    stamp = first.cache_path.stat().st_mtime_ns
+    assert prepare(config, tmp_path / "out").cache_path.stat().st_mtime_ns == stamp  # reused
+    changed = data / IMAGES_DIR / f"{first.manifest()['GalaxyID'].iloc[0]}.jpg"
+    Image.new("RGB", (424, 424), (255, 255, 255)).save(changed)
+    again = prepare(config, tmp_path / "out")
+    assert again.cache_path.stat().st_mtime_ns != stamp
+    assert np.load(again.cache_path, mmap_mode="r")[0].min() > 240  # the new white image is in the cache
+
+
+def test_bad_images_are_listed_and_can_be_skipped(demo_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    ids = pd.read_csv(data / CSV_NAME)["GalaxyID"]
+    kept = task_labels(read_votes(data), "seed-top2").index
+    missing, truncated, small = [data / IMAGES_DIR / f"{i}.jpg" for i in kept[:3]]
+    missing.unlink()
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    Image.new("RGB", (100, 100)).save(small)
+    config = DataConfig(data, image_size_px=16)
+    with pytest.raises(GalaxyTuneError) as err:
+        prepare(config, tmp_path / "out")
+    message = str(err.value)
+    assert "3 bad image(s)" in message and "--skip-bad" in message
+    for path in (missing, truncated, small):
+        assert path.name in message
+    prepared = prepare(config, tmp_path / "out", skip_bad=True)
+    assert len(prepared.manifest()) == len(kept) - 3 and len(ids) > len(kept)
+    assert "skipping 3 bad image(s)" in capsys.readouterr().out
+
+
+def test_batches_normalise_shuffle_reproducibly_and_augment_with_the_dihedral_group(prepared):
+    split = open_split(prepared, "train")
+    plain = torch.cat([x for x, _ in batches(split, 16, torch.device("cpu"))])
+    assert plain.shape == (len(split), 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX)
+    raw = torch.from_numpy(np.array(split.pixels[split.rows[0]])).permute(2, 0, 1).float()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    assert torch.allclose(plain[0], (raw / 255 - mean) / std, atol=1e-5)
+    once = [y for _, y in batches(split, 16, torch.device("cpu"), shuffle=True, seed=7)]
+    twice = [y for _, y in batches(split, 16, torch.device("cpu"), shuffle=True, seed=7)]
+    assert all(torch.equal(a, b) for a, b in zip(once, twice))
+    assert sorted(torch.cat(once).tolist()) == sorted(split.labels.tolist())
+    # Each of the 8 dihedral elements is a distinct, label-preserving permutation of the pixels.
+    x = plain[:1].repeat(8, 1, 1, 1)
+    out = dihedral(x, torch.arange(8))
+    assert len({tuple(o.flatten()[:64].tolist()) for o in out}) == 8
+    assert torch.allclose(out.sum(dim=(2, 3)), x.sum(dim=(2, 3)), atol=1e-3)
