@@ -1,0 +1,1 @@
+"""galaxy_tune."""

@@ -1,0 +1,209 @@
+"""Command line: `python -m galaxy_tune {demo-data,prepare,search,retrain,report}`.
+
+Parses flags once into the typed options of the layer below, picks the demo defaults when no data is given,
+and prints a GalaxyTuneError as one line (the traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import GalaxyTuneError
+
+# With no --data-dir, everything runs on generated demo data, sized to finish in minutes on a 2-core CPU.
+DEMO = {"num_images": 600, "image_size_px": 64, "crop_px": 256, "num_samples": 6, "max_epochs": 4}
+DEFAULT_RESULTS = Path("results")
+
+
+def demo_data_dir(results_dir: Path) -> Path:
+    """The built-in demo data set, generated on first use."""
+    from .demo_data import write_demo_data
+    from .kaggle import CSV_NAME
+
+    folder = Path(results_dir) / "demo-data"
+    if not (folder / CSV_NAME).is_file():
+        print(f"generating the demo data set ({DEMO['num_images']} synthetic galaxies) in {folder}")
+        write_demo_data(folder, num_images=DEMO["num_images"], seed=0)
+    return folder
+
+
+def resolve_data(args) -> tuple[Path, int, int | None]:
+    """(data folder, image size, crop): the user's, or the demo data with demo-sized defaults."""
+    if args.data_dir is not None:
+        return Path(args.data_dir), args.image_size or 224, args.crop
+    folder = demo_data_dir(args.results_dir)
+    print(f"no --data-dir given: using the built-in demo data in {folder} "
+          f"({args.image_size or DEMO['image_size_px']} px, demo-sized defaults)")
+    return folder, args.image_size or DEMO["image_size_px"], args.crop or DEMO["crop_px"]
+
+
+def cmd_demo_data(args) -> None:
+    from .demo_data import write_demo_data
+
+    out = write_demo_data(Path(args.out_dir), num_images=args.num_images, seed=args.seed)
+    print(f"wrote {args.num_images} synthetic galaxies in the Kaggle layout to {out}")
+
+
+def cmd_prepare(args) -> None:
+    from .data import DataConfig, class_counts, prepare, prepared_folder
+
+    data_dir, size, crop = resolve_data(args)
+    config = DataConfig(data_dir, task=args.task, min_vote=args.min_vote, seed=args.seed, image_size_px=size,
+                        crop_px=crop)
+    prepared = prepare(config, Path(args.out) if args.out else prepared_folder(args.results_dir, config),
+                       skip_bad=args.skip_bad)
+    counts = class_counts(prepared)
+    print(f"prepared {prepared.folder} (task {prepared.task}, cache {prepared.cache_path.name})")
+    print(f"{'split':<6} " + " ".join(f"{name:>9}" for name in prepared.class_names) + f" {'total':>7}")
+    for split, row in counts.items():
+        print(f"{split:<6} " + " ".join(f"{n:>9}" for n in row) + f" {sum(row):>7}")
+
+
+def cmd_search(args) -> None:
+    from .report import write_search_report
+    from .search import SearchOptions, run_search
+
+    data_dir, size, crop = resolve_data(args)
+    demo = args.data_dir is None
+    name = args.name or f"search-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and not args.name:
+        raise GalaxyTuneError("--resume needs --name of the search to continue")
+    options = SearchOptions(
+        method=args.method, data_dir=data_dir, results_dir=args.results_dir, name=name, space=args.space,
+        num_samples=args.num_samples or (DEMO["num_samples"] if demo else 20),
+        max_epochs=args.max_epochs or (DEMO["max_epochs"] if demo else None), image_size_px=size, crop_px=crop,
+        task=args.task, model=args.model, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        max_concurrent=args.max_concurrent, address=args.address, seed=args.seed, max_failures=args.max_failures,
+        resume=args.resume)
+    experiment = run_search(options)
+    print(f"search results in {experiment} (trials.csv, best.json, {Path('optuna.db')}); report: "
+          f"{write_search_report(experiment)}")
+
+
+def cmd_retrain(args) -> None:
+    from .data import DataConfig, load_prepared, prepare, prepared_folder
+    from .model import load_backbone
+    from .report import write_retrain_report
+    from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
+
+    if args.from_experiments:
+        experiments = {}
+        for folder in args.from_experiments:
+            best = read_best(Path(folder))
+            experiments[best["method"]] = Path(folder)
+    else:
+        experiments = latest_searches(args.results_dir)
+    methods = args.methods or list(ALL_METHODS)
+    used = {m: experiments[m] for m in methods if m in experiments}
+    if used:
+        best = read_best(next(iter(used.values())))
+        data = best["data"]
+        prepared = load_prepared(Path(data["prepared"]), data["image_size_px"], data["crop_px"])
+        model_name = args.model or best["model"]
+        for method, folder in used.items():
+            print(f"{method}: best config of {folder}")
+    else:
+        data_dir, size, crop = resolve_data(args)
+        config = DataConfig(data_dir, task=args.task, seed=args.seed, image_size_px=size, crop_px=crop)
+        prepared = prepare(config, prepared_folder(args.results_dir, config))
+        _, model_name = load_backbone(args.model, num_labels=len(prepared.class_names))
+    max_epochs = args.max_epochs or (DEMO["max_epochs"] if not used and args.data_dir is None else None)
+    out = Path(args.results_dir) / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_retrain(prepared, model_name, used, out, methods=methods, seeds=args.seeds, max_epochs=max_epochs,
+                gpus=args.gpus)
+    report = write_retrain_report(out)
+    print()
+    print(report.read_text())
+    print(f"retrain results in {out}")
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    for folder in args.experiments or sorted(p.parent for p in Path(args.results_dir).glob("*/*.json")
+                                             if p.name in ("best.json", "retrain.json")):
+        print(f"wrote {write_report(Path(folder))}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m galaxy_tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def results_flag(p):
+        p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="run outputs (default: results)")
+
+    def data_flags(p):
+        p.add_argument("--data-dir", type=Path, help="Kaggle folder (training_solutions_rev1.csv, "
+                       "images_training_rev1/); default: the built-in demo data")
+        p.add_argument("--task", default="seed-top2", choices=["seed-top2", "smooth-featured"])
+        p.add_argument("--image-size", type=int, help="pixels per side fed to the model (default 224; demo 64)")
+        p.add_argument("--crop", type=int, help="centre-crop the 424 px frame to this many px first (demo: 256)")
+        p.add_argument("--seed", type=int, default=0, help="split and training seed")
+        results_flag(p)
+
+    p = commands.add_parser("demo-data", help="write a synthetic data set in the Kaggle layout")
+    p.add_argument("out_dir")
+    p.add_argument("--num-images", type=int, default=DEMO["num_images"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo_data)
+
+    p = commands.add_parser("prepare", help="validate data, write the split manifest and the pixel cache")
+    data_flags(p)
+    p.add_argument("--out", help="output folder (default: results/prepared/<data>-<task>-seed<S>)")
+    p.add_argument("--min-vote", type=float, default=0.8, help="smooth-featured: least winning vote fraction")
+    p.add_argument("--skip-bad", action="store_true", help="drop missing or unreadable images instead of failing")
+    p.set_defaults(run=cmd_prepare)
+
+    p = commands.add_parser("search", help="Ray Tune + Optuna search over one fine-tuning method")
+    p.add_argument("method", choices=["full", "lora"])
+    data_flags(p)
+    p.add_argument("--space", type=Path, help="search-space YAML (default: search_spaces/<method>.yaml)")
+    p.add_argument("--num-samples", type=int, help="trials (default 20; demo 6)")
+    p.add_argument("--max-epochs", type=int, help="epochs per trial, the ASHA budget (default: the space's)")
+    p.add_argument("--model", help="Hugging Face id or local folder, resnet50-random or tiny "
+                   "(default: microsoft/resnet-50, falling back to resnet50-random offline)")
+    p.add_argument("--name", help="experiment name (default: search-<method>-<time>)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions share a GPU, e.g. 0.25")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the resources allow)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting Ray")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    p.set_defaults(run=cmd_search)
+
+    p = commands.add_parser("retrain", help="retrain the best configs and test direct, full and LoRA")
+    data_flags(p)
+    p.add_argument("--from", dest="from_experiments", nargs="+", help="search experiment folders to take "
+                   "the best configs from (default: the latest search of each method)")
+    p.add_argument("--methods", nargs="+", choices=["direct", "full", "lora"])
+    p.add_argument("--seeds", type=int, default=1, help="retrain each method with this many seeds")
+    p.add_argument("--max-epochs", type=int, help="cap the epochs of each recipe")
+    p.add_argument("--model", help="backbone when no search is found (default: microsoft/resnet-50)")
+    p.add_argument("--gpus", type=float, default=0.0, help="train on the GPU when > 0")
+    p.set_defaults(run=cmd_retrain)
+
+    p = commands.add_parser("report", help="rebuild reports of search and retrain folders from disk")
+    p.add_argument("experiments", nargs="*", help="experiment folders (default: all under --results-dir)")
+    results_flag(p)
+    p.set_defaults(run=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except GalaxyTuneError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are kept; continue with `search ... --resume --name NAME`",
+              file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,121 @@
+"""The backbone: one front door (`build_model`) for pretrained, random ResNet-50 and tiny test ResNets."""
+
+import os
+import sys
+
+import huggingface_hub
+import torch
+from torch import nn
+from transformers import ResNetConfig, ResNetForImageClassification
+
+from galaxy_tune.errors import GalaxyTuneError
+
+DEFAULT_MODEL = "microsoft/resnet-50"
+RANDOM_RESNET50 = "resnet50-random"
+TINY = "tiny"
+
+_RANDOM_CONFIGS = {
+    RANDOM_RESNET50: dict(layer_type="bottleneck", depths=[3, 4, 6, 3]),
+    # Small enough that a forward+backward of a few 32 px images takes milliseconds on CPU.
+    TINY: dict(layer_type="bottleneck", embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]),
+}
+
+_HUB_PROBE_TIMEOUT_SECONDS = 3.0
+
+
+def build_model(name: str, num_labels: int = 2, seed: int = 0) -> ResNetForImageClassification:
+    """Return a ResNet classifier with a fresh `num_labels` head: a Hub id or local folder, `resnet50-random` or `tiny`.
+
+    Everything randomly initialised (random backbones, the new head) depends only on `seed`;
+    the global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        # Weights are initialised on CPU, so seeding the CPU generator alone is enough and leaves CUDA RNG alone.
+        torch.default_generator.manual_seed(seed)
+        if name in _RANDOM_CONFIGS:
+            config = ResNetConfig(num_labels=num_labels, **_RANDOM_CONFIGS[name])
+            return ResNetForImageClassification(config)
+        return _load_pretrained(name, num_labels)
+
+
+def load_backbone(
+    name: str | None, num_labels: int = 2, seed: int = 0
+) -> tuple[ResNetForImageClassification, str]:
+    """Return (model, name actually used); `None` means the default pretrained ResNet-50.
+
+    Only the default falls back (with a one-line warning on stderr) to `resnet50-random` when its weights
+    can't be had; an explicitly named model that fails to load raises GalaxyTuneError.
+    """
+    if name is not None:
+        return build_model(name, num_labels, seed), name
+    try:
+        return build_model(DEFAULT_MODEL, num_labels, seed), DEFAULT_MODEL
+    except GalaxyTuneError as err:
+        print(
+            f"warning: {err}; falling back to randomly initialised {RANDOM_RESNET50}.",
+            file=sys.stderr,
+        )
+        return build_model(RANDOM_RESNET50, num_labels, seed), RANDOM_RESNET50
+
+
+def describe_weights(name: str, seed: int) -> str:
+    """Human-readable provenance of the backbone weights, recorded next to results."""
+    if name == RANDOM_RESNET50:
+        return f"random init resnet-50 (seed {seed})"
+    if name == TINY:
+        return f"random init tiny resnet (seed {seed})"
+    return f"pretrained {name}"
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return (trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _load_pretrained(name: str, num_labels: int) -> ResNetForImageClassification:
+    """Load from a local folder, the Hugging Face cache, or the Hub (in that order), replacing the head."""
+    kwargs = dict(num_labels=num_labels, ignore_mismatched_sizes=True)
+    folder = os.path.expanduser(name)
+    if os.path.isdir(folder):
+        try:
+            return ResNetForImageClassification.from_pretrained(folder, **kwargs)
+        except (OSError, ValueError) as err:
+            raise GalaxyTuneError(
+                f"could not load model folder {name!r} ({err}); pass a folder written by save_pretrained "
+                f"of a transformers ResNet, or use {RANDOM_RESNET50}"
+            ) from err
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise GalaxyTuneError(
+            f"model folder {name!r} does not exist; check the path, pass a Hugging Face id such as "
+            f"{DEFAULT_MODEL!r}, or use {RANDOM_RESNET50}"
+        )
+    try:
+        return ResNetForImageClassification.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError:
+        pass  # not cached yet: download below
+    if not _hub_reachable():
+        raise GalaxyTuneError(
+            f"could not load pretrained weights {name!r} (offline and not in the Hugging Face cache); "
+            f"run once with network access to cache them, pass a local folder with a copy "
+            f"(save_pretrained output, --model DIR), or use {RANDOM_RESNET50}"
+        )
+    try:
+        return ResNetForImageClassification.from_pretrained(name, **kwargs)
+    except OSError as err:
+        raise GalaxyTuneError(
+            f"could not load pretrained weights {name!r} ({err}); check the Hugging Face model id, "
+            f"pass a local folder with a copy (--model DIR), or use {RANDOM_RESNET50}"
+        ) from err
+
+
+def _hub_reachable() -> bool:
+    """One quick request to the Hub; offline, from_pretrained would otherwise spend ~25 s in retries."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT_SECONDS)
+    except Exception:  # any failure to reach the endpoint (DNS, refused, timeout, offline mode) means offline
+        return False
+    return True

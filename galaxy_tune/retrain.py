@@ -1,0 +1,162 @@
+"""The retrain: train each method's best config from scratch, keep its best-val checkpoint, test it once.
+
+Methods: `direct` (the backbone with a fresh 2-class head, no training, as the reference study evaluated it),
+`full` and `lora` (the best config of the latest search of that method, or the reference recipe when there is
+none). Writes `results/retrain-<timestamp>/` with `test_results.csv`, the trained models and `report.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import Prepared, class_counts, data_summary, load_prepared, open_split
+from .errors import GalaxyTuneError
+from .lora import save_adapters, to_plain_model
+from .model import build_model, count_parameters, describe_weights
+from .train import REFERENCE_CONFIGS, TrainConfig, evaluate, fit, make_model, pick_device, trainable_state, \
+    load_trainable_state
+
+ALL_METHODS = ("direct", "full", "lora")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to retrain for one method, and where it came from."""
+
+    method: str
+    config: TrainConfig
+    source: str  # the experiment folder, or "reference recipe"
+    search_val_accuracy: float | None
+
+
+def latest_searches(results_dir: Path) -> dict[str, Path]:
+    """The newest finished search experiment (one with best.json) of each method."""
+    latest: dict[str, tuple[float, Path]] = {}
+    for best in Path(results_dir).glob("*/best.json"):
+        method = json.loads(best.read_text())["method"]
+        if method not in latest or best.stat().st_mtime > latest[method][0]:
+            latest[method] = (best.stat().st_mtime, best.parent)
+    return {method: folder for method, (_, folder) in latest.items()}
+
+
+def read_best(experiment: Path) -> dict:
+    best = Path(experiment) / "best.json"
+    if not best.is_file():
+        why = "it is not a search experiment" if not (Path(experiment) / "search.json").is_file() else \
+            "it has no finished trial (still running, interrupted or every trial failed)"
+        raise GalaxyTuneError(f"--from {experiment}: no best.json, {why}: pass a finished search experiment")
+    return json.loads(best.read_text())
+
+
+def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | None) -> list[Recipe]:
+    """The config to retrain for each trained method (best of its search, else the reference recipe)."""
+    out = []
+    for method in methods:
+        if method == "direct":
+            continue
+        if method in experiments:
+            best = read_best(experiments[method])
+            config, source, val = TrainConfig.from_dict(best["config"]), str(experiments[method]), best["val_accuracy"]
+        else:
+            config, source, val = REFERENCE_CONFIGS[method], "reference recipe", None
+            print(f"{method}: no search found, retraining the reference recipe")
+        if max_epochs is not None:
+            config = dataclasses.replace(config, epochs=min(config.epochs, max_epochs))
+        out.append(Recipe(method, config, source, val))
+    return out
+
+
+def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path], out_dir: Path,
+                methods: list[str] = list(ALL_METHODS), seeds: int = 1, max_epochs: int | None = None,
+                gpus: float = 0) -> pd.DataFrame:
+    """Retrain and test every method with `seeds` seeds; writes test_results.csv and models under out_dir."""
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        raise GalaxyTuneError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(ALL_METHODS)}")
+    if seeds < 1:
+        raise GalaxyTuneError(f"--seeds {seeds} must be at least 1")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(gpus)
+    splits = {name: open_split(prepared, name) for name in ("train", "val", "test")}
+    plans = recipes(experiments, methods, max_epochs)
+    rows = []
+    for seed in range(seeds):
+        if "direct" in methods:
+            model = build_model(model_name, num_labels=len(prepared.class_names), seed=seed).to(device)
+            rows.append(result_row("direct", seed, None, "no training", model, splits, device, model_name,
+                                   train_seconds=0.0, images_seen=0))
+        for recipe in plans:
+            config = dataclasses.replace(recipe.config, seed=seed)
+            model = make_model(config, model_name, num_labels=len(prepared.class_names))
+            best: dict = {"val_accuracy": -1.0}
+
+            def keep_best(metrics: dict, state) -> None:
+                print(f"  {recipe.method} seed {seed} epoch {metrics['epoch']}/{config.epochs}: "
+                      f"val accuracy {metrics['val_accuracy']:.4f}", flush=True)
+                if metrics["val_accuracy"] > best["val_accuracy"]:
+                    best.update(val_accuracy=metrics["val_accuracy"], epoch=metrics["epoch"], state=state())
+
+            started = time.perf_counter()
+            history = fit(model, config, splits["train"], splits["val"], device, on_epoch=keep_best)
+            seconds = time.perf_counter() - started
+            load_trainable_state(model, config, best["state"]["model"])
+            save_model(model, config, prepared, out_dir / f"{recipe.method}-seed{seed}")
+            rows.append(result_row(recipe.method, seed, config, recipe.source, model, splits, device, model_name,
+                                   train_seconds=seconds, images_seen=history[-1]["images_seen"],
+                                   best_epoch=best["epoch"]))
+    results = pd.DataFrame(rows)
+    results.to_csv(out_dir / "test_results.csv", index=False)
+    (out_dir / "retrain.json").write_text(json.dumps({
+        "data": data_summary(prepared), "model": model_name, "seeds": seeds, "methods": methods,
+        "recipes": {r.method: {"source": r.source, "config": r.config.to_dict(),
+                               "search_val_accuracy": r.search_val_accuracy} for r in plans},
+        "majority_share": majority_share(prepared), "versions": library_versions()}, indent=2))
+    return results
+
+
+def result_row(method: str, seed: int, config: TrainConfig | None, source: str, model, splits, device,
+               model_name: str, train_seconds: float, images_seen: int, best_epoch: int = 0) -> dict:
+    trainable, total = count_parameters(model) if config is not None else (0, count_parameters(model)[1])
+    return {"method": method, "seed": seed, "val_accuracy": evaluate(model, splits["val"], device)["accuracy"],
+            "test_accuracy": evaluate(model, splits["test"], device)["accuracy"], "trainable_params": trainable,
+            "total_params": total, "epochs": config.epochs if config else 0, "best_epoch": best_epoch,
+            "train_seconds": round(train_seconds, 1), "images_seen": images_seen, "model": model_name,
+            "weights": describe_weights(model_name, seed), "source": source,
+            "config": json.dumps(config.searched() if config else {})}
+
+
+def save_model(model, config: TrainConfig, prepared: Prepared, folder: Path) -> None:
+    """The trained model in Hugging Face format (LoRA merged in), plus the LoRA adapters alone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = to_plain_model(model) if config.method == "lora" else model
+    plain.config.id2label = dict(enumerate(prepared.class_names))
+    plain.config.label2id = {name: i for i, name in enumerate(prepared.class_names)}
+    plain.save_pretrained(folder / "hf")
+    if config.method == "lora":
+        save_adapters(model, folder / "adapters.safetensors")
+    (folder / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def majority_share(prepared: Prepared) -> float:
+    """Test accuracy of always answering the larger class of the training split."""
+    counts = class_counts(prepared)
+    majority = int(np.argmax(counts["train"]))
+    return counts["test"][majority] / sum(counts["test"])
+
+
+def library_versions() -> dict[str, str]:
+    import loralib  # noqa: F401 (its version comes from the package metadata)
+    import optuna
+    import ray
+    import transformers
+    from importlib.metadata import version
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
+            "optuna": optuna.__version__, "loralib": version("loralib")}

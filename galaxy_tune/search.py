@@ -1,0 +1,231 @@
+"""The search: Ray Tune runs trials of `trainable.train_trial`, Optuna's TPE proposes configs, ASHA stops weak ones.
+
+An experiment folder `results/<name>/` holds Ray Tune's own results (open it with `tune.ExperimentAnalysis` or
+`Tuner.restore`), `optuna.db` (the study, for `optuna-dashboard` / `optuna.load_study`), `trials.csv`,
+`best.json` and `search.json` (what the search was asked to do).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from .data import DataConfig, data_summary, prepare, prepared_folder
+from .errors import GalaxyTuneError
+from .model import describe_weights, load_backbone
+from .space import SearchSpace, default_space_path, load_space
+from .trainable import train_trial
+from .train import METHODS, TrainConfig
+
+METRIC, MODE = "val_accuracy", "max"
+STUDY_FILE = "optuna.db"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What `galaxy_tune search` was asked to do."""
+
+    method: str
+    data_dir: Path
+    results_dir: Path
+    name: str
+    space: Path | None = None
+    num_samples: int = 20
+    max_epochs: int | None = None
+    image_size_px: int = 224
+    crop_px: int | None = None
+    task: str = "seed-top2"
+    model: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    address: str | None = None
+    seed: int = 0
+    max_failures: int = 2
+    resume: bool = False
+
+
+def run_search(options: SearchOptions) -> Path:
+    """Run (or resume) a search; returns the experiment folder with trials.csv, best.json and optuna.db."""
+    if options.method not in METHODS:
+        raise GalaxyTuneError(f"unknown method {options.method!r}: choose one of {', '.join(METHODS)}")
+    results_dir = Path(options.results_dir).resolve()
+    experiment = results_dir / options.name
+    if options.resume and not (experiment / "search.json").is_file():
+        raise GalaxyTuneError(f"no search to resume at {experiment}: check --name and --results-dir")
+    if not options.resume and experiment.exists():
+        raise GalaxyTuneError(f"experiment {experiment} already exists: pass --resume to continue it, "
+                              "or choose another --name")
+    overrides = {"method": options.method, "seed": options.seed}
+    if options.max_epochs is not None:
+        overrides["epochs"] = options.max_epochs
+    space = load_space(options.space or default_space_path(options.method), overrides)
+    max_epochs = int(space.fixed.get("epochs", TrainConfig().epochs))
+
+    data_config = DataConfig(Path(options.data_dir), task=options.task, seed=options.seed,
+                             image_size_px=options.image_size_px, crop_px=options.crop_px)
+    prepared = prepare(data_config, prepared_folder(results_dir, data_config))
+    _, model_name = load_backbone(options.model, num_labels=len(prepared.class_names), seed=options.seed)
+
+    start_ray(options.address)
+    max_concurrent = check_resources(options)
+    experiment.mkdir(parents=True, exist_ok=True)
+    (experiment / "search.json").write_text(json.dumps(
+        {**asdict(options), "model_name": model_name, "prepared": str(prepared.folder)}, indent=2, default=str))
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=options.image_size_px,
+                             crop_px=options.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
+                             gpus=options.gpus_per_trial),
+        {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
+    started = time.time()
+    if options.resume and tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=OptunaSearch(space.suggest, metric=METRIC, mode=MODE,
+                                        points_to_evaluate=list(space.points_to_evaluate),
+                                        sampler=optuna.samplers.TPESampler(seed=options.seed)),
+                scheduler=ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE,
+                                        max_t=max_epochs, grace_period=1, reduction_factor=2),
+                num_samples=options.num_samples, max_concurrent_trials=max_concurrent,
+                trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+            run_config=tune.RunConfig(
+                name=options.name, storage_path=str(results_dir), verbose=1,
+                progress_reporter=progress_table(options.method),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
+                                                        checkpoint_score_order=MODE),
+                failure_config=tune.FailureConfig(max_failures=options.max_failures)))
+    grid = tuner.fit()
+
+    trials = trials_table(grid)
+    if trials.empty:
+        raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
+    trials.to_csv(experiment / "trials.csv", index=False)
+    save_study(experiment / STUDY_FILE, options.name, space, grid)
+    finished = trials[trials["status"] != "ERROR"]
+    if finished.empty:
+        raise GalaxyTuneError(f"every trial of {experiment} failed: see {experiment}/*/error.txt")
+    best = finished.sort_values(["best_val_accuracy", "epochs"], ascending=False).iloc[0]
+    best_config = TrainConfig.from_dict(json.loads(best["config"]))
+    (experiment / "best.json").write_text(json.dumps({
+        "method": options.method, "config": best_config.to_dict(), "val_accuracy": float(best["best_val_accuracy"]),
+        "epoch": int(best["best_epoch"]), "trial_id": best["trial_id"], "model": model_name,
+        "weights": describe_weights(model_name, options.seed), "data": data_summary(prepared),
+        "experiment": str(experiment), "wall_seconds": round(time.time() - started, 1)}, indent=2))
+    print_ranked(trials, options.method, experiment)
+    return experiment
+
+
+def progress_table(method: str) -> tune.CLIReporter:
+    """Ray Tune's progress table, reduced to the columns that tell trials apart."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores custom reporters
+    params = ["lr", "lora_rank", "scheduler"] if method == "lora" else ["lr", "weight_decay", "scheduler"]
+    return tune.CLIReporter(metric_columns={"epoch": "epoch", METRIC: "val acc"}, parameter_columns=params,
+                            max_report_frequency=30, metric=METRIC, mode=MODE, sort_by_metric=True)
+
+
+def start_ray(address: str | None) -> None:
+    """Join the given cluster, or start Ray locally with its dashboard on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address:
+        context = ray.init(address=address, log_to_driver=True)
+    else:
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    url = context.dashboard_url
+    if url:
+        print(f"Ray dashboard: http://{url} (token login: the token is in ~/.ray/auth_token, "
+              "or run `ray get-auth-token`; from another machine: ssh -L 8265:127.0.0.1:8265 this-host)")
+
+
+def check_resources(options: SearchOptions) -> int:
+    """Refuse requests no node can satisfy (Ray would leave such trials PENDING forever); return the concurrency."""
+    if options.cpus_per_trial <= 0 or options.gpus_per_trial < 0:
+        raise GalaxyTuneError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total_gpus = sum(n.get("GPU", 0) for n in nodes)
+    if options.gpus_per_trial > 0 and total_gpus == 0:
+        raise GalaxyTuneError(f"--gpus-per-trial {options.gpus_per_trial} but this Ray cluster has no GPU: "
+                              "use --gpus-per-trial 0, or join a cluster with GPUs via --address")
+    fits = [n for n in nodes if n.get("CPU", 0) >= options.cpus_per_trial and n.get("GPU", 0) >= options.gpus_per_trial]
+    if not fits:
+        biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
+        raise GalaxyTuneError(f"a trial asks for {options.cpus_per_trial} CPU / {options.gpus_per_trial} GPU but the "
+                              f"largest node has {biggest.get('CPU', 0):g} CPU / {biggest.get('GPU', 0):g} GPU: "
+                              "lower --cpus-per-trial / --gpus-per-trial")
+    slots = sum(math.floor(n.get("CPU", 0) / options.cpus_per_trial + 1e-9) if options.gpus_per_trial == 0 else
+                min(math.floor(n.get("CPU", 0) / options.cpus_per_trial + 1e-9),
+                    math.floor(n.get("GPU", 0) / options.gpus_per_trial + 1e-9)) for n in fits)
+    return max(1, min(slots, options.max_concurrent or slots))
+
+
+def trials_table(grid: tune.ResultGrid) -> pd.DataFrame:
+    """One row per trial: id, status, epochs run, best and last val accuracy, per-epoch curve and config."""
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        config = TrainConfig.from_dict(result.config)
+        epochs = 0 if history is None or history.empty else int(history["epoch"].max())
+        if result.error is not None:
+            status = "ERROR"
+        else:
+            status = "COMPLETED" if epochs >= config.epochs else "STOPPED"
+        curve = [] if epochs == 0 else history.sort_values("epoch")["val_accuracy"].round(6).tolist()
+        best_epoch = int(history.loc[history["val_accuracy"].idxmax(), "epoch"]) if curve else 0
+        rows.append({"trial_id": result.metrics.get("trial_id") or Path(result.path).name, "status": status,
+                     "epochs": epochs, "best_val_accuracy": max(curve, default=float("nan")),
+                     "best_epoch": best_epoch, "last_val_accuracy": curve[-1] if curve else float("nan"),
+                     **config.searched(), "config": json.dumps(config.to_dict()),
+                     "val_accuracy_curve": json.dumps(curve), "path": result.path})
+    return pd.DataFrame(rows)
+
+
+def save_study(path: Path, name: str, space: SearchSpace, grid: tune.ResultGrid) -> None:
+    """Write the finished search as an Optuna study in sqlite (ASHA-stopped trials as pruned).
+
+    The searcher keeps its study in memory while Ray runs (an sqlite study breaks `Tuner.restore`), so the
+    study users open is rebuilt here from Ray's results: it always matches what Ray ran, resumed or not.
+    """
+    if path.exists():
+        path.unlink()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    for result in grid:
+        config = result.config
+        history = result.metrics_dataframe
+        curve = {} if history is None or history.empty else dict(zip(history["epoch"].astype(int), history[METRIC]))
+        searched = space.distributions(config)
+        stopped = bool(curve) and max(curve) < int(config.get("epochs", 0))
+        state = (optuna.trial.TrialState.FAIL if result.error is not None or not curve
+                 else optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.COMPLETE)
+        study.add_trial(optuna.trial.create_trial(
+            params={k: config[k] for k in searched}, distributions=searched,
+            value=max(curve.values()) if state == optuna.trial.TrialState.COMPLETE else None,
+            intermediate_values=curve, state=state,
+            user_attrs={"ray_trial_path": result.path, "epochs": len(curve)}))
+
+
+def print_ranked(trials: pd.DataFrame, method: str, experiment: Path, top: int = 10) -> None:
+    """A short ranked table of the best trials."""
+    columns = ["trial_id", "status", "epochs", "best_val_accuracy", "lr", "scheduler", "optimizer"]
+    columns += ["lora_rank", "lora_alpha"] if method == "lora" else ["weight_decay"]
+    ranked = trials.sort_values("best_val_accuracy", ascending=False)[[c for c in columns if c in trials]].head(top)
+    print(f"\n{method} search: {len(trials)} trials, ranked by best val accuracy ({experiment})")
+    print(ranked.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    sys.stdout.flush()

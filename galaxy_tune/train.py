@@ -1,0 +1,227 @@
+"""The one training loop, shared by search trials and the retrain: config in, per-epoch metrics out.
+
+`fit` knows nothing of Ray: callers pass `on_epoch(metrics, state)` to report or checkpoint, and `start` (a
+state saved earlier) to resume. Batches are seeded by (seed, epoch), so a resumed run sees the same data as an
+uninterrupted one and the epoch number is all the random state a checkpoint needs beyond the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ImageSplit, batches
+from .errors import GalaxyTuneError
+from .lora import LORA_TARGETS, add_lora, adapter_state_dict, load_adapter_state
+from .model import build_model
+
+METHODS = ("full", "lora")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "step", "onecycle", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter of one training run; the names are the same in YAML spaces, Ray and best.json."""
+
+    method: str = "full"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
+    step_size: int = 10
+    gamma: float = 0.1
+    epochs: int = 7
+    batch_size: int = 32
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: str = "bottleneck"
+    lora_batchnorm: bool = False
+    augment: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build and validate a config from plain values (a Ray config, a YAML point, best.json)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise GalaxyTuneError(f"unknown hyperparameter(s) {', '.join(unknown)}: known ones are "
+                                  f"{', '.join(fields)}")
+        typed = {}
+        for name, value in values.items():
+            kind = type(fields[name].default)
+            try:
+                typed[name] = kind(value) if kind is not bool else bool(value)
+            except (TypeError, ValueError):
+                raise GalaxyTuneError(f"hyperparameter {name}={value!r} must be a {kind.__name__}") from None
+        config = cls(**typed)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name, value, allowed in [("method", self.method, METHODS), ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("scheduler", self.scheduler, SCHEDULERS),
+                                     ("lora_targets", self.lora_targets, LORA_TARGETS)]:
+            if value not in allowed:
+                raise GalaxyTuneError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        for name in ("lr", "epochs", "batch_size", "step_size", "lora_rank", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise GalaxyTuneError(f"hyperparameter {name}={getattr(self, name)!r} must be positive")
+        if self.weight_decay < 0 or not 0 < self.gamma <= 1:
+            raise GalaxyTuneError(f"weight_decay={self.weight_decay} must be >= 0 and gamma={self.gamma} in (0, 1]")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def searched(self) -> dict:
+        """The hyperparameters that matter for this method (LoRA ones dropped for full fine-tuning)."""
+        values = self.to_dict()
+        if self.method == "full":
+            values = {k: v for k, v in values.items() if not k.startswith("lora_")}
+        if self.scheduler != "step":
+            values = {k: v for k, v in values.items() if k not in ("step_size", "gamma")}
+        return values
+
+
+# The reference study's recipes: the starting points of every search and the fallback of the retrain.
+REFERENCE_CONFIGS = {
+    "full": TrainConfig(method="full", lr=1e-4, weight_decay=1e-4, optimizer="adamw", scheduler="cosine", epochs=7),
+    "lora": TrainConfig(method="lora", lr=1e-3, weight_decay=0.0, optimizer="adam", scheduler="step",
+                        step_size=10, gamma=0.1, epochs=10),
+}
+
+
+def pick_device(gpus: float = 0) -> torch.device:
+    """CUDA when this process was given a GPU and one is visible, else the CPU."""
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def make_model(config: TrainConfig, model_name: str, num_labels: int = 2) -> nn.Module:
+    """The backbone with a fresh head, wrapped with LoRA adapters when the method asks for them."""
+    model = build_model(model_name, num_labels=num_labels, seed=config.seed)
+    if config.method == "lora":
+        add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_batchnorm)
+    return model
+
+
+def trainable_state(model: nn.Module, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights a result needs on top of the base model: all of them, or adapters + head + BatchNorm."""
+    if config.method == "lora":
+        return adapter_state_dict(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_trainable_state(model: nn.Module, config: TrainConfig, state: dict[str, torch.Tensor]) -> None:
+    if config.method == "lora":
+        load_adapter_state(model, state)
+    else:
+        model.load_state_dict(state)
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True)
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """A scheduler stepped once per batch, so every kind sees the same clock."""
+    total = config.epochs * steps_per_epoch
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size * steps_per_epoch,
+                                               gamma=config.gamma)
+    if config.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def autocast(device: torch.device):
+    """bf16 mixed precision on CUDA; full precision on the CPU, where it is deterministic."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, split: ImageSplit, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """(N, classes) float logits of a split, in the split's order, in eval mode."""
+    model.eval()
+    out = []
+    for x, _ in batches(split, batch_size, device):
+        with autocast(device):
+            out.append(model(pixel_values=x).logits.float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.float32)
+
+
+def evaluate(model: nn.Module, split: ImageSplit, device: torch.device, batch_size: int = 64) -> dict[str, float]:
+    """Loss and accuracy of the model on a split."""
+    logits = predict_logits(model, split, device, batch_size)
+    labels = torch.from_numpy(split.labels)
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), labels).item()
+    return {"loss": loss, "accuracy": float((logits.argmax(1) == split.labels).mean())}
+
+
+EpochCallback = Callable[[dict, Callable[[], dict]], None]
+
+
+def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSplit, device: torch.device, *,
+        start: dict | None = None, on_epoch: EpochCallback | None = None) -> list[dict]:
+    """Train `model` for `config.epochs`, evaluating on `val` after each epoch; returns the per-epoch metrics.
+
+    `on_epoch(metrics, state)` is called after every epoch; `state()` returns the checkpoint (weights,
+    optimizer, scheduler, epoch) that `start` accepts to resume after that epoch.
+    """
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, model)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    scheduler = make_scheduler(config, optimizer, steps_per_epoch)
+    first_epoch = 1
+    if start is not None:
+        load_trainable_state(model, config, start["model"])
+        optimizer.load_state_dict(start["optimizer"])
+        scheduler.load_state_dict(start["scheduler"])
+        first_epoch = start["epoch"] + 1
+
+    def state(epoch: int) -> dict:
+        # Copies, not views: the optimizer keeps updating its state tensors in place after this epoch.
+        return {"model": trainable_state(model, config), "optimizer": copy.deepcopy(optimizer.state_dict()),
+                "scheduler": scheduler.state_dict(), "epoch": epoch}
+
+    history = []
+    for epoch in range(first_epoch, config.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        total_loss, seen = 0.0, 0
+        for x, y in batches(train, config.batch_size, device, shuffle=True, augment=config.augment,
+                            seed=config.seed * 100_003 + epoch):
+            with autocast(device):
+                loss = nn.functional.cross_entropy(model(pixel_values=x).logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(y)
+            seen += len(y)
+        if not math.isfinite(total_loss):
+            raise GalaxyTuneError(f"training diverged at epoch {epoch} (loss {total_loss}): lower lr={config.lr}")
+        val_metrics = evaluate(model, val, device)
+        metrics = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "val_loss": val_metrics["loss"],
+                   "val_accuracy": val_metrics["accuracy"], "lr": optimizer.param_groups[0]["lr"],
+                   "epoch_seconds": time.perf_counter() - started, "images_seen": seen * epoch}
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics, lambda epoch=epoch: state(epoch))
+    return history

@@ -1,0 +1,50 @@
+"""The Ray Tune trainable: a thin adapter from Ray's `config` dict to `train.fit`.
+
+Each epoch is reported with `tune.report` together with a checkpoint (weights or adapters + head, optimizer,
+scheduler, epoch); a trial restarted by Ray continues from `tune.get_checkpoint()`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from .data import load_prepared, open_split
+from .model import count_parameters
+from .train import TrainConfig, fit, make_model, pick_device
+
+STATE_FILE = "state.pt"
+
+
+def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px: int | None, model_name: str,
+                cpus: float, gpus: float, fail_at_epoch: int | None = None) -> None:
+    """Train one trial's config, reporting val metrics and a checkpoint every epoch.
+
+    `fail_at_epoch` raises once, after that epoch's checkpoint, to exercise Ray's retry-from-checkpoint path.
+    """
+    train_config = TrainConfig.from_dict(config)
+    torch.set_num_threads(max(1, int(cpus)))
+    prepared = load_prepared(Path(prepared_dir), image_size_px, crop_px)
+    device = pick_device(gpus)
+    model = make_model(train_config, model_name, num_labels=len(prepared.class_names))
+    trainable_params, total_params = count_parameters(model)
+
+    start = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start = torch.load(Path(folder) / STATE_FILE, weights_only=True, map_location="cpu")
+
+    def report(metrics: dict, state) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state(), Path(folder) / STATE_FILE)
+            tune.report({**metrics, "trainable_params": trainable_params, "total_params": total_params},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+        if fail_at_epoch is not None and metrics["epoch"] == fail_at_epoch and start is None:
+            raise RuntimeError(f"injected failure after epoch {fail_at_epoch}")
+
+    fit(model, train_config, open_split(prepared, "train"), open_split(prepared, "val"), device,
+        start=start, on_epoch=report)

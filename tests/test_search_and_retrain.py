@@ -1,0 +1,112 @@
+"""End to end through the CLI, with real Ray Tune, Optuna and a tiny ResNet: search lora, search full, retrain."""
+
+import json
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from ray import tune
+from transformers import ResNetForImageClassification
+
+from conftest import CROP_PX, IMAGE_SIZE_PX
+from galaxy_tune.cli import main
+from galaxy_tune.data import load_prepared, open_split
+from galaxy_tune.train import predict_logits
+
+SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def searched(ray_local, demo_dir, tmp_path_factory):
+    """A results folder holding a finished lora search (4 trials) and full search (3 trials)."""
+    results = tmp_path_factory.mktemp("results")
+    for method, samples in (("lora", "4"), ("full", "3")):
+        argv = ["search", method, "--data-dir", str(demo_dir), "--results-dir", str(results), "--name",
+                f"search-{method}", "--num-samples", samples, *SEARCH]
+        assert main(argv) == 0
+    return results
+
+
+@pytest.mark.parametrize("method, samples", [("lora", 4), ("full", 3)])
+def test_search_writes_trials_best_and_a_readable_optuna_study(searched, method, samples):
+    experiment = searched / f"search-{method}"
+    trials = pd.read_csv(experiment / "trials.csv")
+    assert len(trials) == samples
+    assert set(trials["status"]) <= {"COMPLETED", "STOPPED"}
+    assert trials["epochs"].between(1, 2).all()
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["method"] == method and best["config"]["method"] == method
+    assert best["val_accuracy"] == pytest.approx(trials["best_val_accuracy"].max(), abs=1e-6)
+    assert best["model"] == "tiny" and best["data"]["task"] == "seed-top2"
+    assert set(best["config"]) >= {"lr", "weight_decay", "optimizer", "scheduler", "epochs", "batch_size"}
+    # The first trial is the reference recipe (points_to_evaluate).
+    first = json.loads(trials.iloc[0]["config"])
+    assert (first["lr"], first["scheduler"]) == ((1e-3, "step") if method == "lora" else (1e-4, "cosine"))
+    # The study opens with Optuna's own API, one trial per Ray trial, searched params recorded.
+    study = optuna.load_study(study_name=f"search-{method}", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    assert len(study.trials) == samples
+    assert {"lr", "scheduler"} <= set(study.trials[0].params)
+    assert study.best_value == pytest.approx(best["val_accuracy"], abs=1e-6)
+    # Ray Tune's own API reads the experiment back.
+    restored = tune.Tuner.restore(str(experiment), trainable="train_trial").get_results()
+    assert len(restored) == samples and all(r.checkpoint is not None for r in restored)
+
+
+def test_a_second_search_with_the_same_name_is_refused(searched, demo_dir, capsys):
+    argv = ["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(searched), "--name",
+            "search-lora", *SEARCH]
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--gpus-per-trial", "1"], "has no GPU"),
+    (["--cpus-per-trial", "64"], "largest node has 2 CPU"),
+])
+def test_impossible_resources_fail_before_any_trial(ray_local, demo_dir, tmp_path, capsys, flags, culprit):
+    argv = ["search", "full", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), *SEARCH, *flags]
+    assert main(argv) == 2
+    assert culprit in capsys.readouterr().err
+
+
+def test_broken_space_file_fails_before_ray_starts(demo_dir, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  lr: {type: loguniform, low: 1.0e-2, high: 1.0e-4}\n")
+    argv = ["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--space", str(space)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'lr' has low 0.01 > high 0.0001" in err and "Traceback" not in err
+
+
+def test_retrain_reports_all_three_methods_and_exports_usable_models(searched, capsys):
+    assert main(["retrain", "--results-dir", str(searched)]) == 0
+    printed = capsys.readouterr().out
+    out = max(searched.glob("retrain-*"))
+    results = pd.read_csv(out / "test_results.csv")
+    assert list(results["method"]) == ["direct", "full", "lora"]
+    assert {"method", "seed", "config", "val_accuracy", "test_accuracy", "trainable_params", "epochs",
+            "model"} <= set(results.columns)
+    assert results["test_accuracy"].between(0, 1).all()
+    assert results.set_index("method")["trainable_params"]["lora"] < results.set_index("method")[
+        "trainable_params"]["full"]
+    report = (out / "report.md").read_text()
+    for method, reference in (("direct", "68.94"), ("full", "88.52"), ("lora", "73.93")):
+        assert method in report and reference in report and method in printed
+    # The LoRA model, merged and saved in Hugging Face format, loads with plain transformers and predicts the
+    # test accuracy the retrain reported.
+    info = json.loads((out / "retrain.json").read_text())["data"]
+    test = open_split(load_prepared(info["prepared"], info["image_size_px"], info["crop_px"]), "test")
+    for method in ("full", "lora"):
+        model = ResNetForImageClassification.from_pretrained(out / f"{method}-seed0" / "hf")
+        accuracy = (predict_logits(model, test, torch.device("cpu")).argmax(1) == test.labels).mean()
+        assert accuracy == pytest.approx(results.set_index("method")["test_accuracy"][method], abs=1e-6)
+    assert (out / "lora-seed0" / "adapters.safetensors").stat().st_size < (out / "full-seed0" / "hf" /
+                                                                           "model.safetensors").stat().st_size
+
+
+def test_retrain_from_an_unfinished_experiment_is_refused(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "search.json").write_text("{}")
+    assert main(["retrain", "--results-dir", str(tmp_path), "--from", str(tmp_path / "half")]) == 2
+    assert "no finished trial" in capsys.readouterr().err
