@@ -326,6 +326,7 @@ class ImageSplit:
     pixels: np.ndarray  # (N_all, H, W, 3) uint8 memmap
     rows: np.ndarray  # rows of this split
     labels: np.ndarray
+    galaxy_ids: np.ndarray
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -335,7 +336,7 @@ def open_split(prepared: Prepared, split: str) -> ImageSplit:
     manifest = prepared.manifest()
     rows = np.flatnonzero(manifest["split"].to_numpy() == split)
     pixels = np.load(prepared.cache_path, mmap_mode="r")
-    return ImageSplit(pixels, rows, manifest["label"].to_numpy()[rows])
+    return ImageSplit(pixels, rows, manifest["label"].to_numpy()[rows], manifest["GalaxyID"].to_numpy()[rows])
 
 
 def batches(split: ImageSplit, batch_size: int, device: torch.device, *, shuffle: bool = False,

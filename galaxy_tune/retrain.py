@@ -21,8 +21,8 @@ from .data import Prepared, class_counts, data_summary, load_prepared, open_spli
 from .errors import GalaxyTuneError
 from .lora import save_adapters, to_plain_model
 from .model import build_model, count_parameters, describe_weights
-from .train import REFERENCE_CONFIGS, TrainConfig, evaluate, fit, make_model, pick_device, trainable_state, \
-    load_trainable_state
+from .train import (REFERENCE_CONFIGS, TrainConfig, evaluate, fit, load_trainable_state, make_model, pick_device,
+                    predict_logits)
 
 ALL_METHODS = ("direct", "full", "lora")
 
@@ -77,7 +77,8 @@ def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | 
 def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path], out_dir: Path,
                 methods: list[str] = list(ALL_METHODS), seeds: int = 1, max_epochs: int | None = None,
                 gpus: float = 0) -> pd.DataFrame:
-    """Retrain and test every method with `seeds` seeds; writes test_results.csv and models under out_dir."""
+    """Retrain and test every method with `seeds` seeds; writes test_results.csv, test_predictions.csv
+    (per test image: label, probability of class 1 without and with TTA) and the models under out_dir."""
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
         raise GalaxyTuneError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(ALL_METHODS)}")
@@ -87,12 +88,12 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     device = pick_device(gpus)
     splits = {name: open_split(prepared, name) for name in ("train", "val", "test")}
     plans = recipes(experiments, methods, max_epochs)
-    rows = []
+    tested = []
     for seed in range(seeds):
         if "direct" in methods:
             model = build_model(model_name, num_labels=len(prepared.class_names), seed=seed).to(device)
-            rows.append(result_row("direct", seed, None, "no training", model, splits, device, model_name,
-                                   train_seconds=0.0, images_seen=0))
+            tested.append(test_model("direct", seed, None, "no training", model, splits, device, model_name,
+                                     train_seconds=0.0, images_seen=0))
         for recipe in plans:
             config = dataclasses.replace(recipe.config, seed=seed)
             model = make_model(config, model_name, num_labels=len(prepared.class_names))
@@ -109,11 +110,12 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
             seconds = time.perf_counter() - started
             load_trainable_state(model, config, best["state"]["model"])
             save_model(model, config, prepared, out_dir / f"{recipe.method}-seed{seed}")
-            rows.append(result_row(recipe.method, seed, config, recipe.source, model, splits, device, model_name,
-                                   train_seconds=seconds, images_seen=history[-1]["images_seen"],
-                                   best_epoch=best["epoch"]))
-    results = pd.DataFrame(rows)
+            tested.append(test_model(recipe.method, seed, config, recipe.source, model, splits, device,
+                                     model_name, train_seconds=seconds, images_seen=history[-1]["images_seen"],
+                                     best_epoch=best["epoch"]))
+    results = pd.DataFrame([row for _, row in tested])
     results.to_csv(out_dir / "test_results.csv", index=False)
+    pd.concat([predictions for predictions, _ in tested]).to_csv(out_dir / "test_predictions.csv", index=False)
     (out_dir / "retrain.json").write_text(json.dumps({
         "data": data_summary(prepared), "model": model_name, "seeds": seeds, "methods": methods,
         "recipes": {r.method: {"source": r.source, "config": r.config.to_dict(),
@@ -122,11 +124,19 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     return results
 
 
-def result_row(method: str, seed: int, config: TrainConfig | None, source: str, model, splits, device,
-               model_name: str, train_seconds: float, images_seen: int, best_epoch: int = 0) -> dict:
+def test_model(method: str, seed: int, config: TrainConfig | None, source: str, model, splits, device,
+               model_name: str, train_seconds: float, images_seen: int,
+               best_epoch: int = 0) -> tuple[pd.DataFrame, dict]:
+    """One line of test_results.csv; also collects the per-image test predictions (with and without TTA)."""
     trainable, total = count_parameters(model) if config is not None else (0, count_parameters(model)[1])
-    return {"method": method, "seed": seed, "val_accuracy": evaluate(model, splits["val"], device)["accuracy"],
-            "test_accuracy": evaluate(model, splits["test"], device)["accuracy"], "trainable_params": trainable,
+    test = splits["test"]
+    probs = {name: torch.softmax(torch.from_numpy(predict_logits(model, test, device, tta=tta)), 1).numpy()
+             for name, tta in (("plain", False), ("tta", True))}
+    predictions = pd.DataFrame({"GalaxyID": test.galaxy_ids, "label": test.labels, "method": method, "seed": seed,
+                                "prob_1": probs["plain"][:, 1], "prob_1_tta": probs["tta"][:, 1]})
+    return predictions, {"method": method, "seed": seed, "val_accuracy": evaluate(model, splits["val"], device)["accuracy"],
+            "test_accuracy": float((probs["plain"].argmax(1) == test.labels).mean()),
+            "test_accuracy_tta": float((probs["tta"].argmax(1) == test.labels).mean()), "trainable_params": trainable,
             "total_params": total, "epochs": config.epochs if config else 0, "best_epoch": best_epoch,
             "train_seconds": round(train_seconds, 1), "images_seen": images_seen, "model": model_name,
             "weights": describe_weights(model_name, seed), "source": source,

@@ -19,7 +19,7 @@ import optuna
 import pandas as pd
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .data import DataConfig, data_summary, prepare, prepared_folder
@@ -55,6 +55,8 @@ class SearchOptions:
     seed: int = 0
     max_failures: int = 2
     resume: bool = False
+    sampler: str = "tpe"  # or "random": the baseline `bench search` compares against
+    early_stopping: bool = True  # ASHA; False runs every trial to its full epoch budget
 
 
 def run_search(options: SearchOptions) -> Path:
@@ -99,9 +101,10 @@ def run_search(options: SearchOptions) -> Path:
             tune_config=tune.TuneConfig(
                 search_alg=OptunaSearch(space.suggest, metric=METRIC, mode=MODE,
                                         points_to_evaluate=list(space.points_to_evaluate),
-                                        sampler=optuna.samplers.TPESampler(seed=options.seed)),
+                                        sampler=make_sampler(options.sampler, options.seed)),
                 scheduler=ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE,
-                                        max_t=max_epochs, grace_period=1, reduction_factor=2),
+                                        max_t=max_epochs, grace_period=1, reduction_factor=2)
+                if options.early_stopping else FIFOScheduler(),
                 num_samples=options.num_samples, max_concurrent_trials=max_concurrent,
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
             run_config=tune.RunConfig(
@@ -129,6 +132,15 @@ def run_search(options: SearchOptions) -> Path:
         "experiment": str(experiment), "wall_seconds": round(time.time() - started, 1)}, indent=2))
     print_ranked(trials, options.method, experiment)
     return experiment
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Optuna's TPE (the default), or random sampling as a baseline."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise GalaxyTuneError(f"unknown sampler {name!r}: choose tpe or random")
 
 
 def progress_table(method: str) -> tune.CLIReporter:
@@ -191,6 +203,7 @@ def trials_table(grid: tune.ResultGrid) -> pd.DataFrame:
         rows.append({"trial_id": result.metrics.get("trial_id") or Path(result.path).name, "status": status,
                      "epochs": epochs, "best_val_accuracy": max(curve, default=float("nan")),
                      "best_epoch": best_epoch, "last_val_accuracy": curve[-1] if curve else float("nan"),
+                     "train_seconds": 0.0 if epochs == 0 else round(float(history["epoch_seconds"].sum()), 2),
                      **config.searched(), "config": json.dumps(config.to_dict()),
                      "val_accuracy_curve": json.dumps(curve), "path": result.path})
     return pd.DataFrame(rows)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageSplit, batches
+from .data import ImageSplit, batches, dihedral
 from .errors import GalaxyTuneError
 from .lora import LORA_TARGETS, add_lora, adapter_state_dict, load_adapter_state
 from .model import build_model
@@ -154,13 +154,18 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, split: ImageSplit, device: torch.device, batch_size: int = 64) -> np.ndarray:
-    """(N, classes) float logits of a split, in the split's order, in eval mode."""
+def predict_logits(model: nn.Module, split: ImageSplit, device: torch.device, batch_size: int = 64,
+                   tta: bool = False) -> np.ndarray:
+    """(N, classes) float logits of a split, in the split's order, in eval mode.
+
+    With `tta`, the logits are averaged over the 8 flips/rotations of each image (galaxies have no orientation).
+    """
     model.eval()
     out = []
     for x, _ in batches(split, batch_size, device):
+        views = [dihedral(x, torch.full((len(x),), e, device=device)) for e in range(8)] if tta else [x]
         with autocast(device):
-            out.append(model(pixel_values=x).logits.float().cpu())
+            out.append(torch.stack([model(pixel_values=v).logits.float() for v in views]).mean(0).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.float32)
 
 
