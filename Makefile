@@ -14,7 +14,6 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) -m galaxy_tune search lora
-	$(PY) -m galaxy_tune search full
 	$(PY) -m galaxy_tune retrain
 
 test: install

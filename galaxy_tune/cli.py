@@ -66,20 +66,25 @@ def cmd_search(args) -> None:
     from .report import write_search_report
     from .search import SearchOptions, run_search
 
-    data_dir, size, crop = resolve_data(args)
-    demo = args.data_dir is None
-    name = args.name or f"search-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.resume and not args.name:
-        raise GalaxyTuneError("--resume needs --name of the search to continue")
-    options = SearchOptions(
-        method=args.method, data_dir=data_dir, results_dir=args.results_dir, name=name, space=args.space,
-        num_samples=args.num_samples or (DEMO["num_samples"] if demo else 20),
-        max_epochs=args.max_epochs or (DEMO["max_epochs"] if demo else None), image_size_px=size, crop_px=crop,
-        task=args.task, model=args.model, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        max_concurrent=args.max_concurrent, address=args.address, seed=args.seed, max_failures=args.max_failures,
-        resume=args.resume)
+    if args.resume:
+        if not args.name:
+            raise GalaxyTuneError("--resume needs the --name of the search to continue")
+        # Everything else comes from the experiment's search.json.
+        options = SearchOptions(method=args.method, data_dir=Path(), results_dir=args.results_dir, name=args.name,
+                                resume=True)
+    else:
+        data_dir, size, crop = resolve_data(args)
+        demo = args.data_dir is None
+        options = SearchOptions(
+            method=args.method, data_dir=data_dir, results_dir=args.results_dir,
+            name=args.name or f"search-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}", space=args.space,
+            num_samples=args.num_samples or (DEMO["num_samples"] if demo else 20),
+            max_epochs=args.max_epochs or (DEMO["max_epochs"] if demo else None), image_size_px=size,
+            crop_px=crop, task=args.task, model=args.model, cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, address=args.address,
+            seed=args.seed, max_failures=args.max_failures)
     experiment = run_search(options)
-    print(f"search results in {experiment} (trials.csv, best.json, {Path('optuna.db')}); report: "
+    print(f"search results in {experiment} (trials.csv, best.json, optuna.db); report: "
           f"{write_search_report(experiment)}")
 
 

@@ -7,9 +7,11 @@ An experiment folder `results/<name>/` holds Ray Tune's own results (open it wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -65,9 +67,9 @@ def run_search(options: SearchOptions) -> Path:
         raise GalaxyTuneError(f"unknown method {options.method!r}: choose one of {', '.join(METHODS)}")
     results_dir = Path(options.results_dir).resolve()
     experiment = results_dir / options.name
-    if options.resume and not (experiment / "search.json").is_file():
-        raise GalaxyTuneError(f"no search to resume at {experiment}: check --name and --results-dir")
-    if not options.resume and experiment.exists():
+    if options.resume:
+        options = saved_options(experiment)
+    elif experiment.exists():
         raise GalaxyTuneError(f"experiment {experiment} already exists: pass --resume to continue it, "
                               "or choose another --name")
     overrides = {"method": options.method, "seed": options.seed}
@@ -83,9 +85,11 @@ def run_search(options: SearchOptions) -> Path:
 
     start_ray(options.address)
     max_concurrent = check_resources(options)
-    experiment.mkdir(parents=True, exist_ok=True)
-    (experiment / "search.json").write_text(json.dumps(
-        {**asdict(options), "model_name": model_name, "prepared": str(prepared.folder)}, indent=2, default=str))
+    if not options.resume:
+        experiment.mkdir(parents=True)
+        # The resolved model is saved as the explicit one: a resumed search never falls back to other weights.
+        (experiment / "search.json").write_text(json.dumps(
+            {**asdict(options), "model": model_name, "prepared": str(prepared.folder)}, indent=2, default=str))
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=options.image_size_px,
@@ -94,6 +98,9 @@ def run_search(options: SearchOptions) -> Path:
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
     started = time.time()
     if options.resume and tune.Tuner.can_restore(str(experiment)):
+        print(f"resuming {experiment}: finished trials are kept, unfinished ones continue from their checkpoints")
+        # The searcher's in-memory Optuna study is restored from Ray's saved searcher state (a live sqlite
+        # study would be newer than that state and break the restore), so TPE keeps every finished trial.
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -110,15 +117,23 @@ def run_search(options: SearchOptions) -> Path:
             run_config=tune.RunConfig(
                 name=options.name, storage_path=str(results_dir), verbose=1,
                 progress_reporter=progress_table(options.method),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
+                checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC,
                                                         checkpoint_score_order=MODE),
+                callbacks=[PruneCheckpoints(experiment)],
                 failure_config=tune.FailureConfig(max_failures=options.max_failures)))
     grid = tuner.fit()
+    for result in grid:
+        if result.error is None and result.path:
+            prune_checkpoints(Path(result.path))
 
     trials = trials_table(grid)
     if trials.empty:
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
     trials.to_csv(experiment / "trials.csv", index=False)
+    if len(grid) < options.num_samples or grid.num_terminated + grid.num_errors < len(grid):
+        raise GalaxyTuneError(f"the search was interrupted after {grid.num_terminated} finished trial(s), all "
+                              f"kept in {experiment}: continue it with `python -m galaxy_tune search "
+                              f"{options.method} --resume --name {options.name} --results-dir {results_dir}`")
     save_study(experiment / STUDY_FILE, options.name, space, grid)
     finished = trials[trials["status"] != "ERROR"]
     if finished.empty:
@@ -129,9 +144,69 @@ def run_search(options: SearchOptions) -> Path:
         "method": options.method, "config": best_config.to_dict(), "val_accuracy": float(best["best_val_accuracy"]),
         "epoch": int(best["best_epoch"]), "trial_id": best["trial_id"], "model": model_name,
         "weights": describe_weights(model_name, options.seed), "data": data_summary(prepared),
-        "experiment": str(experiment), "wall_seconds": round(time.time() - started, 1)}, indent=2))
+        "experiment": str(experiment), "wall_seconds": round(time.time() - started, 1),
+        "concurrency": max_concurrent}, indent=2))
     print_ranked(trials, options.method, experiment)
     return experiment
+
+
+def saved_options(experiment: Path) -> SearchOptions:
+    """The options of an earlier search, for --resume (which needs no other flag)."""
+    saved = experiment / "search.json"
+    if not saved.is_file():
+        raise GalaxyTuneError(f"no search to resume at {experiment}: check --name and --results-dir")
+    values = json.loads(saved.read_text())
+    fields = {f.name for f in dataclasses.fields(SearchOptions)}
+    options = SearchOptions(**{k: v for k, v in values.items() if k in fields})
+    paths = {k: Path(getattr(options, k)) for k in ("data_dir", "results_dir") }
+    space = {"space": Path(options.space)} if options.space else {}
+    return dataclasses.replace(options, **paths, **space, resume=True)
+
+
+class PruneCheckpoints(tune.Callback):
+    """Keep only the best and the latest checkpoint of each finished trial, as soon as that is safe.
+
+    Ray's own `num_to_keep` deletes checkpoints before its experiment snapshot records the newer ones, so a
+    driver killed in between leaves a snapshot pointing at a deleted checkpoint and `--resume` fails. A running
+    trial therefore keeps every checkpoint; a finished one is pruned once two snapshots written after it
+    finished are on disk (they record it as finished, so it is never resumed).
+    """
+
+    def __init__(self, experiment: Path):
+        self.experiment = experiment
+        self.waiting: dict[str, tuple[Path, float, int]] = {}  # trial id -> (folder, snapshot time, changes)
+
+    def snapshot_time(self) -> float:
+        return max((p.stat().st_mtime for p in self.experiment.glob("experiment_state-*.json")), default=0.0)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.waiting[trial.trial_id] = (Path(trial.local_path), self.snapshot_time(), 0)
+
+    def on_step_end(self, iteration, trials, **info):
+        now = self.snapshot_time()
+        for trial_id, (folder, seen, changes) in list(self.waiting.items()):
+            if now > seen:
+                seen, changes = now, changes + 1
+            if changes >= 2:
+                prune_checkpoints(folder)
+                del self.waiting[trial_id]
+            else:
+                self.waiting[trial_id] = (folder, seen, changes)
+
+
+def prune_checkpoints(trial_folder: Path) -> None:
+    """Delete a finished trial's checkpoints but its best (by val accuracy) and its latest."""
+    checkpoints = sorted(trial_folder.glob("checkpoint_*"))
+    result_file = trial_folder / "result.json"
+    if len(checkpoints) <= 2 or not result_file.is_file():
+        return
+    history = pd.read_json(result_file, lines=True)
+    if "checkpoint_dir_name" not in history or METRIC not in history:
+        return
+    best = history.loc[history[METRIC].idxmax(), "checkpoint_dir_name"]
+    for checkpoint in checkpoints[:-1]:
+        if checkpoint.name != best:
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -204,7 +279,9 @@ def trials_table(grid: tune.ResultGrid) -> pd.DataFrame:
                      "epochs": epochs, "best_val_accuracy": max(curve, default=float("nan")),
                      "best_epoch": best_epoch, "last_val_accuracy": curve[-1] if curve else float("nan"),
                      "train_seconds": 0.0 if epochs == 0 else round(float(history["epoch_seconds"].sum()), 2),
-                     **config.searched(), "config": json.dumps(config.to_dict()),
+                     "node_id": result.metrics.get("node_id"),
+                     **{k: v for k, v in config.searched().items() if k != "epochs"},  # epochs: run, above
+                     "config": json.dumps(config.to_dict()),
                      "val_accuracy_curve": json.dumps(curve), "path": result.path})
     return pd.DataFrame(rows)
 

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import ray
 from ray import tune
 
 from .data import load_prepared, open_split
@@ -23,7 +24,7 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
                 cpus: float, gpus: float, fail_at_epoch: int | None = None) -> None:
     """Train one trial's config, reporting val metrics and a checkpoint every epoch.
 
-    `fail_at_epoch` raises once, after that epoch's checkpoint, to exercise Ray's retry-from-checkpoint path.
+    `fail_at_epoch` makes the first attempt crash in that epoch, before its report (fault-injection tests).
     """
     train_config = TrainConfig.from_dict(config)
     torch.set_num_threads(max(1, int(cpus)))
@@ -39,12 +40,13 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
             start = torch.load(Path(folder) / STATE_FILE, weights_only=True, map_location="cpu")
 
     def report(metrics: dict, state) -> None:
+        if metrics["epoch"] == fail_at_epoch and start is None:
+            raise RuntimeError(f"injected failure in epoch {fail_at_epoch}")
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state(), Path(folder) / STATE_FILE)
-            tune.report({**metrics, "trainable_params": trainable_params, "total_params": total_params},
+            tune.report({**metrics, "trainable_params": trainable_params, "total_params": total_params,
+                         "node_id": ray.get_runtime_context().get_node_id()},
                         checkpoint=tune.Checkpoint.from_directory(folder))
-        if fail_at_epoch is not None and metrics["epoch"] == fail_at_epoch and start is None:
-            raise RuntimeError(f"injected failure after epoch {fail_at_epoch}")
 
     fit(model, train_config, open_split(prepared, "train"), open_split(prepared, "val"), device,
         start=start, on_epoch=report)

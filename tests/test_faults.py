@@ -1,0 +1,111 @@
+"""Faults: a crashing trial resumes from its checkpoint, a killed search resumes, a two-node cluster runs trials."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from ray import tune
+
+from conftest import CROP_PX, IMAGE_SIZE_PX
+from galaxy_tune.cli import main
+from galaxy_tune.trainable import train_trial
+from galaxy_tune.train import TrainConfig
+
+TINY_SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny"]
+
+
+def run_trial(prepared, tmp_path, name, **kwargs):
+    config = TrainConfig(method="full", lr=3e-3, optimizer="adam", scheduler="onecycle", epochs=3,
+                         batch_size=16).to_dict()
+    trainable = tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=IMAGE_SIZE_PX,
+                                     crop_px=CROP_PX, model_name="tiny", cpus=1, gpus=0, **kwargs)
+    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space=config,
+                       run_config=tune.RunConfig(name=name, storage_path=str(tmp_path),
+                                                 failure_config=tune.FailureConfig(max_failures=1)))
+    [result] = tuner.fit()
+    return result
+
+
+def test_a_trial_that_crashes_in_epoch_2_resumes_from_its_epoch_1_checkpoint(ray_local, prepared, tmp_path):
+    crashed = run_trial(prepared, tmp_path, "crash", fail_at_epoch=2)
+    steady = run_trial(prepared, tmp_path, "steady")
+    assert crashed.error is None
+    assert "injected failure in epoch 2" in (tmp_path / "crash").joinpath(
+        next(p.name for p in (tmp_path / "crash").iterdir() if p.is_dir()), "error.txt").read_text()
+    # The retry started at epoch 2 from the epoch-1 checkpoint, and its epochs match an uninterrupted run.
+    history = crashed.metrics_dataframe
+    assert history["epoch"].tolist() == [1, 2, 3]
+    expected = steady.metrics_dataframe
+    for column in ("train_loss", "val_loss", "val_accuracy"):
+        assert history[column].tolist() == pytest.approx(expected[column].tolist(), rel=1e-5)
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finished_trials(experiment, epochs):
+    """Trial folders whose result.json holds every epoch."""
+    done = {}
+    for result in experiment.glob("trial_*/result.json"):
+        lines = result.read_text().splitlines()
+        if len(lines) >= epochs:
+            done[result.parent.name] = len(lines)
+    return done
+
+
+def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials(ray_local, demo_dir, tmp_path):
+    experiment = tmp_path / "killed"
+    argv = [sys.executable, "-m", "galaxy_tune", "search", "lora", "--data-dir", str(demo_dir), "--results-dir",
+            str(tmp_path), "--name", "killed", "--num-samples", "5", "--max-epochs", "3", *TINY_SEARCH]
+    driver = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: finished_trials(experiment, 3), 240, "a finished trial")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, as a crash or reboot would
+        driver.wait()
+    before = finished_trials(experiment, 3)
+    assert not (experiment / "best.json").exists()
+
+    assert main(["search", "lora", "--resume", "--name", "killed", "--results-dir", str(tmp_path)]) == 0
+    trials = pd.read_csv(experiment / "trials.csv")
+    assert len(trials) == 5 and trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"COMPLETED", "STOPPED"}
+    after = {f"trial_{t}": n for t, n in zip(trials["trial_id"], trials["epochs"])}
+    for trial, epochs in before.items():  # finished before the kill: kept, and not run again
+        assert after[trial] == epochs
+        assert len((experiment / trial / "result.json").read_text().splitlines()) == epochs
+    assert json.loads((experiment / "best.json").read_text())["method"] == "lora"
+
+
+def test_resume_of_a_search_that_does_not_exist(tmp_path, capsys):
+    assert main(["search", "lora", "--resume", "--name", "nothing", "--results-dir", str(tmp_path)]) == 2
+    assert "no search to resume" in capsys.readouterr().err
+
+
+def test_a_search_runs_trials_on_both_nodes_of_a_two_node_cluster(ray_local, demo_dir, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        argv = [sys.executable, "-m", "galaxy_tune", "search", "full", "--address", cluster.address,
+                "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--name", "cluster",
+                "--num-samples", "4", "--max-epochs", "1", *TINY_SEARCH]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        cluster.shutdown()
+    trials = pd.read_csv(tmp_path / "cluster" / "trials.csv")
+    assert len(trials) == 4 and set(trials["status"]) == {"COMPLETED"}
+    assert trials["node_id"].nunique() == 2
