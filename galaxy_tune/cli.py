@@ -1,43 +1,18 @@
 """Command line: `python -m galaxy_tune {demo-data,prepare,search,retrain,report}`.
 
-Parses flags once into the typed options of the layer below, picks the demo defaults when no data is given,
-and prints a GalaxyTuneError as one line (the traceback only with --debug).
+Parses flags and hands them to the Python API (`galaxy_tune.api`), and prints a GalaxyTuneError as one line
+(the traceback only with --debug).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from .errors import GalaxyTuneError
 
-# With no --data-dir, everything runs on generated demo data, sized to finish in minutes on a 2-core CPU.
-DEMO = {"num_images": 600, "image_size_px": 64, "crop_px": 256, "num_samples": 6, "max_epochs": 4}
 DEFAULT_RESULTS = Path("results")
-
-
-def demo_data_dir(results_dir: Path) -> Path:
-    """The built-in demo data set, generated on first use."""
-    from .demo_data import write_demo_data
-    from .kaggle import CSV_NAME
-
-    folder = Path(results_dir) / "demo-data"
-    if not (folder / CSV_NAME).is_file():
-        print(f"generating the demo data set ({DEMO['num_images']} synthetic galaxies) in {folder}")
-        write_demo_data(folder, num_images=DEMO["num_images"], seed=0)
-    return folder
-
-
-def resolve_data(args) -> tuple[Path, int, int | None]:
-    """(data folder, image size, crop): the user's, or the demo data with demo-sized defaults."""
-    if args.data_dir is not None:
-        return Path(args.data_dir), args.image_size or 224, args.crop
-    folder = demo_data_dir(args.results_dir)
-    print(f"no --data-dir given: using the built-in demo data in {folder} "
-          f"({args.image_size or DEMO['image_size_px']} px, demo-sized defaults)")
-    return folder, args.image_size or DEMO["image_size_px"], args.crop or DEMO["crop_px"]
 
 
 def cmd_demo_data(args) -> None:
@@ -48,13 +23,12 @@ def cmd_demo_data(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .data import DataConfig, class_counts, prepare, prepared_folder
+    from . import api
+    from .data import class_counts
 
-    data_dir, size, crop = resolve_data(args)
-    config = DataConfig(data_dir, task=args.task, min_vote=args.min_vote, seed=args.seed, image_size_px=size,
-                        crop_px=crop)
-    prepared = prepare(config, Path(args.out) if args.out else prepared_folder(args.results_dir, config),
-                       skip_bad=args.skip_bad)
+    prepared = api.prepare(args.data_dir, args.out, results_dir=args.results_dir, task=args.task,
+                           min_vote=args.min_vote, image_size_px=args.image_size, crop_px=args.crop, seed=args.seed,
+                           skip_bad=args.skip_bad)
     counts = class_counts(prepared)
     print(f"prepared {prepared.folder} (task {prepared.task}, cache {prepared.cache_path.name})")
     print(f"{'split':<6} " + " ".join(f"{name:>9}" for name in prepared.class_names) + f" {'total':>7}")
@@ -63,66 +37,21 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from .report import write_search_report
-    from .search import SearchOptions, run_search
+    from . import api
 
-    if args.resume:
-        if not args.name:
-            raise GalaxyTuneError("--resume needs the --name of the search to continue")
-        # Everything else comes from the experiment's search.json.
-        options = SearchOptions(method=args.method, data_dir=Path(), results_dir=args.results_dir, name=args.name,
-                                resume=True)
-    else:
-        data_dir, size, crop = resolve_data(args)
-        demo = args.data_dir is None
-        options = SearchOptions(
-            method=args.method, data_dir=data_dir, results_dir=args.results_dir,
-            name=args.name or f"search-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}", space=args.space,
-            num_samples=args.num_samples or (DEMO["num_samples"] if demo else 20),
-            max_epochs=args.max_epochs or (DEMO["max_epochs"] if demo else None), image_size_px=size,
-            crop_px=crop, task=args.task, model=args.model, cpus_per_trial=args.cpus_per_trial,
-            gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, address=args.address,
-            seed=args.seed, max_failures=args.max_failures)
-    experiment = run_search(options)
-    print(f"search results in {experiment} (trials.csv, best.json, optuna.db); report: "
-          f"{write_search_report(experiment)}")
+    api.search(args.method, args.data_dir, results_dir=args.results_dir, name=args.name, space=args.space,
+               num_samples=args.num_samples, max_epochs=args.max_epochs, image_size_px=args.image_size,
+               crop_px=args.crop, task=args.task, model=args.model, cpus_per_trial=args.cpus_per_trial,
+               gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, address=args.address,
+               seed=args.seed, max_failures=args.max_failures, resume=args.resume)
 
 
 def cmd_retrain(args) -> None:
-    from .data import DataConfig, load_prepared, prepare, prepared_folder
-    from .model import load_backbone
-    from .report import write_retrain_report
-    from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
+    from . import api
 
-    if args.from_experiments:
-        experiments = {}
-        for folder in args.from_experiments:
-            best = read_best(Path(folder))
-            experiments[best["method"]] = Path(folder)
-    else:
-        experiments = latest_searches(args.results_dir)
-    methods = args.methods or list(ALL_METHODS)
-    used = {m: experiments[m] for m in methods if m in experiments}
-    if used:
-        best = read_best(next(iter(used.values())))
-        data = best["data"]
-        prepared = load_prepared(Path(data["prepared"]), data["image_size_px"], data["crop_px"])
-        model_name = args.model or best["model"]
-        for method, folder in used.items():
-            print(f"{method}: best config of {folder}")
-    else:
-        data_dir, size, crop = resolve_data(args)
-        config = DataConfig(data_dir, task=args.task, seed=args.seed, image_size_px=size, crop_px=crop)
-        prepared = prepare(config, prepared_folder(args.results_dir, config))
-        _, model_name = load_backbone(args.model, num_labels=len(prepared.class_names))
-    max_epochs = args.max_epochs or (DEMO["max_epochs"] if not used and args.data_dir is None else None)
-    out = Path(args.results_dir) / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_retrain(prepared, model_name, used, out, methods=methods, seeds=args.seeds, max_epochs=max_epochs,
-                gpus=args.gpus)
-    report = write_retrain_report(out)
-    print()
-    print(report.read_text())
-    print(f"retrain results in {out}")
+    api.retrain(args.results_dir, args.from_experiments, args.methods, seeds=args.seeds, max_epochs=args.max_epochs,
+                data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop, task=args.task,
+                seed=args.seed, model=args.model, gpus=args.gpus)
 
 
 def cmd_report(args) -> None:
@@ -152,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo-data", help="write a synthetic data set in the Kaggle layout")
     p.add_argument("out_dir")
-    p.add_argument("--num-images", type=int, default=DEMO["num_images"])
+    p.add_argument("--num-images", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_demo_data)
 

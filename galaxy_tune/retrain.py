@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import Prepared, class_counts, data_summary, load_prepared, open_split
+from .data import Prepared, class_counts, data_summary, open_split
 from .errors import GalaxyTuneError
 from .lora import save_adapters, to_plain_model
 from .model import build_model, count_parameters, describe_weights
@@ -75,7 +75,7 @@ def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | 
 
 
 def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path], out_dir: Path,
-                methods: list[str] = list(ALL_METHODS), seeds: int = 1, max_epochs: int | None = None,
+                methods: list[str] | tuple[str, ...] = ALL_METHODS, seeds: int = 1, max_epochs: int | None = None,
                 gpus: float = 0) -> pd.DataFrame:
     """Retrain and test every method with `seeds` seeds; writes test_results.csv, test_predictions.csv
     (per test image: label, probability of class 1 without and with TTA) and the models under out_dir."""
@@ -117,7 +117,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     results.to_csv(out_dir / "test_results.csv", index=False)
     pd.concat([predictions for predictions, _ in tested]).to_csv(out_dir / "test_predictions.csv", index=False)
     (out_dir / "retrain.json").write_text(json.dumps({
-        "data": data_summary(prepared), "model": model_name, "seeds": seeds, "methods": methods,
+        "data": data_summary(prepared), "model": model_name, "seeds": seeds, "methods": list(methods),
         "recipes": {r.method: {"source": r.source, "config": r.config.to_dict(),
                                "search_val_accuracy": r.search_val_accuracy} for r in plans},
         "majority_share": majority_share(prepared), "versions": library_versions()}, indent=2))

@@ -13,7 +13,7 @@ from conftest import CROP_PX, FIXTURES, IMAGE_SIZE_PX
 from galaxy_tune.data import (DataConfig, batches, dihedral, open_split, prepare, read_votes, split_manifest,
                               task_labels)
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.kaggle import CLASS_COLUMNS, CSV_NAME, IMAGES_DIR
+from galaxy_tune.kaggle import CSV_NAME, IMAGES_DIR
 
 
 def real_rows(tmp_path):

@@ -1,0 +1,117 @@
+"""Classify a folder of galaxy JPEGs with an exported model: GalaxyID + one probability column per class.
+
+The model is a Hugging Face folder written by `retrain` (`<method>-seed<S>/hf/`). Its `galaxy_tune.json`
+carries what training used and the model cannot know: the image size and centre crop. Pixels go through the
+very functions training used (`data.decode`, then `train.predict_logits`, which normalises as `data.batches`
+does), so a galaxy gets the same probabilities here as in the retrain's test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+from transformers import ResNetForImageClassification
+
+from .data import ImageSplit, decode
+from .errors import GalaxyTuneError
+from .train import predict_logits
+
+MODEL_INFO = "galaxy_tune.json"  # {"image_size_px", "crop_px", "class_names", "task"}, beside config.json
+IMAGES_PER_CHUNK = 2048  # decoded at a time, so a folder of 80,000 galaxies never sits in memory at once
+
+
+def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool = False,
+                   image_size_px: int | None = None, crop_px: int | None = None,
+                   batch_size: int = 64) -> pd.DataFrame:
+    """Class probabilities of every JPEG in `images_dir` (GalaxyID = file name stem), also written to `out_csv`.
+
+    `tta` averages the logits over the 8 flips and 90° rotations of each image. The image size and crop come
+    from the model's galaxy_tune.json; `image_size_px` / `crop_px` are needed only for a model without one.
+    """
+    model, class_names, size, crop = load_exported(Path(model_dir), image_size_px, crop_px)
+    paths = list_jpegs(Path(images_dir))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    probabilities = []
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, \
+            tqdm(total=len(paths), desc="classifying", unit="img", disable=len(paths) < 1000) as progress:
+        for start in range(0, len(paths), IMAGES_PER_CHUNK):
+            chunk = paths[start:start + IMAGES_PER_CHUNK]
+            pixels = np.stack(list(pool.map(lambda path: decode_or_explain(path, size, crop), chunk)))
+            split = ImageSplit(pixels, np.arange(len(chunk)), np.zeros(len(chunk), dtype=np.int64),
+                               np.arange(len(chunk)))
+            logits = torch.from_numpy(predict_logits(model, split, device, batch_size, tta=tta))
+            probabilities.append(torch.softmax(logits, dim=1).numpy())
+            progress.update(len(chunk))
+    table = pd.DataFrame(np.concatenate(probabilities), columns=class_names)
+    table.insert(0, "GalaxyID", galaxy_ids(paths))
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_csv, index=False)
+    return table
+
+
+def load_exported(model_dir: Path, image_size_px: int | None,
+                  crop_px: int | None) -> tuple[ResNetForImageClassification, list[str], int, int | None]:
+    """(model, class names in label order, image size, crop) of an exported model folder."""
+    if (model_dir / "hf" / "config.json").is_file():  # the <method>-seed<S> folder was given: use its model
+        model_dir = model_dir / "hf"
+    if not (model_dir / "config.json").is_file():
+        why = "does not exist" if not model_dir.is_dir() else "holds no config.json"
+        raise GalaxyTuneError(f"model folder {model_dir} {why}: pass the hf/ folder of a retrain, "
+                              "e.g. --model results/retrain-<time>/full-seed0/hf")
+    try:
+        model = ResNetForImageClassification.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise GalaxyTuneError(f"could not load the model in {model_dir} ({err}): pass a folder written by "
+                              "retrain (or save_pretrained of a transformers ResNet)") from None
+    info_path = model_dir / MODEL_INFO
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if info:
+        for flag, given, trained in (("--image-size", image_size_px, info["image_size_px"]),
+                                     ("--crop", crop_px, info["crop_px"])):
+            if given is not None and given != trained:
+                raise GalaxyTuneError(f"{flag} {given} differs from the {trained} the model was trained with "
+                                      f"({info_path}): leave {flag} out")
+        image_size_px, crop_px = info["image_size_px"], info["crop_px"]
+    elif image_size_px is None:
+        raise GalaxyTuneError(f"{model_dir} has no {MODEL_INFO} saying which image size the model was trained "
+                              "on: pass --image-size (and --crop) as used in training")
+    labels = model.config.id2label
+    class_names = [labels[i] for i in sorted(labels)]
+    if class_names == [f"LABEL_{i}" for i in range(len(class_names))] and "class_names" in info:
+        class_names = list(info["class_names"])
+    return model, class_names, image_size_px, crop_px
+
+
+def list_jpegs(images_dir: Path) -> list[Path]:
+    """The JPEGs of a folder, numeric names in numeric order (GalaxyIDs), others after them by name."""
+    if not images_dir.is_dir():
+        raise GalaxyTuneError(f"image folder {images_dir} does not exist: pass --images with a folder of galaxy "
+                              "JPEGs, e.g. Kaggle's images_test_rev1")
+    paths = [p for p in images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg") and p.is_file()]
+    if not paths:
+        raise GalaxyTuneError(f"no .jpg files in {images_dir}: pass --images with a folder of galaxy JPEGs")
+    return sorted(paths, key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0, p.stem))
+
+
+def galaxy_ids(paths: list[Path]) -> pd.Series:
+    """File stems as GalaxyIDs: integers when every name is a number, as Kaggle's are."""
+    stems = pd.Series([p.stem for p in paths])
+    return stems.astype(np.int64) if stems.str.isdigit().all() else stems
+
+
+def decode_or_explain(path: Path, image_size_px: int, crop_px: int | None) -> np.ndarray:
+    """`data.decode`, with an unreadable file turned into an error naming it."""
+    try:
+        return decode(path, image_size_px, crop_px)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise GalaxyTuneError(f"{path} is not a readable galaxy image ({err}): replace it with a 424x424 RGB "
+                              "JPEG or move it out of the folder") from None
