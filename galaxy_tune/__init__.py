@@ -4,6 +4,6 @@ The Python API mirrors the command line: `galaxy_tune.search(...)`, `galaxy_tune
 `galaxy_tune.predict(...)` and `galaxy_tune.prepare(...)`.
 """
 
-from .api import prepare, retrain, search
+from .api import predict, prepare, retrain, search
 
-__all__ = ["prepare", "retrain", "search"]
+__all__ = ["predict", "prepare", "retrain", "search"]

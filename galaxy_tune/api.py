@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pandas as pd
+
 
 from . import search as _search
 from .data import DataConfig, Prepared, load_prepared, prepare as _prepare, prepared_folder
@@ -16,6 +18,7 @@ from .demo_data import write_demo_data
 from .errors import GalaxyTuneError
 from .kaggle import CSV_NAME
 from .model import load_backbone
+from .predict import predict_folder
 from .report import write_retrain_report, write_search_report
 from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
 
@@ -112,3 +115,10 @@ def retrain(results_dir: Path = Path("results"), from_experiments: list[Path] | 
     print(report.read_text())
     print(f"retrain results in {out}")
     return out
+
+
+def predict(model_dir: Path, images_dir: Path, out_csv: Path = Path("predictions.csv"), *, tta: bool = False,
+            image_size_px: int | None = None, crop_px: int | None = None) -> pd.DataFrame:
+    """Classify a folder of galaxy JPEGs with a retrained model; writes and returns GalaxyID + class probabilities."""
+    return predict_folder(Path(model_dir), Path(images_dir), Path(out_csv), tta=tta, image_size_px=image_size_px,
+                          crop_px=crop_px)

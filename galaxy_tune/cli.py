@@ -1,4 +1,4 @@
-"""Command line: `python -m galaxy_tune {demo-data,prepare,search,retrain,report}`.
+"""Command line: `python -m galaxy_tune {demo-data,prepare,search,retrain,predict,report,bench}`.
 
 Parses flags and hands them to the Python API (`galaxy_tune.api`), and prints a GalaxyTuneError as one line
 (the traceback only with --debug).
@@ -54,12 +54,21 @@ def cmd_retrain(args) -> None:
                 seed=args.seed, model=args.model, gpus=args.gpus)
 
 
+def cmd_predict(args) -> None:
+    from . import api
+
+    table = api.predict(args.model, args.images, args.out, tta=args.tta, image_size_px=args.image_size,
+                        crop_px=args.crop)
+    print(f"wrote {len(table)} predictions to {args.out}")
+
+
 def cmd_report(args) -> None:
     from .report import write_report
 
-    for folder in args.experiments or sorted(p.parent for p in Path(args.results_dir).glob("*/*.json")
-                                             if p.name in ("best.json", "retrain.json")):
-        print(f"wrote {write_report(Path(folder))}")
+    folders = args.experiments or sorted(p.parent for p in Path(args.results_dir).glob("*/*.json")
+                                         if p.name in ("best.json", "retrain.json"))
+    for folder in folders:
+        print(f"wrote {write_report(Path(folder), args.out / Path(folder).name if args.out else None)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,8 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=float, default=0.0, help="train on the GPU when > 0")
     p.set_defaults(run=cmd_retrain)
 
+    p = commands.add_parser("predict", help="classify a folder of galaxy JPEGs with a retrained model")
+    p.add_argument("--model", type=Path, required=True, help="a retrain's <method>-seed<S>/hf folder")
+    p.add_argument("--images", type=Path, required=True, help="folder of galaxy JPEGs, e.g. images_test_rev1")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
+    p.add_argument("--image-size", type=int, help="only for a model without galaxy_tune.json")
+    p.add_argument("--crop", type=int, help="only for a model without galaxy_tune.json")
+    p.set_defaults(run=cmd_predict)
+
     p = commands.add_parser("report", help="rebuild reports of search and retrain folders from disk")
     p.add_argument("experiments", nargs="*", help="experiment folders (default: all under --results-dir)")
+    p.add_argument("--out", type=Path, help="write the reports here (one folder per experiment)")
     results_flag(p)
     p.set_defaults(run=cmd_report)
     return parser

@@ -354,6 +354,8 @@ def batches(split: ImageSplit, batch_size: int, device: torch.device, *, shuffle
     for start in range(0, len(order), batch_size):
         picked = np.sort(order[start:start + batch_size])  # sorted rows read the memmap sequentially
         raw = torch.from_numpy(split.pixels[split.rows[picked]])
+        if device.type == "cuda":
+            raw = raw.pin_memory()  # lets the copy below overlap with the GPU's work
         x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float().sub_(mean).div_(std)
         if augment:
             x = dihedral(x, torch.randint(0, 8, (len(x),), generator=generator).to(device))

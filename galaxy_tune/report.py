@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from statistics import NormalDist
-from typing import Callable
 
 import numpy as np
 import optuna
@@ -45,9 +45,9 @@ MIN_TRIALS_FOR_IMPORTANCE = 4
 GALLERY_PER_METHOD = 6
 DPI = 110
 STATUS_STYLE = {  # trials.csv status: how its curve is drawn, and its legend label
-    "COMPLETED": (dict(color="#1f77b4", linestyle="-", alpha=0.55, linewidth=1.3), "ran every epoch"),
-    "STOPPED": (dict(color="#9a9a9a", linestyle="--", alpha=0.9, linewidth=1.1), "stopped early by ASHA"),
-    "ERROR": (dict(color="#d62728", linestyle=":", alpha=0.9, linewidth=1.1), "failed"),
+    "COMPLETED": ({"color": "#1f77b4", "linestyle": "-", "alpha": 0.55, "linewidth": 1.3}, "ran every epoch"),
+    "STOPPED": ({"color": "#9a9a9a", "linestyle": "--", "alpha": 0.9, "linewidth": 1.1}, "stopped early by ASHA"),
+    "ERROR": ({"color": "#d62728", "linestyle": ":", "alpha": 0.9, "linewidth": 1.1}, "failed"),
 }
 
 
@@ -81,7 +81,7 @@ def class_label(name: str, short: bool = False) -> str:
     return meaning if short else f"{name}\n({meaning})"
 
 
-def majority_share(counts: dict[str, list[int]], split: str) -> float:
+def majority_accuracy(counts: dict[str, list[int]], split: str) -> float:
     """Accuracy (0-1) on `split` of always answering the larger class of the training split."""
     return counts[split][int(np.argmax(counts["train"]))] / sum(counts[split])
 
@@ -141,15 +141,15 @@ def write_search_report(experiment: Path, out_dir: Path | None = None) -> Path:
     study = load_study(experiment)
     shown = [c for c in trials.columns if c not in ("config", "val_accuracy_curve", "path", "node_id")]
     ranked = trials.sort_values("best_val_accuracy", ascending=False)[shown]
-    val_majority = majority_share(best["data"]["counts"], "val")
+    val_majority = majority_accuracy(best["data"]["counts"], "val")
     lines = [
         f"# galaxy_tune search: {experiment.name}",
         "",
-        f"Method `{best['method']}`, {len(trials)} trials "
-        f"({', '.join(f'{n} {s.lower()}' for s, n in trials['status'].value_counts().items())}), "
-        f"backbone {best['weights']}, task `{best['data']['task']}` at {best['data']['image_size_px']} px.",
-        f"Best val accuracy {best['val_accuracy'] * 100:.2f} % (trial {best['trial_id']}, epoch {best['epoch']}) "
-        f"with `{json.dumps(best['config'])}`.",
+        (f"Method `{best['method']}`, {len(trials)} trials "
+         f"({', '.join(f'{n} {s.lower()}' for s, n in trials['status'].value_counts().items())}), "
+         f"backbone {best['weights']}, task `{best['data']['task']}` at {best['data']['image_size_px']} px."),
+        (f"Best val accuracy {best['val_accuracy'] * 100:.2f} % (trial {best['trial_id']}, epoch {best['epoch']}) "
+         f"with `{json.dumps(best['config'])}`."),
         f"Majority-class share of the val split: {val_majority * 100:.2f} %.",
         "",
         "## Figures",
@@ -214,7 +214,7 @@ def plot_val_curves(trials: pd.DataFrame, val_majority: float, name: str) -> Fig
     handles += [Line2D([], [], color="#d62728", linewidth=2.6, marker="o", markersize=4,
                        label=f"best trial {trials['trial_id'].iloc[best_row]}"),
                 Line2D([], [], color="black", linestyle=":", label=f"majority class ({val_majority * 100:.1f} %)")]
-    ax.legend(handles=handles, loc="lower right", fontsize=9, framealpha=0.9)
+    figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9, frameon=False)
     longest = max(len(c) for c in curves)
     ax.set_xticks(range(1, longest + 1) if longest <= 20 else np.linspace(1, longest, 10, dtype=int))
     ax.set_xlim(0.8, longest + 0.2)
@@ -250,7 +250,7 @@ def plot_best_vs_trial(trials: pd.DataFrame, name: str) -> Figure:
     ax.set_xlabel("trial number (order proposed by the sampler)")
     ax.set_xticks(number if len(number) <= 25 else np.linspace(1, len(number), 12, dtype=int))
     percent_axis(ax, "validation accuracy (%)", *padded_limits(list(scores[~np.isnan(scores)])))
-    ax.legend(loc="lower right", fontsize=9)
+    figure.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
     ax.set_title(f"{name}: best validation accuracy so far, by trial")
     return figure
 
@@ -263,8 +263,8 @@ def epoch_timeline(experiment: Path, trials: pd.DataFrame) -> pd.DataFrame:
         result = Path(trial_path) / "result.json"
         if not result.is_file():  # the experiment folder was moved: look beside trials.csv
             result = experiment / Path(trial_path).name / "result.json"
-        if result.is_file() and result.stat().st_size:
-            reports = pd.read_json(result, lines=True, convert_dates=False)
+        if result.is_file():
+            reports = pd.DataFrame([json.loads(line) for line in result.read_text().splitlines() if line.strip()])
             if {"timestamp", "time_total_s", "val_accuracy"} <= set(reports.columns):
                 rows.append(reports[["timestamp", "time_total_s", "val_accuracy"]])
     if not rows:
@@ -284,13 +284,15 @@ def plot_best_vs_time(timeline: pd.DataFrame, name: str) -> Figure:
     ax = figure.subplots()
     ax.scatter(timeline["minutes"], timeline["val_accuracy"], s=14, color="#9a9a9a", alpha=0.7,
                label="an epoch of some trial")
-    running = np.maximum.accumulate(timeline["val_accuracy"].to_numpy())
-    ax.step(np.append(timeline["minutes"], timeline["minutes"].max() * 1.02), np.append(running, running[-1]),
+    # Ray's timestamps are whole seconds: reports of the same second count as one, or a false step appears.
+    best_at = timeline.groupby("minutes")["val_accuracy"].max()
+    running = np.maximum.accumulate(best_at.to_numpy())
+    ax.step(np.append(best_at.index, best_at.index.max() * 1.02), np.append(running, running[-1]),
             where="post", color="#d62728", linewidth=2, label="best so far")
     ax.set_xlabel("wall-clock time since the search started (minutes)")
     ax.set_xlim(0, None)
     percent_axis(ax, "validation accuracy (%)", *padded_limits(list(timeline["val_accuracy"])))
-    ax.legend(loc="lower right", fontsize=9)
+    figure.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
     ax.set_title(f"{name}: best validation accuracy so far, by wall time "
                  f"({timeline['minutes'].max():.1f} min in all)")
     return figure
@@ -397,27 +399,27 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
     predictions = pd.read_csv(folder / "test_predictions.csv")
     info = json.loads((folder / "retrain.json").read_text())
     data = info["data"]
-    methods = [m for m in METHOD_ORDER if m in set(results["method"])]
     seeds = sorted(set(results["seed"]))
     test_images = sum(data["counts"]["test"])
     lines = [
         f"# galaxy_tune retrain: {folder.name}",
         "",
-        f"Task `{data['task']}` ({' vs '.join(data['class_names'])}) on `{data['data_dir']}`, "
-        f"{data['image_size_px']} px images (crop {data['crop_px'] or 'none'}), split seed {data['seed']}; "
-        f"test split {test_images} images. Each method was retrained with {len(seeds)} seed(s).",
+        (f"Task `{data['task']}` ({' vs '.join(data['class_names'])}) on `{data['data_dir']}`, "
+         f"{data['image_size_px']} px images (crop {data['crop_px'] or 'none'}), split seed {data['seed']}; "
+         f"test split {test_images} images. Each method was retrained with {len(seeds)} seed(s)."),
         f"Backbone: {base_weights(results['weights'].iloc[0])} (`{info['model']}`).",
-        f"Majority-class share of the test split: {info['majority_share'] * 100:.2f} % "
-        "(what a model answering the larger class scores).",
+        (f"Majority-class share of the test split: {info['majority_share'] * 100:.2f} % "
+         "(what a model answering the larger class scores)."),
         "",
         "## Test accuracy",
         "",
         accuracy_table(results, predictions).to_markdown(index=False),
         "",
-        f"- *mean ± sd*: over the seeds. *95 % CI over seeds*: Student-t interval of the mean test accuracy over "
-        f"seeds (training randomness){'; it needs ≥ 2 seeds: rerun `retrain --seeds 3`' if len(seeds) < 2 else ''}.",
-        f"- *95 % CI over test images*: Wilson interval of the seed-{seeds[0]} model's test accuracy over the "
-        f"{test_images} test images (how far another test split of this size could move it).",
+        ("- *mean ± sd*: over the seeds. *95 % CI over seeds*: Student-t interval of the mean test accuracy over "
+         "seeds (training randomness)" + ("; it needs ≥ 2 seeds: rerun `retrain --seeds 3`." if len(seeds) < 2
+                                         else ".")),
+        (f"- *95 % CI over test images*: Wilson interval of the seed-{seeds[0]} model's test accuracy over the "
+         f"{test_images} test images (how far another test split of this size could move it)."),
         "- *with TTA*: logits averaged over the 8 flips and 90° rotations of each test image.",
         "- *reference*: the reference study's test accuracy with ImageNet-pretrained ResNet-50 on the real data.",
         "",
@@ -465,6 +467,10 @@ def seed_predictions(predictions: pd.DataFrame, method: str, seed: int) -> pd.Da
     return picked.sort_values("GalaxyID").reset_index(drop=True)
 
 
+def mean_and_sd(values: pd.Series) -> str:
+    return f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
+
+
 def accuracy_table(results: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
     """One row per method: test accuracy (mean ± sd, CI over seeds, CI over images, with TTA), val, reference."""
     rows = []
@@ -473,14 +479,13 @@ def accuracy_table(results: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataF
         test, tta = runs["test_accuracy"] * 100, runs["test_accuracy_tta"] * 100
         first = seed_predictions(predictions, method, int(runs["seed"].iloc[0]))
         correct = int((predicted_class(first["prob_1"]) == first["label"].to_numpy()).sum())
-        spread = lambda v: f"{v.mean():.2f}" + (f" ± {v.std(ddof=1):.2f}" if len(v) > 1 else "")  # noqa: E731
         rows.append({
             "method": method, "seeds": len(runs),
-            "test acc %": spread(test),
+            "test acc %": mean_and_sd(test),
             "95 % CI over seeds": fmt_interval(t_interval(runs["test_accuracy"])),
             f"seed {int(runs['seed'].iloc[0])} test acc % [95 % CI over test images]":
                 f"{correct / len(first) * 100:.2f} {fmt_interval(wilson_interval(correct, len(first)))}",
-            "test acc % with TTA": spread(tta),
+            "test acc % with TTA": mean_and_sd(tta),
             "val acc %": f"{runs['val_accuracy'].mean() * 100:.2f}",
             "reference test acc %": f"{REFERENCE_TEST_ACCURACY[method]:.2f}",
         })
@@ -532,8 +537,9 @@ def full_vs_lora(predictions: pd.DataFrame) -> list[str]:
     else:
         verdict = "not significant in any seed: this test split cannot tell the two apart"
     return [
-        "McNemar's exact test pairs the two models' answers on the same test images and counts only the images "
-        "where exactly one is right; under \"no difference\" each such image is a coin flip.",
+        ("McNemar's exact test pairs the two models' answers on the same test images and counts only the images "
+         "where exactly one is right (predictions without TTA); under \"no difference\" each such image is a coin "
+         "flip."),
         "",
         pd.DataFrame(rows).to_markdown(index=False),
         "",
@@ -558,8 +564,8 @@ def plot_test_accuracy(results: pd.DataFrame, majority: float) -> Figure:
             ax.bar(i + offset, values.mean(), width, yerr=sd if len(values) > 1 else None, capsize=5,
                    color=METHOD_COLORS[method], alpha=alpha, hatch=hatch, edgecolor="black", linewidth=0.6)
             ax.text(i + offset, 2, f"{values.mean():.1f}", ha="center", va="bottom", fontsize=10,
-                    fontweight="bold", bbox=dict(boxstyle="round,pad=0.15", facecolor="white", alpha=0.85,
-                                                 linewidth=0))
+                    fontweight="bold", bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.85,
+                                                 "linewidth": 0})
             ax.scatter(np.full(len(values), i + offset), values, color="black", s=12, zorder=4)
             top = max(top, values.mean() + sd)
         reference = REFERENCE_TEST_ACCURACY[method]
@@ -578,7 +584,8 @@ def plot_test_accuracy(results: pd.DataFrame, majority: float) -> Figure:
         Line2D([], [], color="black", linewidth=3, label="reference study (ResNet-50, real data)"),
         Line2D([], [], color="black", linestyle=":", label=f"majority class ({majority * 100:.1f} %)"),
     ], loc="outside lower center", ncols=3, fontsize=9, frameon=False)
-    ax.set_title(f"Test accuracy per method (mean ± sd over {seeds} seed{'s' if seeds > 1 else ''})")
+    ax.set_title(f"Test accuracy per method (mean ± sd over {seeds} seeds)" if seeds > 1 else
+                 "Test accuracy per method (1 seed: retrain --seeds 3 for error bars)")
     return figure
 
 
@@ -596,7 +603,7 @@ def plot_confusion_matrices(predictions: pd.DataFrame, class_names: list[str]) -
         shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         # Coloured by the share of each true class, so panels compare even though the classes differ in size.
         display = ConfusionMatrixDisplay(shares, display_labels=labels)
-        display.plot(ax=ax, cmap="Blues", colorbar=False, im_kw=dict(vmin=0, vmax=1))
+        display.plot(ax=ax, cmap="Blues", colorbar=False, im_kw={"vmin": 0, "vmax": 1})
         for (i, j), text in np.ndenumerate(display.text_):
             text.set_text(f"{counts[i, j]}\n{shares[i, j] * 100:.0f} %")
             text.set_fontsize(12)
@@ -675,6 +682,10 @@ def write_report(folder: Path, out_dir: Path | None = None) -> Path:
     """Rebuild the report of a search experiment or a retrain folder; returns its report.md."""
     folder = Path(folder)
     if (folder / "retrain.json").is_file():
+        missing = [n for n in ("test_results.csv", "test_predictions.csv") if not (folder / n).is_file()]
+        if missing:
+            raise GalaxyTuneError(f"{folder} lacks {', '.join(missing)} (an interrupted or older retrain): "
+                                  "rerun `python -m galaxy_tune retrain`")
         return write_retrain_report(folder, out_dir)
     if (folder / "trials.csv").is_file() and (folder / "best.json").is_file():
         return write_search_report(folder, out_dir)

@@ -20,6 +20,7 @@ import torch
 from .data import Prepared, class_counts, data_summary, open_split
 from .errors import GalaxyTuneError
 from .lora import save_adapters, to_plain_model
+from .predict import MODEL_INFO
 from .model import build_model, count_parameters, describe_weights
 from .train import (REFERENCE_CONFIGS, TrainConfig, evaluate, fit, load_trainable_state, make_model, pick_device,
                     predict_logits)
@@ -150,6 +151,10 @@ def save_model(model, config: TrainConfig, prepared: Prepared, folder: Path) -> 
     plain.config.id2label = dict(enumerate(prepared.class_names))
     plain.config.label2id = {name: i for i, name in enumerate(prepared.class_names)}
     plain.save_pretrained(folder / "hf")
+    # What `predict` needs to feed the model the pixels it was trained on.
+    (folder / "hf" / MODEL_INFO).write_text(json.dumps({
+        "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px,
+        "class_names": list(prepared.class_names), "task": prepared.task}, indent=2))
     if config.method == "lora":
         save_adapters(model, folder / "adapters.safetensors")
     (folder / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))

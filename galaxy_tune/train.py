@@ -102,7 +102,13 @@ REFERENCE_CONFIGS = {
 
 def pick_device(gpus: float = 0) -> torch.device:
     """CUDA when this process was given a GPU and one is visible, else the CPU."""
-    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+    if gpus > 0 and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        return torch.device("cuda")
+    if gpus > 0:
+        raise GalaxyTuneError(f"a GPU was asked for ({gpus}) but torch sees none: use 0 GPUs, or check the "
+                              "CUDA driver and that torch is a CUDA build")
+    return torch.device("cpu")
 
 
 def make_model(config: TrainConfig, model_name: str, num_labels: int = 2) -> nn.Module:

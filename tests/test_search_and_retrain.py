@@ -110,3 +110,16 @@ def test_retrain_from_an_unfinished_experiment_is_refused(tmp_path, capsys):
     (tmp_path / "half" / "search.json").write_text("{}")
     assert main(["retrain", "--results-dir", str(tmp_path), "--from", str(tmp_path / "half")]) == 2
     assert "no finished trial" in capsys.readouterr().err
+
+
+def test_predict_a_folder_of_jpegs_with_a_retrained_model(searched, demo_dir, tmp_path):
+    if not list(searched.glob("retrain-*")):
+        assert main(["retrain", "--results-dir", str(searched), "--methods", "lora"]) == 0
+    model = max(searched.glob("retrain-*")) / "lora-seed0" / "hf"
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", str(model), "--images", str(demo_dir / "images_training_rev1"),
+                 "--out", str(out), "--tta"]) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["GalaxyID", "Class6.2", "Class1.2"]
+    assert len(table) == 120
+    assert (table[["Class6.2", "Class1.2"]].sum(axis=1) - 1).abs().max() < 1e-5

@@ -67,3 +67,25 @@ def test_lora_trains_a_fraction_of_the_parameters(prepared):
 def test_bad_hyperparameters_are_refused(values, culprit):
     with pytest.raises(GalaxyTuneError, match=culprit):
         TrainConfig.from_dict(values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_training_on_the_gpu_in_bf16_channels_last(prepared, method):
+    from galaxy_tune.train import pick_device
+
+    config = dataclasses.replace(QUICK, method=method, epochs=2)
+    model = make_model(config, "tiny")
+    history = fit(model, config, open_split(prepared, "train"), open_split(prepared, "val"), pick_device(1))
+    assert next(model.parameters()).is_cuda and len(history) == 2
+    assert history[-1]["train_loss"] == history[-1]["train_loss"]  # finite, not NaN
+
+
+def test_asking_for_a_gpu_where_there_is_none_is_refused():
+    from galaxy_tune.train import pick_device
+
+    if torch.cuda.is_available():
+        assert pick_device(1).type == "cuda"
+    else:
+        with pytest.raises(GalaxyTuneError, match="torch sees none"):
+            pick_device(1)

@@ -1,0 +1,130 @@
+"""predict: a folder of galaxy JPEGs in, one probability per class out, exactly as the retrain's test computes them."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import ResNetForImageClassification
+
+from conftest import CROP_PX, IMAGE_SIZE_PX
+from galaxy_tune.data import ImageSplit, open_split
+from galaxy_tune.errors import GalaxyTuneError
+from galaxy_tune.kaggle import IMAGES_DIR
+from galaxy_tune.model import build_model
+from galaxy_tune.predict import MODEL_INFO, predict_folder
+from galaxy_tune.train import predict_logits
+
+CLASS_NAMES = ["Class6.2", "Class1.2"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny model exported as retrain exports one: save_pretrained with class names, plus galaxy_tune.json."""
+    model = build_model("tiny", num_labels=2, seed=3)
+    model.config.id2label = dict(enumerate(CLASS_NAMES))
+    model.config.label2id = {name: i for i, name in enumerate(CLASS_NAMES)}
+    folder = tmp_path_factory.mktemp("full-seed0") / "hf"
+    model.save_pretrained(folder)
+    (folder / MODEL_INFO).write_text(json.dumps({"image_size_px": IMAGE_SIZE_PX, "crop_px": CROP_PX,
+                                                 "class_names": CLASS_NAMES, "task": "seed-top2"}))
+    return folder
+
+
+def whole_cache(prepared) -> ImageSplit:
+    """Every galaxy of the prepared pixel cache, as one split."""
+    manifest = prepared.manifest()
+    return ImageSplit(np.load(prepared.cache_path, mmap_mode="r"), np.arange(len(manifest)),
+                      manifest["label"].to_numpy(copy=True), manifest["GalaxyID"].to_numpy(copy=True))
+
+
+def test_predict_writes_galaxy_ids_and_one_probability_per_class(exported, demo_dir, tmp_path):
+    out = tmp_path / "out" / "predictions.csv"
+    table = predict_folder(exported, demo_dir / IMAGES_DIR, out)
+    written = pd.read_csv(out)
+    assert list(written.columns) == ["GalaxyID", *CLASS_NAMES]
+    stems = sorted(int(p.stem) for p in (demo_dir / IMAGES_DIR).glob("*.jpg"))
+    assert written["GalaxyID"].tolist() == stems
+    assert np.allclose(written[CLASS_NAMES].sum(axis=1), 1.0, atol=1e-6)
+    assert written[CLASS_NAMES].to_numpy() == pytest.approx(table[CLASS_NAMES].to_numpy(), abs=1e-7)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_predictions_match_the_retrain_test_on_the_pixel_cache(exported, demo_dir, prepared, tmp_path, tta):
+    # The same JPEGs, decoded by prepare into the cache, classified as retrain's test_model does.
+    table = predict_folder(exported, demo_dir / IMAGES_DIR, tmp_path / "p.csv", tta=tta).set_index("GalaxyID")
+    cache = whole_cache(prepared)
+    model = ResNetForImageClassification.from_pretrained(exported)
+    expected = torch.softmax(torch.from_numpy(predict_logits(model, cache, CPU, tta=tta)), 1).numpy()
+    assert table.loc[cache.galaxy_ids, CLASS_NAMES].to_numpy() == pytest.approx(expected, abs=1e-5)
+
+
+def test_tta_changes_predictions_and_is_invariant_to_rotating_or_flipping_a_galaxy(exported, prepared):
+    model = ResNetForImageClassification.from_pretrained(exported)
+    test = open_split(prepared, "test")
+    pixels = np.asarray(test.pixels[test.rows])
+    turned = [np.rot90(pixels, k=1, axes=(1, 2)), np.flip(pixels, axis=2), np.rot90(pixels, k=3, axes=(1, 2))]
+
+    def logits(images, tta):
+        split = ImageSplit(np.ascontiguousarray(images), np.arange(len(images)), test.labels, test.galaxy_ids)
+        return predict_logits(model, split, CPU, tta=tta)
+
+    plain, averaged = logits(pixels, False), logits(pixels, True)
+    assert not np.allclose(plain, averaged, atol=1e-4)
+    for images in turned:
+        assert not np.allclose(logits(images, False), plain, atol=1e-4)  # the model itself is not invariant...
+        assert logits(images, True) == pytest.approx(averaged, abs=1e-5)  # ...its 8-view average is
+
+
+def test_a_model_without_galaxy_tune_json_needs_the_image_size(exported, demo_dir, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(exported, bare)
+    (bare / MODEL_INFO).unlink()
+    with pytest.raises(GalaxyTuneError, match="pass --image-size"):
+        predict_folder(bare, demo_dir / IMAGES_DIR, tmp_path / "p.csv")
+    given = predict_folder(bare, demo_dir / IMAGES_DIR, tmp_path / "p.csv", image_size_px=IMAGE_SIZE_PX,
+                           crop_px=CROP_PX)
+    assert given.equals(predict_folder(exported, demo_dir / IMAGES_DIR, tmp_path / "q.csv"))
+
+
+def break_folder(demo_dir, tmp_path, how: str):
+    """A folder of a few good JPEGs and one bad file; returns (folder, the culprit's name)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted((demo_dir / IMAGES_DIR).glob("*.jpg"))[:3]:
+        shutil.copy(path, folder)
+    good = next(folder.iterdir()).read_bytes()
+    bad = {"not a jpeg": b"these are not the pixels you are looking for", "truncated": good[:len(good) // 3]}[how]
+    (folder / "999999.jpg").write_bytes(bad)
+    return folder, "999999.jpg"
+
+
+@pytest.mark.parametrize("how", ["not a jpeg", "truncated"])
+def test_an_unreadable_jpeg_is_named(exported, demo_dir, tmp_path, how):
+    folder, culprit = break_folder(demo_dir, tmp_path, how)
+    with pytest.raises(GalaxyTuneError, match=rf"{culprit} is not a readable galaxy image.*move it out"):
+        predict_folder(exported, folder, tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize("case, culprit", [
+    ("no image folder", "image folder .*missing does not exist"),
+    ("empty image folder", "no .jpg files in"),
+    ("no model folder", "model folder .*missing does not exist: pass the hf/ folder"),
+    ("conflicting image size", "--image-size 64 differs from the 32 the model was trained with"),
+])
+def test_bad_arguments_are_refused_with_the_fix(exported, demo_dir, tmp_path, case, culprit):
+    model, images, size = exported, demo_dir / IMAGES_DIR, None
+    if case == "no image folder":
+        images = tmp_path / "missing"
+    elif case == "empty image folder":
+        images = tmp_path
+    elif case == "no model folder":
+        model = tmp_path / "missing"
+    else:
+        size = 64
+    with pytest.raises(GalaxyTuneError, match=culprit):
+        predict_folder(model, images, tmp_path / "p.csv", image_size_px=size)
