@@ -13,7 +13,7 @@ import pandas as pd
 
 
 from . import search as _search
-from .data import DataConfig, Prepared, load_prepared, prepare as _prepare, prepared_folder
+from .data import DataConfig, Prepared, data_summary, load_prepared, prepare as _prepare, prepared_folder
 from .demo_data import write_demo_data
 from .errors import GalaxyTuneError
 from .kaggle import CSV_NAME
@@ -22,7 +22,8 @@ from .predict import predict_folder
 from .report import write_retrain_report, write_search_report
 from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
 
-DEMO = {"num_images": 600, "image_size_px": 64, "crop_px": 256, "num_samples": 6, "max_epochs": 4}
+DEMO = {"num_images": 600, "image_size_px": 64, "crop_px": 256, "num_samples": 6, "max_epochs": 4, "seeds": 2}
+DEFAULT_SEEDS = 3
 DEFAULT_IMAGE_SIZE_PX = 224
 
 
@@ -85,7 +86,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = Pat
 
 
 def retrain(results_dir: Path = Path("results"), from_experiments: list[Path] | None = None,
-            methods: list[str] | None = None, seeds: int = 1, max_epochs: int | None = None,
+            methods: list[str] | None = None, seeds: int | None = None, max_epochs: int | None = None,
             data_dir: Path | None = None, image_size_px: int | None = None, crop_px: int | None = None,
             task: str = "seed-top2", seed: int = 0, model: str | None = None, gpus: float = 0.0) -> Path:
     """Retrain the best config of each method, test direct / full / LoRA; returns the retrain folder."""
@@ -108,6 +109,9 @@ def retrain(results_dir: Path = Path("results"), from_experiments: list[Path] | 
         _, model_name = load_backbone(model, num_labels=len(prepared.class_names))
         if data_dir is None and max_epochs is None:
             max_epochs = DEMO["max_epochs"]
+    if seeds is None:
+        on_demo_data = Path(data_summary(prepared)["data_dir"]) == (Path(results_dir) / "demo-data").resolve()
+        seeds = DEMO["seeds"] if on_demo_data else DEFAULT_SEEDS
     out = Path(results_dir) / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
     run_retrain(prepared, model_name, used, out, methods=methods, seeds=seeds, max_epochs=max_epochs, gpus=gpus)
     report = write_retrain_report(out)

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_experiments", nargs="+", help="search experiment folders to take "
                    "the best configs from (default: the latest search of each method)")
     p.add_argument("--methods", nargs="+", choices=["direct", "full", "lora"])
-    p.add_argument("--seeds", type=int, default=1, help="retrain each method with this many seeds")
+    p.add_argument("--seeds", type=int, help="retrain each method with this many seeds (default 3; demo 2)")
     p.add_argument("--max-epochs", type=int, help="cap the epochs of each recipe")
     p.add_argument("--model", help="backbone when no search is found (default: microsoft/resnet-50)")
     p.add_argument("--gpus", type=float, default=0.0, help="train on the GPU when > 0")
