@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the reports here (one folder per experiment)")
     results_flag(p)
     p.set_defaults(run=cmd_report)
+
+    from .bench import add_bench_parser
+    add_bench_parser(commands)
     return parser
 
 

@@ -356,18 +356,19 @@ def batches(split: ImageSplit, batch_size: int, device: torch.device, *, shuffle
         raw = torch.from_numpy(split.pixels[split.rows[picked]])
         if device.type == "cuda":
             raw = raw.pin_memory()  # lets the copy below overlap with the GPU's work
-        x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float().sub_(mean).div_(std)
-        if augment:
-            x = dihedral(x, torch.randint(0, 8, (len(x),), generator=generator).to(device))
+        raw = raw.to(device, non_blocking=True)
+        if augment:  # on the uint8 pixels: a quarter of the bytes the float batch has
+            raw = dihedral(raw, torch.randint(0, 8, (len(raw),), generator=generator).to(device), dims=(1, 2))
+        x = raw.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
         yield x, labels[picked].to(device, non_blocking=True)
 
 
-def dihedral(x: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
-    """Apply one of the 8 flips/rotations of the square to each image (element in 0..7)."""
+def dihedral(x: torch.Tensor, element: torch.Tensor, dims: tuple[int, int] = (2, 3)) -> torch.Tensor:
+    """Apply one of the 8 flips/rotations of the square to each image (element in 0..7) over the pixel `dims`."""
     out = x.clone()
     for e in range(1, 8):
         chosen = element == e
         if chosen.any():
-            view = x[chosen].rot90(e % 4, dims=(2, 3))
-            out[chosen] = view.flip(3) if e >= 4 else view
+            view = x[chosen].rot90(e % 4, dims=dims)
+            out[chosen] = view.flip(dims[1]) if e >= 4 else view
     return out

@@ -84,7 +84,8 @@ def test_retrain_reports_all_three_methods_and_exports_usable_models(searched, c
     printed = capsys.readouterr().out
     out = max(searched.glob("retrain-*"))
     results = pd.read_csv(out / "test_results.csv")
-    assert list(results["method"]) == ["direct", "full", "lora"]
+    assert results.groupby("method").size().to_dict() == {"direct": 3, "full": 3, "lora": 3}  # 3 seeds by default
+    results = results[results["seed"] == 0]
     assert {"method", "seed", "config", "val_accuracy", "test_accuracy", "trainable_params", "epochs",
             "model"} <= set(results.columns)
     assert results["test_accuracy"].between(0, 1).all()
