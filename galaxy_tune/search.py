@@ -113,7 +113,6 @@ def run_search(options: SearchOptions) -> Path:
                                         max_t=max_epochs, grace_period=1, reduction_factor=2)
                 if options.early_stopping else FIFOScheduler(),
                 num_samples=options.num_samples, max_concurrent_trials=max_concurrent,
-                reuse_actors=True,  # a new trial reuses a finished trial's worker: no fresh process, no re-imports
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
             run_config=tune.RunConfig(
                 name=options.name, storage_path=str(results_dir), verbose=1,
