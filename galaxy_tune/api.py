@@ -107,11 +107,10 @@ def retrain(results_dir: Path = Path("results"), from_experiments: list[Path] | 
         config = data_config(data_dir, results_dir, image_size_px, crop_px, task, seed)
         prepared = _prepare(config, prepared_folder(results_dir, config))
         _, model_name = load_backbone(model, num_labels=len(prepared.class_names))
-        if data_dir is None and max_epochs is None:
-            max_epochs = DEMO["max_epochs"]
-    if seeds is None:
-        on_demo_data = Path(data_summary(prepared)["data_dir"]) == (Path(results_dir) / "demo-data").resolve()
-        seeds = DEMO["seeds"] if on_demo_data else DEFAULT_SEEDS
+    on_demo_data = Path(data_summary(prepared)["data_dir"]) == (Path(results_dir) / "demo-data").resolve()
+    if on_demo_data:  # demo-sized: the reference recipes' 7-10 epochs are capped at the demo search's budget
+        max_epochs = max_epochs or DEMO["max_epochs"]
+    seeds = seeds or (DEMO["seeds"] if on_demo_data else DEFAULT_SEEDS)
     out = Path(results_dir) / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
     run_retrain(prepared, model_name, used, out, methods=methods, seeds=seeds, max_epochs=max_epochs, gpus=gpus)
     report = write_retrain_report(out)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from .data import Prepared, class_counts, data_summary, open_split
 from .errors import GalaxyTuneError
@@ -90,6 +91,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     splits = {name: open_split(prepared, name) for name in ("train", "val", "test")}
     plans = recipes(experiments, methods, max_epochs)
     tested = []
+    progress = tqdm(total=seeds * sum(r.config.epochs for r in plans), desc="retrain", unit="epoch")
     for seed in range(seeds):
         if "direct" in methods:
             model = build_model(model_name, num_labels=len(prepared.class_names), seed=seed).to(device)
@@ -101,8 +103,9 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
             best: dict = {"val_accuracy": -1.0}
 
             def keep_best(metrics: dict, state) -> None:
-                print(f"  {recipe.method} seed {seed} epoch {metrics['epoch']}/{config.epochs}: "
-                      f"val accuracy {metrics['val_accuracy']:.4f}", flush=True)
+                progress.update()
+                progress.set_postfix_str(f"{recipe.method} seed {seed} epoch {metrics['epoch']}/{config.epochs} "
+                                         f"val acc {metrics['val_accuracy']:.3f}")
                 if metrics["val_accuracy"] > best["val_accuracy"]:
                     best.update(val_accuracy=metrics["val_accuracy"], epoch=metrics["epoch"], state=state())
 
@@ -114,6 +117,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
             tested.append(test_model(recipe.method, seed, config, recipe.source, model, splits, device,
                                      model_name, train_seconds=seconds, images_seen=history[-1]["images_seen"],
                                      best_epoch=best["epoch"]))
+    progress.close()
     results = pd.DataFrame([row for _, row in tested])
     results.to_csv(out_dir / "test_results.csv", index=False)
     pd.concat([predictions for predictions, _ in tested]).to_csv(out_dir / "test_predictions.csv", index=False)

@@ -126,7 +126,7 @@ def run_search(options: SearchOptions) -> Path:
         if result.error is None and result.path:
             prune_checkpoints(Path(result.path))
 
-    trials = trials_table(grid)
+    trials = trials_table(grid, experiment)
     if trials.empty:
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
     trials.to_csv(experiment / "trials.csv", index=False)
@@ -265,20 +265,31 @@ def check_resources(options: SearchOptions) -> int:
     return max(1, min(slots, options.max_concurrent or slots))
 
 
-def trials_table(grid: tune.ResultGrid) -> pd.DataFrame:
-    """One row per trial: id, status, epochs run, best and last val accuracy, per-epoch curve and config."""
+def trials_table(grid: tune.ResultGrid, experiment: Path) -> pd.DataFrame:
+    """One row per trial: id, status, epochs run, best and last val accuracy, per-epoch curve and config.
+
+    Status: COMPLETED (every epoch), STOPPED (early, by ASHA), ERROR, or UNFINISHED (the search was interrupted).
+    """
+    ray_status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(str(experiment)).trials}
     rows = []
     for result in grid:
+        if not result.config:  # created but never started before an interruption
+            continue
         history = result.metrics_dataframe
+        if history is not None and not history.empty:  # a trial resumed after a crash may repeat an epoch
+            history = history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
         config = TrainConfig.from_dict(result.config)
+        trial_id = Path(result.path).name.removeprefix("trial_")
         epochs = 0 if history is None or history.empty else int(history["epoch"].max())
         if result.error is not None:
             status = "ERROR"
+        elif ray_status.get(trial_id) != "TERMINATED":
+            status = "UNFINISHED"
         else:
             status = "COMPLETED" if epochs >= config.epochs else "STOPPED"
-        curve = [] if epochs == 0 else history.sort_values("epoch")["val_accuracy"].round(6).tolist()
+        curve = [] if epochs == 0 else history["val_accuracy"].round(6).tolist()
         best_epoch = int(history.loc[history["val_accuracy"].idxmax(), "epoch"]) if curve else 0
-        rows.append({"trial_id": result.metrics.get("trial_id") or Path(result.path).name, "status": status,
+        rows.append({"trial_id": trial_id, "status": status,
                      "epochs": epochs, "best_val_accuracy": max(curve, default=float("nan")),
                      "best_epoch": best_epoch, "last_val_accuracy": curve[-1] if curve else float("nan"),
                      "train_seconds": 0.0 if epochs == 0 else round(float(history["epoch_seconds"].sum()), 2),

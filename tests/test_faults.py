@@ -88,6 +88,27 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
     assert json.loads((experiment / "best.json").read_text())["method"] == "lora"
 
 
+def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(ray_local, demo_dir, tmp_path):
+    experiment = tmp_path / "stopped"
+    argv = [sys.executable, "-m", "galaxy_tune", "search", "full", "--data-dir", str(demo_dir), "--results-dir",
+            str(tmp_path), "--name", "stopped", "--num-samples", "6", "--max-epochs", "3", *TINY_SEARCH]
+    driver = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        wait_for(lambda: finished_trials(experiment, 3), 240, "a finished trial")
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 2
+    assert "interrupted" in err and "--resume --name stopped" in err
+    trials = pd.read_csv(experiment / "trials.csv")
+    assert (trials["status"] == "COMPLETED").any() and not (experiment / "best.json").exists()
+    assert main(["search", "full", "--resume", "--name", "stopped", "--results-dir", str(tmp_path)]) == 0
+    assert len(pd.read_csv(experiment / "trials.csv")) == 6
+
+
 def test_resume_of_a_search_that_does_not_exist(tmp_path, capsys):
     assert main(["search", "lora", "--resume", "--name", "nothing", "--results-dir", str(tmp_path)]) == 2
     assert "no search to resume" in capsys.readouterr().err
