@@ -61,7 +61,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = Pat
            max_epochs: int | None = None, image_size_px: int | None = None, crop_px: int | None = None,
            task: str = "seed-top2", model: str | None = None, cpus_per_trial: float = 1.0,
            gpus_per_trial: float = 0.0, max_concurrent: int | None = None, address: str | None = None,
-           seed: int = 0, max_failures: int = 2, resume: bool = False) -> Path:
+           seed: int = 0, max_failures: int = 2, resume: bool = False, augment: bool = True) -> Path:
     """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder."""
     if resume:
         if not name:
@@ -79,7 +79,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = Pat
             max_epochs=max_epochs or (DEMO["max_epochs"] if demo else None), image_size_px=config.image_size_px,
             crop_px=config.crop_px, task=task, model=model, cpus_per_trial=cpus_per_trial,
             gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, address=address, seed=seed,
-            max_failures=max_failures)
+            max_failures=max_failures, augment=augment)
     experiment = _search.run_search(options)
     print(f"search results in {experiment}; report: {write_search_report(experiment)}")
     return experiment
@@ -88,7 +88,8 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = Pat
 def retrain(results_dir: Path = Path("results"), from_experiments: list[Path] | None = None,
             methods: list[str] | None = None, seeds: int | None = None, max_epochs: int | None = None,
             data_dir: Path | None = None, image_size_px: int | None = None, crop_px: int | None = None,
-            task: str = "seed-top2", seed: int = 0, model: str | None = None, gpus: float = 0.0) -> Path:
+            task: str = "seed-top2", seed: int = 0, model: str | None = None, gpus: float = 0.0,
+            augment: bool = True) -> Path:
     """Retrain the best config of each method, test direct / full / LoRA; returns the retrain folder."""
     if from_experiments:
         experiments = {read_best(Path(f))["method"]: Path(f) for f in from_experiments}
@@ -112,7 +113,8 @@ def retrain(results_dir: Path = Path("results"), from_experiments: list[Path] | 
         max_epochs = max_epochs or DEMO["max_epochs"]
     seeds = seeds or (DEMO["seeds"] if on_demo_data else DEFAULT_SEEDS)
     out = Path(results_dir) / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_retrain(prepared, model_name, used, out, methods=methods, seeds=seeds, max_epochs=max_epochs, gpus=gpus)
+    run_retrain(prepared, model_name, used, out, methods=methods, seeds=seeds, max_epochs=max_epochs, gpus=gpus,
+                augment=augment)
     report = write_retrain_report(out)
     print()
     print(report.read_text())

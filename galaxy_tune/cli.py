@@ -43,7 +43,7 @@ def cmd_search(args) -> None:
                num_samples=args.num_samples, max_epochs=args.max_epochs, image_size_px=args.image_size,
                crop_px=args.crop, task=args.task, model=args.model, cpus_per_trial=args.cpus_per_trial,
                gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, address=args.address,
-               seed=args.seed, max_failures=args.max_failures, resume=args.resume)
+               seed=args.seed, max_failures=args.max_failures, resume=args.resume, augment=not args.no_augment)
 
 
 def cmd_retrain(args) -> None:
@@ -51,7 +51,7 @@ def cmd_retrain(args) -> None:
 
     api.retrain(args.results_dir, args.from_experiments, args.methods, seeds=args.seeds, max_epochs=args.max_epochs,
                 data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop, task=args.task,
-                seed=args.seed, model=args.model, gpus=args.gpus)
+                seed=args.seed, model=args.model, gpus=args.gpus, augment=not args.no_augment)
 
 
 def cmd_predict(args) -> None:
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting Ray")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     p.set_defaults(run=cmd_search)
 
     p = commands.add_parser("retrain", help="retrain the best configs and test direct, full and LoRA")
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, help="cap the epochs of each recipe")
     p.add_argument("--model", help="backbone when no search is found (default: microsoft/resnet-50)")
     p.add_argument("--gpus", type=float, default=0.0, help="train on the GPU when > 0")
+    p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     p.set_defaults(run=cmd_retrain)
 
     p = commands.add_parser("predict", help="classify a folder of galaxy JPEGs with a retrained model")

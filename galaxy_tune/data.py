@@ -256,7 +256,8 @@ def prepare(config: DataConfig, out_dir: Path, skip_bad: bool = False) -> Prepar
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise GalaxyTuneError(f"cannot write to {out_dir} ({err.strerror}): choose a writable --out/--results-dir") from None
+        raise GalaxyTuneError(f"cannot write to {out_dir} ({err.strerror}): "
+                              "choose a writable --out/--results-dir") from None
     data_dir = Path(config.data_dir).resolve()
     labels = task_labels(read_votes(data_dir), config.task, config.min_vote)
     split_settings = {"data_dir": str(data_dir), "task": config.task, "min_vote": config.min_vote,

@@ -78,7 +78,7 @@ def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | 
 
 def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path], out_dir: Path,
                 methods: list[str] | tuple[str, ...] = ALL_METHODS, seeds: int = 1, max_epochs: int | None = None,
-                gpus: float = 0) -> pd.DataFrame:
+                gpus: float = 0, augment: bool = True) -> pd.DataFrame:
     """Retrain and test every method with `seeds` seeds; writes test_results.csv, test_predictions.csv
     (per test image: label, probability of class 1 without and with TTA) and the models under out_dir."""
     unknown = sorted(set(methods) - set(ALL_METHODS))
@@ -98,7 +98,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
             tested.append(test_model("direct", seed, None, "no training", model, splits, device, model_name,
                                      train_seconds=0.0, images_seen=0))
         for recipe in plans:
-            config = dataclasses.replace(recipe.config, seed=seed)
+            config = dataclasses.replace(recipe.config, seed=seed, augment=augment and recipe.config.augment)
             model = make_model(config, model_name, num_labels=len(prepared.class_names))
             best: dict = {"val_accuracy": -1.0}
 
@@ -139,7 +139,8 @@ def test_model(method: str, seed: int, config: TrainConfig | None, source: str, 
              for name, tta in (("plain", False), ("tta", True))}
     predictions = pd.DataFrame({"GalaxyID": test.galaxy_ids, "label": test.labels, "method": method, "seed": seed,
                                 "prob_1": probs["plain"][:, 1], "prob_1_tta": probs["tta"][:, 1]})
-    return predictions, {"method": method, "seed": seed, "val_accuracy": evaluate(model, splits["val"], device)["accuracy"],
+    val_accuracy = evaluate(model, splits["val"], device)["accuracy"]
+    return predictions, {"method": method, "seed": seed, "val_accuracy": val_accuracy,
             "test_accuracy": float((probs["plain"].argmax(1) == test.labels).mean()),
             "test_accuracy_tta": float((probs["tta"].argmax(1) == test.labels).mean()), "trainable_params": trainable,
             "total_params": total, "epochs": config.epochs if config else 0, "best_epoch": best_epoch,

@@ -59,6 +59,7 @@ class SearchOptions:
     resume: bool = False
     sampler: str = "tpe"  # or "random": the baseline `bench search` compares against
     early_stopping: bool = True  # ASHA; False runs every trial to its full epoch budget
+    augment: bool = True  # random flips / 90-degree rotations of the training images
 
 
 def run_search(options: SearchOptions) -> Path:
@@ -72,7 +73,7 @@ def run_search(options: SearchOptions) -> Path:
     elif experiment.exists():
         raise GalaxyTuneError(f"experiment {experiment} already exists: pass --resume to continue it, "
                               "or choose another --name")
-    overrides = {"method": options.method, "seed": options.seed}
+    overrides = {"method": options.method, "seed": options.seed, "augment": options.augment}
     if options.max_epochs is not None:
         overrides["epochs"] = options.max_epochs
     space = load_space(options.space or default_space_path(options.method), overrides)
@@ -224,7 +225,7 @@ def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.Base
 def progress_table(method: str) -> tune.CLIReporter:
     """Ray Tune's progress table, reduced to the columns that tell trials apart."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores custom reporters
-    params = ["lr", "lora_rank", "scheduler"] if method == "lora" else ["lr", "weight_decay", "scheduler"]
+    params = ["method", "lr"] + (["lora_rank"] if method == "lora" else ["weight_decay"]) + ["scheduler"]
     return tune.CLIReporter(metric_columns={"epoch": "epoch", METRIC: "val acc"}, parameter_columns=params,
                             max_report_frequency=30, metric=METRIC, mode=MODE, sort_by_metric=True)
 

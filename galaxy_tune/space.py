@@ -77,7 +77,8 @@ def load_space(path: Path, overrides: dict | None = None) -> SearchSpace:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise GalaxyTuneError(f"{where} does not exist: pass --space with a YAML file like search_spaces/lora.yaml") from None
+        raise GalaxyTuneError(f"{where} does not exist: pass --space with a YAML file like "
+                              "search_spaces/lora.yaml") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""

@@ -6,6 +6,7 @@ scheduler, epoch); a trial restarted by Ray continues from `tune.get_checkpoint(
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
     `fail_at_epoch` makes the first attempt crash in that epoch, before its report (fault-injection tests).
     """
     train_config = TrainConfig.from_dict(config)
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint is noise
     torch.set_num_threads(max(1, int(cpus)))
     prepared = load_prepared(Path(prepared_dir), image_size_px, crop_px)
     device = pick_device(gpus)

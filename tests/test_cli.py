@@ -1,5 +1,6 @@
 """The command line as a user runs it: `python -m galaxy_tune ...`, demo defaults, one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -44,12 +45,13 @@ def test_a_results_folder_that_cannot_be_written_is_refused(demo_dir, tmp_path, 
 def test_without_data_dir_the_demo_data_is_generated_and_used(ray_local, tmp_path, capsys):
     results = tmp_path / "results"
     argv = ["search", "lora", "--results-dir", str(results), "--model", "tiny", "--num-samples", "2",
-            "--max-epochs", "1", "--name", "demo"]
+            "--max-epochs", "1", "--name", "demo", "--no-augment"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "using the built-in demo data" in out
     assert (results / "demo-data" / CSV_NAME).is_file()
     assert len(pd.read_csv(results / "demo" / "trials.csv")) == 2
+    assert json.loads((results / "demo" / "best.json").read_text())["config"]["augment"] is False
     # With no search of a method, retrain says so and uses the reference recipe.
     assert main(["retrain", "--results-dir", str(results), "--methods", "full", "--model", "tiny",
                  "--max-epochs", "1"]) == 0
