@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from .data import Prepared, class_counts, data_summary, open_split
 from .errors import GalaxyTuneError
@@ -92,6 +93,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     plans = recipes(experiments, methods, max_epochs)
     tested = []
     progress = tqdm(total=seeds * sum(r.config.epochs for r in plans), desc="retrain", unit="epoch")
+    hf_logging.disable_progress_bar()  # one bar: the models' "Writing model shards" would break ours
     for seed in range(seeds):
         if "direct" in methods:
             model = build_model(model_name, num_labels=len(prepared.class_names), seed=seed).to(device)
