@@ -20,4 +20,4 @@ test: install
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) results/demo-data results/prepared results/search-* results/retrain-*
+	rm -rf $(VENV) results/demo-data results/prepared results/bench results/search-* results/retrain-*

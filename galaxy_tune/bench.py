@@ -48,7 +48,7 @@ from .data import (
 from .errors import GalaxyTuneError
 from .lora import save_adapters, to_plain_model
 from .search import SearchOptions, check_resources, run_search, start_ray
-from .train import METHODS, REFERENCE_CONFIGS, TrainConfig, autocast, make_model, make_optimizer
+from .train import METHODS, REFERENCE_CONFIGS, TrainConfig, autocast, make_model, make_optimizer, train_step
 
 MB = 1024 * 1024
 BENCH_DIR = "bench"  # under --results-dir; one level down, so `retrain` and `report` never mistake it for a search
@@ -333,13 +333,8 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
     run = torch.compile(net) if compiled else net
     optimizer = make_optimizer(config, net)
 
-    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with autocast(device):
-            loss = nn.functional.cross_entropy(run(pixel_values=x).logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # the training loop reads the loss every step, which waits for the GPU
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        train_step(run, optimizer, x, y, device).item()  # fit reads the loss every step, which waits for the GPU
 
     @torch.no_grad()
     def logits(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -350,7 +345,7 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
         threads = torch.get_num_threads()
         memory_before = peak_memory_start(device)
         net.train()
-        train_rate = steady_rate(train_step, endless_batches(train, batch_size, device, augment=True),
+        train_rate = steady_rate(step, endless_batches(train, batch_size, device, augment=True),
                                   warmup, steps, device)
         peak_mb = peak_memory_mb(device)
         eval_batches = endless_batches(train, batch_size, device, augment=False)

@@ -41,8 +41,9 @@ def cmd_search(args) -> None:
 
     api.search(args.method, args.data_dir, results_dir=args.results_dir, name=args.name, space=args.space,
                num_samples=args.num_samples, max_epochs=args.max_epochs, image_size_px=args.image_size,
-               crop_px=args.crop, task=args.task, model=args.model, cpus_per_trial=args.cpus_per_trial,
-               gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, address=args.address,
+               crop_px=args.crop, task=args.task, min_vote=args.min_vote, skip_bad=args.skip_bad, model=args.model,
+               cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+               max_concurrent=args.max_concurrent, address=args.address,
                seed=args.seed, max_failures=args.max_failures, resume=args.resume, augment=not args.no_augment)
 
 
@@ -51,7 +52,8 @@ def cmd_retrain(args) -> None:
 
     api.retrain(args.results_dir, args.from_experiments, args.methods, seeds=args.seeds, max_epochs=args.max_epochs,
                 data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop, task=args.task,
-                seed=args.seed, model=args.model, gpus=args.gpus, augment=not args.no_augment)
+                min_vote=args.min_vote, skip_bad=args.skip_bad, seed=args.seed, model=args.model, gpus=args.gpus,
+                augment=not args.no_augment)
 
 
 def cmd_predict(args) -> None:
@@ -85,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task", default="seed-top2", choices=["seed-top2", "smooth-featured"])
         p.add_argument("--image-size", type=int, help="pixels per side fed to the model (default 224; demo 64)")
         p.add_argument("--crop", type=int, help="centre-crop the 424 px frame to this many px first (demo: 256)")
-        p.add_argument("--seed", type=int, default=0, help="split and training seed")
+        p.add_argument("--seed", type=int, default=0, help="split seed (and the search's training seed)")
+        p.add_argument("--min-vote", type=float, default=0.8, help="smooth-featured: least winning vote fraction")
+        p.add_argument("--skip-bad", action="store_true", help="drop missing or unreadable images instead of failing")
         results_flag(p)
 
     p = commands.add_parser("demo-data", help="write a synthetic data set in the Kaggle layout")
@@ -97,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("prepare", help="validate data, write the split manifest and the pixel cache")
     data_flags(p)
     p.add_argument("--out", help="output folder (default: results/prepared/<data>-<task>-seed<S>)")
-    p.add_argument("--min-vote", type=float, default=0.8, help="smooth-featured: least winning vote fraction")
-    p.add_argument("--skip-bad", action="store_true", help="drop missing or unreadable images instead of failing")
     p.set_defaults(run=cmd_prepare)
 
     p = commands.add_parser("search", help="Ray Tune + Optuna search over one fine-tuning method")
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=["direct", "full", "lora"])
     p.add_argument("--seeds", type=int, help="retrain each method with this many seeds (default 3; demo 2)")
     p.add_argument("--max-epochs", type=int, help="cap the epochs of each recipe")
-    p.add_argument("--model", help="backbone when no search is found (default: microsoft/resnet-50)")
+    p.add_argument("--model", help="backbone (default: the searches', else microsoft/resnet-50)")
     p.add_argument("--gpus", type=float, default=0.0, help="train on the GPU when > 0")
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     p.set_defaults(run=cmd_retrain)

@@ -70,7 +70,8 @@ class Prepared:
 
 def prepared_folder(results_dir: Path, config: DataConfig) -> Path:
     """Where the manifest and pixel caches of one (data set, task, split seed) live, shared by all runs."""
-    tag = f"{Path(config.data_dir).resolve().name}-{config.task}-seed{config.seed}"
+    vote = f"-vote{config.min_vote:g}" if config.task == "smooth-featured" else ""
+    tag = f"{Path(config.data_dir).resolve().name}-{config.task}{vote}-seed{config.seed}"
     return Path(results_dir).resolve() / "prepared" / tag
 
 
@@ -223,17 +224,20 @@ def build_cache(prepared: Prepared, data_dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     size = prepared.image_size_px
-    pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), size, size, 3))
-    for row, galaxy_id in enumerate(tqdm(ids, desc=f"caching {size}px pixels", unit="img", leave=False)):
-        try:
-            pixels[row] = decode(image_path(data_dir, galaxy_id), size, prepared.crop_px)
-        except (OSError, SyntaxError, ValueError) as err:
-            tmp.unlink()
-            raise GalaxyTuneError(f"{image_path(data_dir, galaxy_id)} changed since the split was made and is now "
-                                  f"unreadable ({err}): restore it, or delete {prepared.folder} to re-split") from None
-    pixels.flush()
-    del pixels
-    os.replace(tmp, path)  # atomic: concurrent readers see the old cache or the whole new one
+    try:
+        pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), size, size, 3))
+        for row, galaxy_id in enumerate(tqdm(ids, desc=f"caching {size}px pixels", unit="img", leave=False)):
+            try:
+                pixels[row] = decode(image_path(data_dir, galaxy_id), size, prepared.crop_px)
+            except (OSError, SyntaxError, ValueError) as err:
+                raise GalaxyTuneError(f"{image_path(data_dir, galaxy_id)} changed since the split was made and is "
+                                      f"now unreadable ({err}): restore it, or delete {prepared.folder} to re-split "
+                                      "(searches made on the old split keep their results)") from None
+        pixels.flush()
+        del pixels
+        os.replace(tmp, path)  # atomic: concurrent readers see the old cache or the whole new one
+    finally:
+        tmp.unlink(missing_ok=True)  # a half-written cache never outlives an error or Ctrl-C
     write_atomically(meta_path, json.dumps(meta))
     return path
 
@@ -260,9 +264,11 @@ def prepare(config: DataConfig, out_dir: Path, skip_bad: bool = False) -> Prepar
                               "choose a writable --out/--results-dir") from None
     data_dir = Path(config.data_dir).resolve()
     labels = task_labels(read_votes(data_dir), config.task, config.min_vote)
-    split_settings = {"data_dir": str(data_dir), "task": config.task, "min_vote": config.min_vote,
+    # What decides the split. --skip-bad is not part of it: a split made with it stays valid without it.
+    split_settings = {"data_dir": str(data_dir), "task": config.task,
+                      "min_vote": config.min_vote if config.task == "smooth-featured" else None,
                       "seed": config.seed, "val_fraction": config.val_fraction,
-                      "test_fraction": config.test_fraction, "skip_bad": skip_bad}
+                      "test_fraction": config.test_fraction}
     info_path = out_dir / "prepare.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     fingerprint = source_fingerprint(data_dir, np.array([], dtype=np.int64))  # the CSV alone
@@ -298,6 +304,9 @@ def write_atomically(path: Path, text: str) -> None:
 
 def load_prepared(folder: Path, image_size_px: int, crop_px: int | None) -> Prepared:
     """A prepared folder written earlier by `prepare` (the cache of that image size must exist)."""
+    if not (Path(folder) / "prepare.json").is_file():
+        raise GalaxyTuneError(f"the prepared data {folder} is gone: run `python -m galaxy_tune prepare` with the "
+                              "settings of the search again (they are in its best.json under data)")
     info = json.loads((Path(folder) / "prepare.json").read_text())
     prepared = Prepared(Path(folder), info["settings"]["task"], tuple(info["class_names"]), image_size_px, crop_px)
     if not prepared.cache_path.is_file():
@@ -313,7 +322,9 @@ def class_counts(prepared: Prepared) -> dict[str, list[int]]:
 def data_summary(prepared: Prepared) -> dict:
     """What a result records about its data."""
     info = json.loads((prepared.folder / "prepare.json").read_text())
-    return {"prepared": str(prepared.folder), **info["settings"], "class_names": list(prepared.class_names),
+    return {"prepared": str(prepared.folder), **info["settings"], "csv_fingerprint": info["csv_fingerprint"],
+            "manifest_sha256": hashlib.sha256((prepared.folder / "splits.csv").read_bytes()).hexdigest()[:16],
+            "class_names": list(prepared.class_names),
             "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px, "counts": info["counts"]}
 
 

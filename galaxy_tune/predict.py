@@ -21,9 +21,9 @@ from transformers import ResNetForImageClassification
 
 from .data import ImageSplit, decode
 from .errors import GalaxyTuneError
+from .model import MODEL_INFO
 from .train import predict_logits
 
-MODEL_INFO = "galaxy_tune.json"  # {"image_size_px", "crop_px", "class_names", "task"}, beside config.json
 IMAGES_PER_CHUNK = 2048  # decoded at a time, so a folder of 80,000 galaxies never sits in memory at once
 
 

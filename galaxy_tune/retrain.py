@@ -22,8 +22,7 @@ from transformers.utils import logging as hf_logging
 from .data import Prepared, class_counts, data_summary, open_split
 from .errors import GalaxyTuneError
 from .lora import save_adapters, to_plain_model
-from .predict import MODEL_INFO
-from .model import build_model, count_parameters, describe_weights
+from .model import MODEL_INFO, build_model, count_parameters, describe_weights
 from .train import (REFERENCE_CONFIGS, TrainConfig, evaluate, fit, load_trainable_state, make_model, pick_device,
                     predict_logits)
 
@@ -73,6 +72,7 @@ def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | 
             print(f"{method}: no search found, retraining the reference recipe")
         if max_epochs is not None:
             config = dataclasses.replace(config, epochs=min(config.epochs, max_epochs))
+            config.validate()
         out.append(Recipe(method, config, source, val))
     return out
 
@@ -109,7 +109,8 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
                 progress.set_postfix_str(f"{recipe.method} seed {seed} epoch {metrics['epoch']}/{config.epochs} "
                                          f"val acc {metrics['val_accuracy']:.3f}")
                 if metrics["val_accuracy"] > best["val_accuracy"]:
-                    best.update(val_accuracy=metrics["val_accuracy"], epoch=metrics["epoch"], state=state())
+                    best.update(val_accuracy=metrics["val_accuracy"], epoch=metrics["epoch"],
+                                state=state(with_optimizer=False))
 
             started = time.perf_counter()
             history = fit(model, config, splits["train"], splits["val"], device, on_epoch=keep_best)

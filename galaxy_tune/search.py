@@ -49,6 +49,8 @@ class SearchOptions:
     image_size_px: int = 224
     crop_px: int | None = None
     task: str = "seed-top2"
+    min_vote: float = 0.8
+    skip_bad: bool = False
     model: str | None = None
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
@@ -69,7 +71,10 @@ def run_search(options: SearchOptions) -> Path:
     results_dir = Path(options.results_dir).resolve()
     experiment = results_dir / options.name
     if options.resume:
-        options = saved_options(experiment)
+        method, options = options.method, saved_options(experiment)
+        if method != options.method:
+            raise GalaxyTuneError(f"{experiment} is a {options.method} search: resume it with "
+                                  f"`search {options.method} --resume --name {options.name}`")
     elif experiment.exists():
         raise GalaxyTuneError(f"experiment {experiment} already exists: pass --resume to continue it, "
                               "or choose another --name")
@@ -79,9 +84,9 @@ def run_search(options: SearchOptions) -> Path:
     space = load_space(options.space or default_space_path(options.method), overrides)
     max_epochs = int(space.fixed.get("epochs", TrainConfig().epochs))
 
-    data_config = DataConfig(Path(options.data_dir), task=options.task, seed=options.seed,
-                             image_size_px=options.image_size_px, crop_px=options.crop_px)
-    prepared = prepare(data_config, prepared_folder(results_dir, data_config))
+    data_config = DataConfig(Path(options.data_dir), task=options.task, min_vote=options.min_vote,
+                             seed=options.seed, image_size_px=options.image_size_px, crop_px=options.crop_px)
+    prepared = prepare(data_config, prepared_folder(results_dir, data_config), skip_bad=options.skip_bad)
     _, model_name = load_backbone(options.model, num_labels=len(prepared.class_names), seed=options.seed)
 
     start_ray(options.address)

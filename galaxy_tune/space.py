@@ -97,6 +97,9 @@ def load_space(path: Path, overrides: dict | None = None) -> SearchSpace:
             params.append(parse_param(where, name, spec))
         else:
             fixed[name] = spec
+    if "epochs" in {p.name for p in params}:
+        raise GalaxyTuneError(f"{where}: 'epochs' must be a fixed value (it is every trial's budget, ASHA's "
+                              "max_t), not a distribution")
     for name, value in (overrides or {}).items():
         params = [p for p in params if p.name != name]
         fixed[name] = value

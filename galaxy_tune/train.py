@@ -8,6 +8,7 @@ uninterrupted one and the epoch number is all the random state a checkpoint need
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 import math
 import time
@@ -183,6 +184,17 @@ def evaluate(model: nn.Module, split: ImageSplit, device: torch.device, batch_si
     return {"loss": loss, "accuracy": float((logits.argmax(1) == split.labels).mean())}
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               device: torch.device) -> torch.Tensor:
+    """One optimisation step on a batch (mixed precision on CUDA); returns the loss."""
+    with autocast(device):
+        loss = nn.functional.cross_entropy(model(pixel_values=x).logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 EpochCallback = Callable[[dict, Callable[[], dict]], None]
 
 
@@ -206,7 +218,9 @@ def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSpli
         scheduler.load_state_dict(start["scheduler"])
         first_epoch = start["epoch"] + 1
 
-    def state(epoch: int) -> dict:
+    def state(epoch: int, with_optimizer: bool = True) -> dict:
+        if not with_optimizer:  # the weights alone, e.g. to keep the best epoch's model
+            return {"model": trainable_state(model, config), "epoch": epoch}
         # Copies, not views: the optimizer keeps updating its state tensors in place after this epoch.
         return {"model": trainable_state(model, config), "optimizer": copy.deepcopy(optimizer.state_dict()),
                 "scheduler": scheduler.state_dict(), "epoch": epoch}
@@ -218,11 +232,7 @@ def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSpli
         total_loss, seen = 0.0, 0
         for x, y in batches(train, config.batch_size, device, shuffle=True, augment=config.augment,
                             seed=config.seed * 100_003 + epoch):
-            with autocast(device):
-                loss = nn.functional.cross_entropy(model(pixel_values=x).logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, x, y, device)
             scheduler.step()
             total_loss += loss.item() * len(y)
             seen += len(y)
@@ -234,5 +244,5 @@ def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSpli
                    "epoch_seconds": time.perf_counter() - started, "images_seen": seen * epoch}
         history.append(metrics)
         if on_epoch is not None:
-            on_epoch(metrics, lambda epoch=epoch: state(epoch))
+            on_epoch(metrics, functools.partial(state, epoch))
     return history

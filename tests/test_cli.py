@@ -58,3 +58,30 @@ def test_without_data_dir_the_demo_data_is_generated_and_used(ray_local, tmp_pat
     out = capsys.readouterr().out
     assert "full: no search found, retraining the reference recipe" in out
     assert "reference test acc" in out
+
+
+def test_resume_with_the_wrong_method_is_refused(tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "search.json").write_text(json.dumps(
+        {"method": "lora", "data_dir": str(tmp_path), "results_dir": str(tmp_path), "name": "s"}))
+    assert main(["search", "full", "--resume", "--name", "s", "--results-dir", str(tmp_path)]) == 2
+    assert "is a lora search: resume it with `search lora --resume --name s`" in capsys.readouterr().err
+
+
+def test_retrain_refuses_searches_made_on_different_data(tmp_path, capsys):
+    for method, size in (("full", 64), ("lora", 128)):
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "best.json").write_text(json.dumps({
+            "method": method, "model": "tiny", "data": {"prepared": str(tmp_path / "p"), "image_size_px": size,
+                                                        "crop_px": None}}))
+    assert main(["retrain", "--results-dir", str(tmp_path)]) == 2
+    assert "used different data, image sizes or models" in capsys.readouterr().err
+
+
+def test_retrain_from_a_search_whose_prepared_data_is_gone(tmp_path, capsys):
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "best.json").write_text(json.dumps({
+        "method": "lora", "model": "tiny", "data": {"prepared": str(tmp_path / "gone"), "image_size_px": 32,
+                                                    "crop_px": None}}))
+    assert main(["retrain", "--results-dir", str(tmp_path), "--methods", "lora"]) == 2
+    assert "is gone: run `python -m galaxy_tune prepare`" in capsys.readouterr().err

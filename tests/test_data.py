@@ -124,6 +124,8 @@ def test_bad_images_are_listed_and_can_be_skipped(demo_dir, tmp_path, capsys):
     prepared = prepare(config, tmp_path / "out", skip_bad=True)
     assert len(prepared.manifest()) == len(kept) - 3 and len(ids) > len(kept)
     assert "skipping 3 bad image(s)" in capsys.readouterr().out
+    # The split made with --skip-bad stays valid for later runs without the flag (search, retrain).
+    assert prepare(config, tmp_path / "out").manifest().equals(prepared.manifest())
 
 
 def test_batches_normalise_shuffle_reproducibly_and_augment_with_the_dihedral_group(prepared):

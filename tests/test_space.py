@@ -46,6 +46,7 @@ def test_define_by_run_searches_step_parameters_only_with_the_step_scheduler():
     ("params: {lr: {type: loguniform, low: 1e-4, high: 1.0e-2}}", "must be numbers"),
     ("params: {lr: {type: categorical}}", "'lr' needs a non-empty 'choices'"),
     ("lr: 0.1", "needs a 'params' mapping"),
+    ("params: {epochs: {type: int, low: 1, high: 9}}", "'epochs' must be a fixed value"),
     ("params: {lr: {type: uniform, low: 0.1, high: 0.2}}\npoints_to_evaluate: [{rank: 4}]", "sets rank"),
     ("params: {optimizer: {type: categorical, choices: [adam]}}\npoints_to_evaluate: [{optimizer: lion}]",
      "optimizer='lion' is not one of"),
