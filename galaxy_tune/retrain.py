@@ -23,6 +23,7 @@ from .data import Prepared, class_counts, data_summary, open_split
 from .errors import GalaxyTuneError
 from .lora import save_adapters, to_plain_model
 from .model import MODEL_INFO, build_model, count_parameters, describe_weights
+from .provenance import library_versions
 from .train import (REFERENCE_CONFIGS, TrainConfig, evaluate, fit, load_trainable_state, make_model, pick_device,
                     predict_logits)
 
@@ -174,12 +175,3 @@ def majority_share(prepared: Prepared) -> float:
     majority = int(np.argmax(counts["train"]))
     return counts["test"][majority] / sum(counts["test"])
 
-
-def library_versions() -> dict[str, str]:
-    import loralib  # noqa: F401 (its version comes from the package metadata)
-    import optuna
-    import ray
-    import transformers
-    from importlib.metadata import version
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
-            "optuna": optuna.__version__, "loralib": version("loralib")}

@@ -27,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from .data import DataConfig, data_summary, prepare, prepared_folder
 from .errors import GalaxyTuneError
 from .model import describe_weights, load_backbone
+from .provenance import library_versions
 from .space import SearchSpace, default_space_path, load_space
 from .trainable import train_trial
 from .train import METHODS, TrainConfig
@@ -151,7 +152,7 @@ def run_search(options: SearchOptions) -> Path:
         "epoch": int(best["best_epoch"]), "trial_id": best["trial_id"], "model": model_name,
         "weights": describe_weights(model_name, options.seed), "data": data_summary(prepared),
         "experiment": str(experiment), "wall_seconds": round(time.time() - started, 1),
-        "concurrency": max_concurrent}, indent=2))
+        "concurrency": max_concurrent, "versions": library_versions()}, indent=2))
     print_ranked(trials, options.method, experiment)
     return experiment
 
