@@ -17,10 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
+from PIL import Image
+from transformers import ConvNextImageProcessor
 from transformers.utils import logging as hf_logging
 
-from .data import Prepared, class_counts, data_summary, open_split
+from .data import IMAGENET_MEAN, IMAGENET_STD, Prepared, class_counts, data_summary, open_split
 from .errors import GalaxyTuneError
+from .kaggle import IMAGE_SIZE_PX
 from .lora import save_adapters, to_plain_model
 from .model import MODEL_INFO, build_model, count_parameters, describe_weights
 from .provenance import library_versions
@@ -160,6 +163,7 @@ def save_model(model, config: TrainConfig, prepared: Prepared, folder: Path) -> 
     plain.config.id2label = dict(enumerate(prepared.class_names))
     plain.config.label2id = {name: i for i, name in enumerate(prepared.class_names)}
     plain.save_pretrained(folder / "hf")
+    image_processor(prepared).save_pretrained(folder / "hf")
     # What `predict` needs to feed the model the pixels it was trained on.
     (folder / "hf" / MODEL_INFO).write_text(json.dumps({
         "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px,
@@ -167,6 +171,18 @@ def save_model(model, config: TrainConfig, prepared: Prepared, folder: Path) -> 
     if config.method == "lora":
         save_adapters(model, folder / "adapters.safetensors")
     (folder / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def image_processor(prepared: Prepared) -> ConvNextImageProcessor:
+    """The Hugging Face image processor that feeds an exported model the pixels it was trained on.
+
+    ConvNext's processor (the one `microsoft/resnet-50` uses) resizes the short side to size / crop_pct, then
+    centre-crops `size`: the same as our centre crop of `crop_px` followed by a bilinear resize.
+    """
+    return ConvNextImageProcessor(size={"shortest_edge": prepared.image_size_px},
+                                  crop_pct=(prepared.crop_px or IMAGE_SIZE_PX) / IMAGE_SIZE_PX,
+                                  resample=Image.Resampling.BILINEAR, image_mean=list(IMAGENET_MEAN),
+                                  image_std=list(IMAGENET_STD))
 
 
 def majority_share(prepared: Prepared) -> float:

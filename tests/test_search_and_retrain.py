@@ -1,13 +1,15 @@
 """End to end through the CLI, with real Ray Tune, Optuna and a tiny ResNet: search lora, search full, retrain."""
 
 import json
+from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 import torch
 from ray import tune
-from transformers import ResNetForImageClassification
+from PIL import Image
+from transformers import AutoImageProcessor, ResNetForImageClassification
 
 from conftest import CROP_PX, IMAGE_SIZE_PX
 from galaxy_tune.cli import main
@@ -102,6 +104,10 @@ def test_retrain_reports_all_three_methods_and_exports_usable_models(searched, c
         model = ResNetForImageClassification.from_pretrained(out / f"{method}-seed0" / "hf")
         accuracy = (predict_logits(model, test, torch.device("cpu")).argmax(1) == test.labels).mean()
         assert accuracy == pytest.approx(results.set_index("method")["test_accuracy"][method], abs=1e-6)
+    # The image processor saved beside it prepares a raw Kaggle JPEG the way training did.
+    processor = AutoImageProcessor.from_pretrained(out / "lora-seed0" / "hf")
+    galaxy = Image.open(Path(info["data_dir"]) / "images_training_rev1" / f"{test.galaxy_ids[0]}.jpg")
+    assert processor(galaxy, return_tensors="pt")["pixel_values"].shape == (1, 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX)
     assert (out / "lora-seed0" / "adapters.safetensors").stat().st_size < (out / "full-seed0" / "hf" /
                                                                            "model.safetensors").stat().st_size
 
