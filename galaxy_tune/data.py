@@ -25,10 +25,9 @@ from tqdm import tqdm
 from .errors import GalaxyTuneError
 from .kaggle import CLASS_COLUMNS, CSV_NAME, IMAGE_SIZE_PX, IMAGES_DIR
 
-TASKS = {
-    # task: (class names in label order, description)
-    "seed-top2": (("Class6.2", "Class1.2"), "arg-max of all 37 answers is Class6.2 (0) or Class1.2 (1)"),
-    "smooth-featured": (("Class1.1", "Class1.2"), "Q1 smooth (0) vs features/disk (1) with a confident vote"),
+TASKS = {  # task: class names in label order (0, 1)
+    "seed-top2": ("Class6.2", "Class1.2"),  # the arg-max of all 37 answers is one of these
+    "smooth-featured": ("Class1.1", "Class1.2"),  # Q1 smooth vs features/disk, with a confident vote
 }
 SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -123,7 +122,7 @@ def task_labels(votes: pd.DataFrame, task: str, min_vote: float = 0.8) -> pd.Ser
     """Binary labels (0/1) of the galaxies a task keeps, indexed by GalaxyID."""
     if task not in TASKS:
         raise GalaxyTuneError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    negative, positive = TASKS[task][0]
+    negative, positive = TASKS[task]
     if task == "seed-top2":
         # idxmax takes the first of equal columns, as numpy argmax does: Class1.2 beats its Class2.x ties.
         winner = votes[CLASS_COLUMNS].idxmax(axis=1)
@@ -285,7 +284,7 @@ def prepare(config: DataConfig, out_dir: Path, skip_bad: bool = False) -> Prepar
                                   config.test_fraction)
         write_atomically(out_dir / "splits.csv", manifest.to_csv(index=False))
         counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
-        info = {"task": config.task, "class_names": list(TASKS[config.task][0]), "seed": config.seed,
+        info = {"task": config.task, "class_names": list(TASKS[config.task]), "seed": config.seed,
                 "counts": {s: [int(counts.loc[s].get(c, 0)) for c in (0, 1)] for s in SPLITS},
                 "skipped_bad_images": len(bad), "settings": split_settings, "csv_fingerprint": fingerprint}
     prepared = Prepared(out_dir, config.task, tuple(info["class_names"]), config.image_size_px, config.crop_px)

@@ -38,7 +38,6 @@ class Param:
 class SearchSpace:
     """Searched parameters in dependency order, fixed values and the points to evaluate first."""
 
-    path: Path
     params: tuple[Param, ...]
     fixed: dict[str, Any]
     points_to_evaluate: tuple[dict, ...]
@@ -85,7 +84,7 @@ def load_space(path: Path, overrides: dict | None = None) -> SearchSpace:
         raise GalaxyTuneError(f"{where} is not valid YAML{line}: fix the syntax") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict):
         raise GalaxyTuneError(f"{where} needs a 'params' mapping of hyperparameters")
-    unknown_top = sorted(set(raw) - {"params", "points_to_evaluate", "method"})
+    unknown_top = sorted(set(raw) - {"params", "points_to_evaluate"})
     if unknown_top:
         raise GalaxyTuneError(f"{where}: unknown key(s) {', '.join(unknown_top)}: use params, points_to_evaluate")
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "seed"}
@@ -118,7 +117,7 @@ def load_space(path: Path, overrides: dict | None = None) -> SearchSpace:
         if unknown:
             raise GalaxyTuneError(f"{where}: points_to_evaluate sets {', '.join(unknown)}, which is not searched: "
                                   "remove it from the point or make it a searched parameter")
-    space = SearchSpace(path, tuple(params), fixed, tuple(points))
+    space = SearchSpace(tuple(params), fixed, tuple(points))
     for point in points:  # every point and the fixed values must make a valid training config
         TrainConfig.from_dict({**fixed, **point})
     return space
