@@ -318,6 +318,11 @@ def class_counts(prepared: Prepared) -> dict[str, list[int]]:
     return json.loads((prepared.folder / "prepare.json").read_text())["counts"]
 
 
+def majority_share(counts: dict[str, list[int]], split: str) -> float:
+    """Accuracy (0-1) on `split` of always answering the larger class of the training split."""
+    return counts[split][int(np.argmax(counts["train"]))] / sum(counts[split])
+
+
 def data_summary(prepared: Prepared) -> dict:
     """What a result records about its data."""
     info = json.loads((prepared.folder / "prepare.json").read_text())

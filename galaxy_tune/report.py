@@ -28,7 +28,7 @@ from PIL import Image
 from scipy import stats
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-from .data import image_path, load_prepared, open_split
+from .data import image_path, load_prepared, majority_share, open_split
 from .errors import GalaxyTuneError
 from .kaggle import IMAGE_SIZE_PX
 from .search import STUDY_FILE
@@ -79,11 +79,6 @@ def class_label(name: str, short: bool = False) -> str:
     if meaning is None:
         return name
     return meaning if short else f"{name}\n({meaning})"
-
-
-def majority_accuracy(counts: dict[str, list[int]], split: str) -> float:
-    """Accuracy (0-1) on `split` of always answering the larger class of the training split."""
-    return counts[split][int(np.argmax(counts["train"]))] / sum(counts[split])
 
 
 # ---------------------------------------------------------------- statistics
@@ -141,7 +136,7 @@ def write_search_report(experiment: Path, out_dir: Path | None = None) -> Path:
     study = load_study(experiment)
     shown = [c for c in trials.columns if c not in ("config", "val_accuracy_curve", "path", "node_id")]
     ranked = trials.sort_values("best_val_accuracy", ascending=False)[shown]
-    val_majority = majority_accuracy(best["data"]["counts"], "val")
+    val_majority = majority_share(best["data"]["counts"], "val")
     lines = [
         f"# galaxy_tune search: {experiment.name}",
         "",

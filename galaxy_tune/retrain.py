@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -21,7 +20,7 @@ from PIL import Image
 from transformers import ConvNextImageProcessor
 from transformers.utils import logging as hf_logging
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, Prepared, class_counts, data_summary, open_split
+from .data import IMAGENET_MEAN, IMAGENET_STD, Prepared, class_counts, data_summary, majority_share, open_split
 from .errors import GalaxyTuneError
 from .kaggle import IMAGE_SIZE_PX
 from .lora import save_adapters, to_plain_model
@@ -132,7 +131,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
         "data": data_summary(prepared), "model": model_name, "seeds": seeds, "methods": list(methods),
         "recipes": {r.method: {"source": r.source, "config": r.config.to_dict(),
                                "search_val_accuracy": r.search_val_accuracy} for r in plans},
-        "majority_share": majority_share(prepared), "versions": library_versions()}, indent=2))
+        "majority_share": majority_share(class_counts(prepared), "test"), "versions": library_versions()}, indent=2))
     return results
 
 
@@ -183,11 +182,3 @@ def image_processor(prepared: Prepared) -> ConvNextImageProcessor:
                                   crop_pct=(prepared.crop_px or IMAGE_SIZE_PX) / IMAGE_SIZE_PX,
                                   resample=Image.Resampling.BILINEAR, image_mean=list(IMAGENET_MEAN),
                                   image_std=list(IMAGENET_STD))
-
-
-def majority_share(prepared: Prepared) -> float:
-    """Test accuracy of always answering the larger class of the training split."""
-    counts = class_counts(prepared)
-    majority = int(np.argmax(counts["train"]))
-    return counts["test"][majority] / sum(counts["test"])
-
