@@ -2,8 +2,20 @@
 
 The Python API mirrors the command line: `galaxy_tune.search(...)`, `galaxy_tune.retrain(...)`,
 `galaxy_tune.predict(...)` and `galaxy_tune.prepare(...)`.
+
+The API is imported on first use (PEP 562), not with the package: a trial's worker process imports
+`galaxy_tune.trainable`, and should not pay for Optuna, matplotlib and the rest of the API on every trial start.
 """
 
-from .api import predict, prepare, retrain, search
-
 __all__ = ["predict", "prepare", "retrain", "search"]
+
+
+def __getattr__(name: str):
+    if name not in __all__:
+        raise AttributeError(f"module 'galaxy_tune' has no attribute {name!r}")
+    from . import api
+
+    # Importing the API imported the submodules of the same names (search, retrain, predict), which made
+    # them attributes of the package: the functions take their place, as an eager import would have left them.
+    globals().update({n: getattr(api, n) for n in __all__})
+    return globals()[name]

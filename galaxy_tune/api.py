@@ -62,7 +62,8 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = Pat
            task: str = "seed-top2", min_vote: float = 0.8, skip_bad: bool = False, model: str | None = None,
            cpus_per_trial: float = 1.0,
            gpus_per_trial: float = 0.0, max_concurrent: int | None = None, address: str | None = None,
-           seed: int = 0, max_failures: int = 2, resume: bool = False, augment: bool = True) -> Path:
+           seed: int = 0, max_failures: int = 2, checkpoint_every_s: float = 60.0, resume: bool = False,
+           augment: bool = True) -> Path:
     """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder."""
     if resume:
         if not name:
@@ -81,7 +82,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = Pat
             image_size_px=config.image_size_px, crop_px=config.crop_px, task=task, min_vote=min_vote,
             skip_bad=skip_bad, model=model, cpus_per_trial=cpus_per_trial,
             gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, address=address, seed=seed,
-            max_failures=max_failures, augment=augment)
+            max_failures=max_failures, checkpoint_every_s=checkpoint_every_s, augment=augment)
     experiment = _search.run_search(options)
     print(f"search results in {experiment}; report: {write_search_report(experiment)}")
     return experiment

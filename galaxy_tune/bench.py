@@ -82,7 +82,8 @@ def bench_loader(data_dir: Path | None = None, results_dir: Path = Path("results
             raise GalaxyTuneError(f"--batch-size {batch_size} exceeds the {len(train)} training images: lower it")
         reference = reference_loader(data_dir, train, image_size_px, crop_px, batch_size, workers)
         pipelines = {
-            "galaxy_tune": lambda epoch: batches(train, batch_size, device, shuffle=True, augment=True, seed=epoch),
+            "galaxy_tune": lambda epoch: batches(train, batch_size, device, shuffle=True, augment=True, seed=epoch,
+                                                  reuse=True),
             "reference": lambda epoch: ((x.to(device, non_blocking=True), y.to(device)) for x, y in reference),
         }
         with torch_threads(threads):
@@ -171,21 +172,17 @@ def rates_of_alternate_epochs(pipelines: dict[str, Callable[[int], Iterable]], e
 
 
 # One reader process: the pipeline and nothing else (its parent does the measuring, from /proc/<pid>).
-# The package __init__ imports the whole API (Ray, Optuna, transformers); a reader needs only the data layer.
 READER = """
-import json, sys, types
+import json, sys
 from pathlib import Path
-package = types.ModuleType("galaxy_tune")
-package.__path__ = [sys.argv[1]]
-sys.modules["galaxy_tune"] = package
 import torch
 from galaxy_tune.data import batches, load_prepared, open_split
-args = json.loads(sys.argv[2])
+args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 split = open_split(load_prepared(Path(args["folder"]), args["image_size_px"], args["crop_px"]), "train")
 print("ready", flush=True)
 sys.stdin.readline()
-for _ in batches(split, args["batch_size"], torch.device("cpu"), shuffle=True, augment=True):
+for _ in batches(split, args["batch_size"], torch.device("cpu"), shuffle=True, augment=True, reuse=True):
     pass
 print("done", flush=True)
 sys.stdin.readline()
@@ -200,9 +197,10 @@ def read_concurrently(prepared, batch_size: int, readers: int, threads: int) -> 
     """
     args = json.dumps({"folder": str(prepared.folder), "image_size_px": prepared.image_size_px,
                        "crop_px": prepared.crop_px, "batch_size": batch_size, "threads": threads})
-    package_dir = str(Path(__file__).resolve().parent)
-    procs = [subprocess.Popen([sys.executable, "-c", READER, package_dir, args], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for _ in range(readers)]
+    source = str(Path(__file__).resolve().parent.parent)  # this galaxy_tune, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, "-c", READER, args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env) for _ in range(readers)]
     try:
         for proc in procs:
             expect_line(proc, "ready")
@@ -349,7 +347,7 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
                                   warmup, steps, device)
         peak_mb = peak_memory_mb(device)
         eval_batches = endless_batches(train, batch_size, device, augment=False)
-        probe = next(eval_batches)[0]
+        probe = next(eval_batches)[0].clone()  # the next batch overwrites it
         if method == "lora":
             # Merged and unmerged take turns, so load from other processes hits both alike.
             eval_rates = alternating_rates({"merged": lambda: set_lora_merging(net, True),
@@ -408,10 +406,11 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
 
 def endless_batches(split: ImageSplit, batch_size: int, device: torch.device, *,
                     augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Full batches of galaxy_tune's pipeline, epoch after epoch (a short last batch would skew per-step time)."""
+    """Full batches of galaxy_tune's pipeline as `fit` draws them, epoch after epoch (a short last batch would
+    skew per-step time)."""
     epoch = 0
     while True:
-        for x, y in batches(split, batch_size, device, shuffle=True, augment=augment, seed=epoch):
+        for x, y in batches(split, batch_size, device, shuffle=True, augment=augment, seed=epoch, reuse=True):
             if len(y) == batch_size:
                 yield x, y
         epoch += 1

@@ -44,7 +44,8 @@ def cmd_search(args) -> None:
                crop_px=args.crop, task=args.task, min_vote=args.min_vote, skip_bad=args.skip_bad, model=args.model,
                cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                max_concurrent=args.max_concurrent, address=args.address,
-               seed=args.seed, max_failures=args.max_failures, resume=args.resume, augment=not args.no_augment)
+               seed=args.seed, max_failures=args.max_failures, checkpoint_every_s=args.checkpoint_every,
+               resume=args.resume, augment=not args.no_augment)
 
 
 def cmd_retrain(args) -> None:
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the resources allow)")
     p.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting Ray")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint")
+    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="a trial checkpoints after an epoch once this long has passed since its last checkpoint, "
+                   "and after its last epoch (default 60; 0: every epoch)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     p.set_defaults(run=cmd_search)

@@ -635,7 +635,7 @@ def galaxy_pictures(data: dict, galaxy_ids: list[int]) -> dict[int, np.ndarray]:
         except (GalaxyTuneError, OSError):
             return pictures
         rows = dict(zip(test.galaxy_ids.tolist(), test.rows.tolist()))
-        pictures.update({i: np.asarray(test.pixels[rows[i]]) for i in missing if i in rows})
+        pictures.update({i: np.asarray(test.pixels[rows[i]]).transpose(1, 2, 0) for i in missing if i in rows})
     return pictures
 
 

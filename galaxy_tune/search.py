@@ -59,6 +59,7 @@ class SearchOptions:
     address: str | None = None
     seed: int = 0
     max_failures: int = 2
+    checkpoint_every_s: float = 60.0  # a trial checkpoints when this much time passed since its last one
     resume: bool = False
     sampler: str = "tpe"  # or "random": the baseline `bench search` compares against
     early_stopping: bool = True  # ASHA; False runs every trial to its full epoch budget
@@ -69,6 +70,8 @@ def run_search(options: SearchOptions) -> Path:
     """Run (or resume) a search; returns the experiment folder with trials.csv, best.json and optuna.db."""
     if options.method not in METHODS:
         raise GalaxyTuneError(f"unknown method {options.method!r}: choose one of {', '.join(METHODS)}")
+    if options.checkpoint_every_s < 0:
+        raise GalaxyTuneError(f"--checkpoint-every {options.checkpoint_every_s:g}: use 0 (every epoch) or more seconds")
     results_dir = Path(options.results_dir).resolve()
     experiment = results_dir / options.name
     if options.resume:
@@ -101,7 +104,7 @@ def run_search(options: SearchOptions) -> Path:
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=options.image_size_px,
                              crop_px=options.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
-                             gpus=options.gpus_per_trial),
+                             gpus=options.gpus_per_trial, checkpoint_every_s=options.checkpoint_every_s),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
     started = time.time()
     if options.resume and tune.Tuner.can_restore(str(experiment)):
@@ -120,6 +123,7 @@ def run_search(options: SearchOptions) -> Path:
                                         max_t=max_epochs, grace_period=1, reduction_factor=2)
                 if options.early_stopping else FIFOScheduler(),
                 num_samples=options.num_samples, max_concurrent_trials=max_concurrent,
+                reuse_actors=True,  # a new trial runs in a finished trial's worker: no new process, no re-imports
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
             run_config=tune.RunConfig(
                 name=options.name, storage_path=str(results_dir), verbose=1,

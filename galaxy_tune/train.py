@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageSplit, batches, dihedral
+from .data import ImageSplit, batches, orient
 from .errors import GalaxyTuneError
 from .lora import LORA_TARGETS, add_lora, adapter_state_dict, load_adapter_state
 from .model import build_model
@@ -169,8 +169,8 @@ def predict_logits(model: nn.Module, split: ImageSplit, device: torch.device, ba
     """
     model.eval()
     out = []
-    for x, _ in batches(split, batch_size, device):
-        views = [dihedral(x, torch.full((len(x),), e, device=device)) for e in range(8)] if tta else [x]
+    for x, _ in batches(split, batch_size, device, reuse=True):
+        views = [orient(x, e) for e in range(8)] if tta else [x]
         with autocast(device):
             out.append(torch.stack([model(pixel_values=v).logits.float() for v in views]).mean(0).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.float32)
@@ -231,7 +231,7 @@ def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSpli
         model.train()
         total_loss, seen = 0.0, 0
         for x, y in batches(train, config.batch_size, device, shuffle=True, augment=config.augment,
-                            seed=config.seed * 100_003 + epoch):
+                            seed=config.seed * 100_003 + epoch, reuse=True):
             loss = train_step(model, optimizer, x, y, device)
             scheduler.step()
             total_loss += loss.item() * len(y)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import CROP_PX, FIXTURES, IMAGE_SIZE_PX
-from galaxy_tune.data import (DataConfig, batches, dihedral, open_split, prepare, read_votes, split_manifest,
+from galaxy_tune.data import (DataConfig, batches, open_split, orient, prepare, read_votes, split_manifest,
                               task_labels)
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.kaggle import CSV_NAME, IMAGES_DIR
@@ -82,13 +82,13 @@ def test_prepare_writes_manifest_and_cache(prepared, demo_dir):
     assert list(manifest.columns) == ["GalaxyID", "label", "split"]
     assert set(manifest["split"]) == {"train", "val", "test"}
     pixels = np.load(prepared.cache_path, mmap_mode="r")
-    assert pixels.shape == (len(manifest), IMAGE_SIZE_PX, IMAGE_SIZE_PX, 3) and pixels.dtype == np.uint8
+    assert pixels.shape == (len(manifest), 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX) and pixels.dtype == np.uint8
     # Row i of the cache is the image of row i of the manifest.
     galaxy_id = manifest["GalaxyID"].iloc[5]
     with Image.open(demo_dir / IMAGES_DIR / f"{galaxy_id}.jpg") as image:
         lo, hi = (424 - CROP_PX) // 2, (424 + CROP_PX) // 2
         expected = np.asarray(image.convert("RGB").crop((lo, lo, hi, hi)).resize((IMAGE_SIZE_PX,) * 2), float)
-    assert np.abs(pixels[5].astype(float) - expected).mean() < 6  # same picture, up to resampling
+    assert np.abs(pixels[5].transpose(1, 2, 0) - expected).mean() < 6  # same picture, up to resampling
 
 
 def test_cache_is_reused_and_rebuilt_when_an_image_changes(demo_dir, tmp_path):
@@ -132,7 +132,7 @@ def test_batches_normalise_shuffle_reproducibly_and_augment_with_the_dihedral_gr
     split = open_split(prepared, "train")
     plain = torch.cat([x for x, _ in batches(split, 16, torch.device("cpu"))])
     assert plain.shape == (len(split), 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX)
-    raw = torch.from_numpy(np.array(split.pixels[split.rows[0]])).permute(2, 0, 1).float()
+    raw = torch.from_numpy(np.array(split.pixels[split.rows[0]])).float()
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     assert torch.allclose(plain[0], (raw / 255 - mean) / std, atol=1e-5)
     once = [y for _, y in batches(split, 16, torch.device("cpu"), shuffle=True, seed=7)]
@@ -140,7 +140,29 @@ def test_batches_normalise_shuffle_reproducibly_and_augment_with_the_dihedral_gr
     assert all(torch.equal(a, b) for a, b in zip(once, twice))
     assert sorted(torch.cat(once).tolist()) == sorted(split.labels.tolist())
     # Each of the 8 dihedral elements is a distinct, label-preserving permutation of the pixels.
-    x = plain[:1].repeat(8, 1, 1, 1)
-    out = dihedral(x, torch.arange(8))
+    out = torch.stack([orient(plain[0], e, dims=(1, 2)) for e in range(8)])
     assert len({tuple(o.flatten()[:64].tolist()) for o in out}) == 8
-    assert torch.allclose(out.sum(dim=(2, 3)), x.sum(dim=(2, 3)), atol=1e-3)
+    assert torch.allclose(out.sum(dim=(2, 3)), plain[0].sum(dim=(1, 2)).expand(8, 3), atol=1e-3)
+
+
+def test_augmented_batches_are_turned_images_with_their_labels_and_reuse_gives_the_same_batches(prepared):
+    split = open_split(prepared, "train")
+    plain = torch.cat([x for x, _ in batches(split, 16, torch.device("cpu"))])
+    turned = torch.stack([orient(plain, e) for e in range(8)])  # (8, N, 3, H, W)
+    fresh = [(x, y) for x, y in batches(split, 16, torch.device("cpu"), shuffle=True, augment=True, seed=3)]
+    assert len({x.data_ptr() for x, _ in fresh}) == len(fresh)  # without reuse, every batch is its own tensor
+    found, elements = [], set()
+    for x, y in fresh:
+        for image, label in zip(x, y):
+            hits = (turned - image).abs().amax(dim=(2, 3, 4)) < 1e-5
+            element, row = hits.nonzero()[0].tolist()
+            assert split.labels[row] == label
+            found.append(row)
+            elements.add(element)
+    assert sorted(found) == list(range(len(split))) and len(elements) == 8
+    reused = batches(split, 16, torch.device("cpu"), shuffle=True, augment=True, seed=3, reuse=True)
+    pointers = set()
+    for (x, y), (want_x, want_y) in zip(reused, fresh, strict=True):
+        assert torch.equal(x, want_x) and torch.equal(y, want_y)
+        pointers.add(x.data_ptr())
+    assert len(pointers) == 1  # one tensor, overwritten batch after batch

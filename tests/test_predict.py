@@ -66,7 +66,7 @@ def test_tta_changes_predictions_and_is_invariant_to_rotating_or_flipping_a_gala
     model = ResNetForImageClassification.from_pretrained(exported)
     test = open_split(prepared, "test")
     pixels = np.asarray(test.pixels[test.rows])
-    turned = [np.rot90(pixels, k=1, axes=(1, 2)), np.flip(pixels, axis=2), np.rot90(pixels, k=3, axes=(1, 2))]
+    turned = [np.rot90(pixels, k=1, axes=(2, 3)), np.flip(pixels, axis=3), np.rot90(pixels, k=3, axes=(2, 3))]
 
     def logits(images, tta):
         split = ImageSplit(np.ascontiguousarray(images), np.arange(len(images)), test.labels, test.galaxy_ids)

@@ -52,7 +52,11 @@ def test_search_writes_trials_best_and_a_readable_optuna_study(searched, method,
     assert study.best_value == pytest.approx(best["val_accuracy"], abs=1e-6)
     # Ray Tune's own API reads the experiment back.
     restored = tune.Tuner.restore(str(experiment), trainable="train_trial").get_results()
-    assert len(restored) == samples and all(r.checkpoint is not None for r in restored)
+    assert len(restored) == samples
+    # Tiny trials end long before a checkpoint is due (60 s): only the trials that reached the last epoch
+    # wrote one, at that epoch; those ASHA stopped wrote none.
+    for result in restored:
+        assert (result.checkpoint is not None) == (result.metrics["epoch"] == 2)
 
 
 def test_a_second_search_with_the_same_name_is_refused(searched, demo_dir, capsys):
