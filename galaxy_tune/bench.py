@@ -48,7 +48,8 @@ from .data import (
 from .errors import GalaxyTuneError
 from .lora import save_adapters, to_plain_model
 from .search import SearchOptions, check_resources, run_search, start_ray
-from .train import METHODS, REFERENCE_CONFIGS, TrainConfig, autocast, make_model, make_optimizer, train_step
+from .train import (METHODS, REFERENCE_CONFIGS, TrainConfig, autocast, make_model, make_optimizer, place,
+                    train_step)
 
 MB = 1024 * 1024
 BENCH_DIR = "bench"  # under --results-dir; one level down, so `retrain` and `report` never mistake it for a search
@@ -324,9 +325,8 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
     if len(train) < batch_size:
         raise GalaxyTuneError(f"--batch-size {batch_size} exceeds the {len(train)} training images: lower it")
     config = dataclasses.replace(REFERENCE_CONFIGS[method], batch_size=batch_size, lora_rank=lora_rank)
-    net = make_model(config, model, num_labels=len(prepared.class_names)).to(device)
+    net = place(make_model(config, model, num_labels=len(prepared.class_names)), device)
     if on_gpu:
-        net.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     run = torch.compile(net) if compiled else net
     optimizer = make_optimizer(config, net)
@@ -367,7 +367,7 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
         "settings": {"model": model, "method": method, "image_size_px": image_size_px, "crop_px": crop_px,
                      "batch_size": batch_size, "lora_rank": lora_rank if method == "lora" else None,
                      "steps": steps, "warmup": warmup, "device": str(device), "torch_threads": threads,
-                     "bf16_autocast": on_gpu, "channels_last": on_gpu, "compiled": compiled,
+                     "bf16_autocast": on_gpu, "channels_last": True, "compiled": compiled,
                      "data_dir": str(data_dir)},
         "train_images_per_s": train_rate, "eval_images_per_s": eval_rate,
         "peak_memory_mb": peak_mb, "memory_before_mb": memory_before,

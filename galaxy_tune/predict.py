@@ -22,7 +22,7 @@ from transformers import ResNetForImageClassification
 from .data import ImageSplit, decode
 from .errors import GalaxyTuneError
 from .model import MODEL_INFO
-from .train import predict_logits
+from .train import place, predict_logits
 
 IMAGES_PER_CHUNK = 2048  # decoded at a time, so a folder of 80,000 galaxies never sits in memory at once
 
@@ -38,7 +38,7 @@ def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool =
     model, class_names, size, crop = load_exported(Path(model_dir), image_size_px, crop_px)
     paths = list_jpegs(Path(images_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    place(model, device)
     probabilities = []
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, \
             tqdm(total=len(paths), desc="classifying", unit="img", disable=len(paths) < 1000) as progress:

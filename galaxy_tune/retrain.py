@@ -26,7 +26,7 @@ from .kaggle import IMAGE_SIZE_PX
 from .lora import save_adapters, to_plain_model
 from .model import MODEL_INFO, build_model, count_parameters, describe_weights
 from .provenance import library_versions
-from .train import (REFERENCE_CONFIGS, TrainConfig, evaluate, fit, load_trainable_state, make_model, pick_device,
+from .train import (REFERENCE_CONFIGS, TrainConfig, evaluate, fit, load_trainable_state, make_model, pick_device, place,
                     predict_logits)
 
 ALL_METHODS = ("direct", "full", "lora")
@@ -99,7 +99,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     hf_logging.disable_progress_bar()  # one bar: the models' "Writing model shards" would break ours
     for seed in range(seeds):
         if "direct" in methods:
-            model = build_model(model_name, num_labels=len(prepared.class_names), seed=seed).to(device)
+            model = place(build_model(model_name, num_labels=len(prepared.class_names), seed=seed), device)
             tested.append(test_model("direct", seed, None, "no training", model, splits, device, model_name,
                                      train_seconds=0.0, images_seen=0))
         for recipe in plans:
