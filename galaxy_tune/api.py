@@ -14,7 +14,7 @@ import pandas as pd
 
 from . import search as _search
 from .data import DataConfig, Prepared, data_summary, load_prepared, prepare as _prepare, prepared_folder
-from .demo_data import write_demo_data
+from .demo_data import DEMO, demo_data_dir
 from .errors import GalaxyTuneError
 from .kaggle import CSV_NAME
 from .model import load_backbone
@@ -22,18 +22,8 @@ from .predict import predict_folder
 from .report import write_retrain_report, write_search_report
 from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
 
-DEMO = {"num_images": 600, "image_size_px": 64, "crop_px": 256, "num_samples": 6, "max_epochs": 4, "seeds": 2}
 DEFAULT_SEEDS = 3
 DEFAULT_IMAGE_SIZE_PX = 224
-
-
-def demo_data_dir(results_dir: Path) -> Path:
-    """The built-in demo data set, generated on first use."""
-    folder = Path(results_dir) / "demo-data"
-    if not (folder / CSV_NAME).is_file():
-        print(f"generating the demo data set ({DEMO['num_images']} synthetic galaxies) in {folder}")
-        write_demo_data(folder, num_images=DEMO["num_images"], seed=0)
-    return folder
 
 
 def data_config(data_dir: Path | None, results_dir: Path, image_size_px: int | None, crop_px: int | None,

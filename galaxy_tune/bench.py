@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision import transforms
 
-from .api import demo_data_dir
+from .demo_data import demo_data_dir
 from .data import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -19,6 +19,9 @@ from galaxy_tune.kaggle import (
 )
 
 MIN_IMAGES = 20
+# The built-in demo: its data set and the demo-sized settings that finish in minutes on a 2-core CPU.
+DEMO = {"num_images": 600, "image_size_px": 64, "crop_px": 256, "num_samples": 6, "max_epochs": 4, "seeds": 2}
+DEMO_FOLDER = "demo-data"  # under --results-dir
 SMOOTH, FEATURED, ARTIFACT = 0, 1, 2
 KIND_SHARES = (0.55, 0.38, 0.07)
 MICRO = 1_000_000  # vote fractions are kept as integer millionths so every question sums exactly
@@ -26,6 +29,15 @@ _FIRST_GALAXY_ID = 100_008
 _GRID = np.mgrid[:IMAGE_SIZE_PX, :IMAGE_SIZE_PX].astype(np.float32) - (IMAGE_SIZE_PX - 1) / 2  # (y, x)
 _STAR_PATCH_PX = 25
 _STAR_PATCH = np.mgrid[:_STAR_PATCH_PX, :_STAR_PATCH_PX].astype(np.float32) - _STAR_PATCH_PX // 2  # (y, x)
+
+
+def demo_data_dir(results_dir: Path) -> Path:
+    """The built-in demo data set under `results_dir`, generated on first use."""
+    folder = Path(results_dir) / DEMO_FOLDER
+    if not (folder / CSV_NAME).is_file():
+        print(f"generating the demo data set ({DEMO['num_images']} synthetic galaxies) in {folder}")
+        write_demo_data(folder, num_images=DEMO["num_images"], seed=0)
+    return folder
 
 
 def write_demo_data(out_dir: Path, num_images: int = 600, seed: int = 0) -> Path:

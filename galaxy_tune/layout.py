@@ -1,0 +1,39 @@
+"""The results layout: the file names every command writes and reads, and Ray's per-trial reports.
+
+A leaf module (no torch, Ray or Optuna), so a reader such as `report` never imports the code that wrote a file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# A search experiment, results/<name>/
+SEARCH_OPTIONS = "search.json"  # what the search was asked to do (read back by --resume)
+TRIALS = "trials.csv"  # one row per trial
+BEST = "best.json"  # the best trial's config and provenance
+STUDY = "optuna.db"  # the search as an Optuna study, for optuna-dashboard
+# A retrain, results/retrain-<time>/
+RETRAIN = "retrain.json"  # what was retrained, on which data
+TEST_RESULTS = "test_results.csv"  # one row per (method, seed)
+TEST_PREDICTIONS = "test_predictions.csv"  # one row per (method, seed, test galaxy)
+REPORT = "report.md"
+# Ray Tune's own file in each trial folder: one JSON line per tune.report
+RAY_RESULT = "result.json"
+
+
+def trial_reports(trial_dir: Path) -> list[dict]:
+    """Every `tune.report` of a trial, in order, from its result.json ([] when there is none yet).
+
+    A line cut short by a killed process is skipped: Ray appends one JSON object per line.
+    """
+    path = Path(trial_dir) / RAY_RESULT
+    if not path.is_file():
+        return []
+    reports = []
+    for line in path.read_text().splitlines():
+        try:
+            reports.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return reports
