@@ -42,7 +42,7 @@ def cmd_search(args) -> None:
     api.search(args.method, args.data_dir, results_dir=args.results_dir, name=args.name, space=args.space,
                num_samples=args.num_samples, max_epochs=args.max_epochs, image_size_px=args.image_size,
                crop_px=args.crop, task=args.task, min_vote=args.min_vote, skip_bad=args.skip_bad, model=args.model,
-               cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+               cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, device=args.device,
                max_concurrent=args.max_concurrent, address=args.address,
                seed=args.seed, max_failures=args.max_failures, checkpoint_every_s=args.checkpoint_every,
                resume=args.resume, augment=not args.no_augment)
@@ -53,7 +53,7 @@ def cmd_retrain(args) -> None:
 
     api.retrain(args.results_dir, args.from_experiments, args.methods, seeds=args.seeds, max_epochs=args.max_epochs,
                 data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop, task=args.task,
-                min_vote=args.min_vote, skip_bad=args.skip_bad, seed=args.seed, model=args.model, gpus=args.gpus,
+                min_vote=args.min_vote, skip_bad=args.skip_bad, seed=args.seed, model=args.model, device=args.device,
                 augment=not args.no_augment)
 
 
@@ -61,7 +61,7 @@ def cmd_predict(args) -> None:
     from . import api
 
     table = api.predict(args.model, args.images, args.out, tta=args.tta, image_size_px=args.image_size,
-                        crop_px=args.crop)
+                        crop_px=args.crop, device=args.device)
     print(f"wrote {len(table)} predictions to {args.out}")
 
 
@@ -74,10 +74,50 @@ def cmd_report(args) -> None:
         print(f"wrote {write_report(Path(folder), args.out / Path(folder).name if args.out else None)}")
 
 
+def cmd_bench_loader(args) -> None:
+    from .bench.loader import bench_loader
+
+    save_if_asked(args, bench_loader(
+        args.data_dir, args.results_dir, image_size_px=args.image_size, batch_size=args.batch_size,
+        workers=args.workers, epochs=args.epochs, crop_px=args.crop, readers=args.readers, device=args.device,
+        threads=args.threads))
+
+
+def cmd_bench_train(args) -> None:
+    from .bench.training import bench_train
+
+    save_if_asked(args, bench_train(
+        args.data_dir, args.results_dir, model=args.model, image_size_px=args.image_size, crop_px=args.crop,
+        batch_size=args.batch_size, method=args.method, lora_rank=args.lora_rank, steps=args.steps,
+        warmup=args.warmup, device=args.device, compile_model=args.compile, threads=args.threads))
+
+
+def cmd_bench_search(args) -> None:
+    from .bench.searching import bench_search
+
+    save_if_asked(args, bench_search(
+        args.data_dir, args.results_dir, method=args.method, num_samples=args.num_samples,
+        max_epochs=args.max_epochs, model=args.model, image_size_px=args.image_size, crop_px=args.crop,
+        cpus_per_trial=args.cpus_per_trial, seed=args.seed))
+
+
+def save_if_asked(args, figures: dict) -> None:
+    """Write the figures to --json FILE when given."""
+    if args.json:
+        from .bench.measure import write_json
+
+        write_json(figures, args.json)
+        print(f"figures written to {args.json}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m galaxy_tune", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    def device_flag(p, what: str):
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                       help=f"where {what}: auto (the default) is CUDA when torch sees a GPU, else the CPU")
 
     def results_flag(p):
         p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="run outputs (default: results)")
@@ -85,11 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     def data_flags(p):
         p.add_argument("--data-dir", type=Path, help="Kaggle folder (training_solutions_rev1.csv, "
                        "images_training_rev1/); default: the built-in demo data")
-        p.add_argument("--task", default="seed-top2", choices=["seed-top2", "smooth-featured"])
+        p.add_argument("--task", choices=["seed-top2", "smooth-featured"], help="default seed-top2")
         p.add_argument("--image-size", type=int, help="pixels per side fed to the model (default 224; demo 64)")
         p.add_argument("--crop", type=int, help="centre-crop the 424 px frame to this many px first (demo: 256)")
-        p.add_argument("--seed", type=int, default=0, help="split seed (and the search's training seed)")
-        p.add_argument("--min-vote", type=float, default=0.8, help="smooth-featured: least winning vote fraction")
+        p.add_argument("--seed", type=int, help="split seed, and the search's training seed (default 0)")
+        p.add_argument("--min-vote", type=float, help="smooth-featured: least winning vote fraction (default 0.8)")
         p.add_argument("--skip-bad", action="store_true", help="drop missing or unreadable images instead of failing")
         results_flag(p)
 
@@ -113,12 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="Hugging Face id or local folder, resnet50-random or tiny "
                    "(default: microsoft/resnet-50, falling back to resnet50-random offline)")
     p.add_argument("--name", help="experiment name (default: search-<method>-<time>)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions share a GPU, e.g. 0.25")
+    p.add_argument("--cpus-per-trial", type=float, help="default 1")
+    p.add_argument("--gpus-per-trial", type=float, help="at most 1; fractions share a GPU, e.g. 0.25 (default: "
+                   "1 when the cluster has a GPU, else 0)")
+    device_flag(p, "trials train (cpu: they ask for no GPU)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the resources allow)")
     p.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting Ray")
-    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint")
-    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--max-failures", type=int, help="retries of a crashed trial from its checkpoint (default 2)")
+    p.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
                    help="a trial checkpoints after an epoch once this long has passed since its last checkpoint, "
                    "and after its last epoch (default 60; 0: every epoch)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
@@ -133,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="retrain each method with this many seeds (default 3; demo 2)")
     p.add_argument("--max-epochs", type=int, help="cap the epochs of each recipe")
     p.add_argument("--model", help="backbone (default: the searches', else microsoft/resnet-50)")
-    p.add_argument("--gpus", type=float, default=0.0, help="train on the GPU when > 0")
+    device_flag(p, "to train and test")
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     p.set_defaults(run=cmd_retrain)
 
@@ -144,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--image-size", type=int, help="only for a model without galaxy_tune.json")
     p.add_argument("--crop", type=int, help="only for a model without galaxy_tune.json")
+    device_flag(p, "to classify")
     p.set_defaults(run=cmd_predict)
 
     p = commands.add_parser("report", help="rebuild reports of search and retrain folders from disk")
@@ -152,9 +195,55 @@ def build_parser() -> argparse.ArgumentParser:
     results_flag(p)
     p.set_defaults(run=cmd_report)
 
-    from .bench import add_bench_parser
     add_bench_parser(commands)
     return parser
+
+
+def add_bench_parser(commands) -> None:
+    """Add `bench {loader,train,search}` to the CLI's subparsers."""
+    bench = commands.add_parser("bench", help="measure the data path, training speed and the search")
+    kinds = bench.add_subparsers(dest="benchmark", required=True)
+
+    def common(p, image_size: int, crop: int | None):
+        p.add_argument("--data-dir", type=Path, help="Kaggle folder; default: the built-in demo data")
+        p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="run outputs (default: results)")
+        p.add_argument("--image-size", type=int, default=image_size, help=f"pixels per side (default {image_size})")
+        p.add_argument("--crop", type=int, default=crop, help="centre-crop the 424 px frame first "
+                       f"(default: {crop or 'none'})")
+        p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+
+    p = kinds.add_parser("loader", help="images/s of galaxy_tune's data path vs the reference PIL DataLoader")
+    common(p, 224, None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the reference pipeline")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per pipeline, the first a warm-up (default 2)")
+    p.add_argument("--readers", type=int, default=2, help="concurrent processes for the memory check")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
+    p.add_argument("--threads", type=int, help="torch threads of both pipelines (default: torch's, one per core)")
+    p.set_defaults(run=cmd_bench_loader)
+
+    p = kinds.add_parser("train", help="training and eval images/s and peak memory of one model")
+    common(p, 224, None)
+    p.add_argument("--model", default="resnet50-random", help="Hub id or folder, resnet50-random or tiny")
+    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--steps", type=int, help="timed steps (default: 50 on CUDA, 2 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps (default: 10 on CUDA, 1 on CPU)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    p.set_defaults(run=cmd_bench_train)
+
+    p = kinds.add_parser("search", help="ASHA + TPE vs random search with the full epoch budget, same trials")
+    common(p, 32, 256)
+    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument("--model", default="tiny", help="backbone of every trial (default: tiny)")
+    p.add_argument("--num-samples", type=int, default=6, help="trials per search (default 6)")
+    p.add_argument("--max-epochs", type=int, default=4, help="epoch budget per trial (default 4)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_bench_search)
 
 
 def main(argv: list[str] | None = None) -> int:

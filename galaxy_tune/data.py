@@ -3,7 +3,7 @@
 `prepare` turns `<data-dir>` into a prepared folder: `splits.csv` (GalaxyID, label, split; row i is row i of
 every pixel cache), `prepare.json` (task, class names, counts, seed) and `cache/<size>px-crop<c>-chw.npy`, a uint8
 (N, 3, H, W) array decoded once and memory-mapped by every trial, so one copy in the page cache serves them all.
-`batches` turns a split of that cache into normalised, augmented tensors on the training device.
+`galaxy_tune.loader` turns a split of that cache into normalised, augmented tensors on the training device.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -29,8 +27,6 @@ TASKS = {  # task: class names in label order (0, 1)
     "smooth-featured": ("Class1.1", "Class1.2"),  # Q1 smooth vs features/disk, with a confident vote
 }
 SPLITS = ("train", "val", "test")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 VOTE_TOLERANCE = 1e-4  # published fractions are rounded; allow tiny excursions outside [0, 1]
 
 
@@ -46,6 +42,7 @@ class DataConfig:
     test_fraction: float = 0.1
     image_size_px: int = 224
     crop_px: int | None = None  # centre crop of the 424 px frame before resizing; None keeps the frame
+    skip_bad: bool = False  # drop missing or unreadable images instead of failing (not part of the split's identity)
 
 
 @dataclass(frozen=True)
@@ -248,7 +245,7 @@ def build_cache(prepared: Prepared, data_dir: Path) -> Path:
 # ---------------------------------------------------------------- prepare
 
 
-def prepare(config: DataConfig, out_dir: Path, skip_bad: bool = False) -> Prepared:
+def prepare(config: DataConfig, out_dir: Path) -> Prepared:
     """Validate the data, write the split manifest and build the pixel cache (all reused when unchanged)."""
     out_dir = Path(out_dir).resolve()
     if config.task not in TASKS:
@@ -277,7 +274,7 @@ def prepare(config: DataConfig, out_dir: Path, skip_bad: bool = False) -> Prepar
     fingerprint = source_fingerprint(data_dir, np.array([], dtype=np.int64))  # the CSV alone
     if info.get("settings") != split_settings or info.get("csv_fingerprint") != fingerprint:
         bad = check_images(data_dir, labels.index.to_numpy())
-        if bad and not skip_bad:
+        if bad and not config.skip_bad:
             listing = "; ".join(f"{image_path(data_dir, i).name}: {why}" for i, why in list(bad.items())[:20])
             more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
             raise GalaxyTuneError(f"{len(bad)} bad image(s) in {data_dir / IMAGES_DIR}: {listing}{more}; "
@@ -334,84 +331,3 @@ def data_summary(prepared: Prepared) -> dict:
             "manifest_sha256": hashlib.sha256((prepared.folder / "splits.csv").read_bytes()).hexdigest()[:16],
             "class_names": list(prepared.class_names),
             "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px, "counts": info["counts"]}
-
-
-# ---------------------------------------------------------------- batches
-
-
-@dataclass
-class ImageSplit:
-    """One split of the cache: memory-mapped pixels (no copy) and their labels."""
-
-    pixels: np.ndarray  # (N_all, 3, H, W) uint8 memmap
-    rows: np.ndarray  # rows of this split
-    labels: np.ndarray
-    galaxy_ids: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-def open_split(prepared: Prepared, split: str) -> ImageSplit:
-    manifest = prepared.manifest()
-    rows = np.flatnonzero(manifest["split"].to_numpy() == split)
-    pixels = np.load(prepared.cache_path, mmap_mode="r")
-    return ImageSplit(pixels, rows, manifest["label"].to_numpy()[rows], manifest["GalaxyID"].to_numpy()[rows])
-
-
-def batches(split: ImageSplit, batch_size: int, device: torch.device, *, shuffle: bool = False,
-            augment: bool = False, seed: int = 0, reuse: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised float batches (N, 3, H, W) and labels on `device`; seeded shuffling and dihedral augmentation.
-
-    The loop never decodes a JPEG: the uint8 pixels are read from the memory-mapped cache, moved to the device,
-    and turned, converted and normalised there in batched tensor ops (channels_last on CUDA). An augmented
-    batch is grouped by flip/rotation, so each of the 8 is one strided copy that also converts to float. The
-    same seed gives the same batches, which is what makes resumed training reproducible.
-
-    With `reuse`, every batch is written into the same tensor (no allocation per batch; on the CPU that is a
-    page fault per 4 KB of a 38 MB batch at 224 px): a batch is then valid only until the next one is drawn.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(split), generator=generator).numpy() if shuffle else np.arange(len(split))
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    scale, shift = 1 / (255 * std), -mean / std  # (pixel / 255 - mean) / std as one multiply-add
-    height, width = split.pixels.shape[2:]
-    labels = torch.from_numpy(split.labels)
-    kept = None
-    for start in range(0, len(order), batch_size):
-        picked = order[start:start + batch_size]
-        element = (torch.randint(0, 8, (len(picked),), generator=generator).numpy() if augment
-                   else np.zeros(len(picked), dtype=np.int64))
-        grouped = np.lexsort((picked, element))  # one run per flip/rotation; rows ascending in each run
-        picked, element = picked[grouped], element[grouped]
-        raw = torch.from_numpy(split.pixels[split.rows[picked]])  # (n, 3, H, W) uint8
-        if device.type == "cuda":
-            raw = raw.pin_memory()  # lets the copy below overlap with the GPU's work
-        raw = raw.to(device, non_blocking=True)
-        if reuse and kept is not None and len(kept) >= len(raw):
-            x = kept[:len(raw)]
-        else:
-            x = empty_batch((len(raw), 3, height, width), device)
-            kept = x if reuse else None
-        edges = np.flatnonzero(np.diff(element)) + 1
-        for first, stop in zip([0, *edges], [*edges, len(element)]):  # normalised run by run, while in cache
-            run = x[first:stop].copy_(orient(raw[first:stop], int(element[first])))
-            run.mul_(scale).add_(shift)
-        yield x, labels[picked].to(device, non_blocking=True)
-
-
-def empty_batch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """An uninitialised float batch: channels_last on CUDA; on the CPU, memory that numpy allocates.
-
-    numpy asks Linux for transparent huge pages for large arrays and torch's CPU allocator does not, so the
-    first write to a fresh 38 MB batch (64 images at 224 px) takes ~20 page faults instead of ~9,400.
-    """
-    if device.type == "cpu":
-        return torch.from_numpy(np.empty(shape, dtype=np.float32))
-    return torch.empty(shape, device=device, memory_format=torch.channels_last)
-
-
-def orient(x: torch.Tensor, element: int, dims: tuple[int, int] = (2, 3)) -> torch.Tensor:
-    """One of the 8 flips/rotations of the square (element 0..7, 0 = as is) over the pixel `dims`."""
-    turned = x.rot90(element % 4, dims=dims)
-    return turned.flip(dims[1]) if element >= 4 else turned

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+RESULTS_DIR = Path("results")  # the default --results-dir
 # A search experiment, results/<name>/
 SEARCH_OPTIONS = "search.json"  # what the search was asked to do (read back by --resume)
 TRIALS = "trials.csv"  # one row per trial

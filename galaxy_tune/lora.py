@@ -1,12 +1,26 @@
-"""LoRA adapters (loralib) in the ResNet convolutions: add, save, load, and fold back into a plain model."""
+"""LoRA adapters in the ResNet convolutions: add, save, load, and fold back into a plain model.
+
+Each adapted convolution becomes a `LoraConv2d`: the pretrained conv, frozen and untouched, plus a low-rank
+branch, a k×k conv down to r channels (`lora_A`) and a 1×1 conv back up (`lora_B`, zero at init), scaled by
+alpha / r. This is HF PEFT's structure for Conv2d, on loralib's `LoRALayer`; the `lora_` names keep loralib's
+`mark_only_lora_as_trainable` and `lora_state_dict` working. Why a branch rather than loralib's `ConvLoRA`,
+which merges W + B·A into one weight before convolving:
+- the frozen conv needs no weight gradient, so LoRA trains faster than full fine-tuning;
+- under bf16 autocast the merged weight rounds ΔW onto W's bf16 grid (most of a small ΔW is lost); the branch
+  computes the adapter's effect on its own, and adds it to the base output in fp32.
+In eval mode outside autocast (e.g. CPU inference), the forward uses one merged weight: plain-conv speed.
+"""
 
 import copy
+import math
 import numbers
+import sys
 
 import loralib
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 from transformers import ResNetForImageClassification
 from transformers.models.resnet.modeling_resnet import ResNetBottleNeckLayer
 
@@ -15,6 +29,39 @@ from galaxy_tune.errors import GalaxyTuneError
 # bottleneck: the 1x1, 3x3, 1x1 convs of every bottleneck block's main path (not shortcuts, not the stem);
 # conv3x3: only the 3x3 convs of those blocks; all: every nn.Conv2d in the model.
 LORA_TARGETS = ("bottleneck", "conv3x3", "all")
+# Recorded with results: adapters of "loralib-convlora" (before this layer) hold rank r·k deltas, not rank r.
+LORA_LAYER = "branch"
+
+
+class LoraConv2d(nn.Module, loralib.LoRALayer):
+    """A frozen convolution plus a trainable low-rank branch: base(x) + lora_B(lora_A(x)) · alpha / r."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, merge_weights: bool = True):
+        nn.Module.__init__(self)
+        loralib.LoRALayer.__init__(self, r=rank, lora_alpha=alpha, lora_dropout=0.0, merge_weights=merge_weights)
+        self.base_layer = base.requires_grad_(False)
+        self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                                bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=base.weight.device,
+                                dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as loralib and PEFT initialise A
+        nn.init.zeros_(self.lora_B.weight)  # so the model is unchanged until training moves B
+        self.scaling = alpha / rank
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW of the branch as one conv weight: the 1×1 conv B after the k×k conv A is the conv with B·A."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        return (b.flatten(1) @ a.flatten(1)).view_as(self.base_layer.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.merge_weights and not self.training and not torch.is_autocast_enabled(x.device.type):
+            # Full precision eval: one convolution with W + ΔW (outside autocast, so ΔW is not rounded away).
+            return F.conv2d(x, base.weight + self.delta_weight(), base.bias, base.stride, base.padding,
+                            base.dilation, base.groups)
+        effect = self.lora_B(self.lora_A(x))
+        # The sum in fp32: under bf16 autocast a small effect added to the bf16 base output would round away.
+        return base(x).float() + effect.float() * self.scaling
 
 
 def add_lora(
@@ -25,10 +72,10 @@ def add_lora(
     train_batchnorm: bool = False,
     merge_weights: bool = True,
 ) -> ResNetForImageClassification:
-    """Wrap the `targets` convs in loralib.Conv2d (in place) and leave only LoRA, head (and BatchNorm) trainable.
+    """Wrap the `targets` convs in `LoraConv2d` (in place) and leave only LoRA, head (and BatchNorm) trainable.
 
-    Outputs are unchanged until training: the pretrained conv weights are copied in and lora_B starts at zero.
-    With merge_weights, eval() folds B@A into the conv weights (plain-conv speed) and train() takes it out again.
+    Outputs are unchanged until training, as lora_B starts at zero. With merge_weights, eval mode outside
+    autocast convolves with the merged weight (plain-conv speed); the branch is used otherwise.
     """
     if not (isinstance(rank, numbers.Integral) and rank >= 1):
         raise GalaxyTuneError(f"LoRA rank {rank!r} is invalid; use an integer >= 1 (e.g. 4, 8, 16)")
@@ -42,7 +89,7 @@ def add_lora(
             f"LoRA targets {targets!r} match no convolution in this model (no bottleneck blocks?); use 'all'"
         )
     for name in names:
-        _replace_module(model, name, _lora_conv(model.get_submodule(name), int(rank), alpha, merge_weights))
+        _replace_module(model, name, LoraConv2d(model.get_submodule(name), int(rank), alpha, merge_weights))
     loralib.mark_only_lora_as_trainable(model)
     model.classifier.requires_grad_(True)
     if train_batchnorm:
@@ -56,7 +103,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of what a LoRA result adds to its base model: lora_A/lora_B, the head, all BatchNorm params and buffers.
 
     BatchNorm running stats change in train mode even when frozen, so they are kept to reproduce the model
-    exactly. Conv weights are never included (eval() merges adapters into them), so any mode is safe.
+    exactly. The base conv weights never change, so they are never included.
     """
     state = loralib.lora_state_dict(model)
     batchnorm_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
@@ -67,8 +114,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in state.items()}
 
 
+def is_legacy_adapter_state(state: dict[str, torch.Tensor]) -> bool:
+    """Written by loralib's ConvLoRA layer (galaxy_tune before the branch layer): `<conv>.lora_A` with no `.weight`."""
+    return any(key.endswith((".lora_A", ".lora_B")) for key in state)
+
+
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load an `adapter_state_dict` into a model prepared by `add_lora` with the same rank and targets."""
+    """Load an `adapter_state_dict` into a model prepared by `add_lora` with the same rank and targets.
+
+    Adapters of the earlier loralib ConvLoRA layer load too: their ΔW is folded into the frozen convolutions
+    (the model computes what it computed then) and the branches start again from zero.
+    """
+    if is_legacy_adapter_state(state):
+        state = _fold_legacy_adapters(model, state)
     expected = adapter_state_dict(model)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
@@ -79,19 +137,34 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
             f"wrong shape {wrong_shape[:3]}); build the same base model and call add_lora with the rank "
             f"and targets they were trained with"
         )
-    lora_convs = [m for m in model.modules() if isinstance(m, loralib.ConvLoRA)]
-    modes = [m.training for m in lora_convs]
-    # Unmerge first: a merged conv would later subtract the *new* B@A from weights holding the old one.
-    for conv in lora_convs:
-        conv.train(True)
     model.load_state_dict(state, strict=False)
-    for conv, mode in zip(lora_convs, modes):
-        conv.train(mode)
+
+
+def _fold_legacy_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold ConvLoRA deltas ((out·k, r·k) @ (r·k, in·k), of rank up to r·k) into the base convs; return the rest."""
+    state = dict(state)
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraConv2d):
+            continue
+        a, b = state.pop(f"{name}.lora_A", None), state.pop(f"{name}.lora_B", None)
+        weight = module.base_layer.weight
+        if a is None or b is None or a.shape[0] != b.shape[1] or b.shape[0] * a.shape[1] != weight.numel():
+            raise GalaxyTuneError(f"old-format adapters do not fit {name} (rank {module.r}): build the model with "
+                                  "the rank and targets they were trained with")
+        with torch.no_grad():
+            weight += (b @ a).view_as(weight).to(weight) * module.scaling
+        state[f"{name}.lora_A.weight"] = module.lora_A.weight.detach().clone()
+        state[f"{name}.lora_B.weight"] = torch.zeros_like(module.lora_B.weight)
+    print("warning: these adapters were written by the earlier loralib ConvLoRA layer: their deltas are folded "
+          "into the frozen convolutions, so the model is the one trained; new adapters start from zero",
+          file=sys.stderr)
+    return state
 
 
 def save_adapters(model: nn.Module, path) -> None:
     """Write `adapter_state_dict(model)` to a safetensors file."""
-    save_file({key: value.contiguous() for key, value in adapter_state_dict(model).items()}, str(path))
+    save_file({key: value.contiguous() for key, value in adapter_state_dict(model).items()}, str(path),
+              metadata={"galaxy_tune_lora_layer": LORA_LAYER})
 
 
 def load_adapters(model: nn.Module, path) -> None:
@@ -103,53 +176,44 @@ def load_adapters(model: nn.Module, path) -> None:
 
 
 def to_plain_model(model: ResNetForImageClassification) -> ResNetForImageClassification:
-    """Return a copy with every LoRA conv folded into a plain nn.Conv2d (W + B@A * scaling).
+    """Return a copy with every LoRA conv folded into a plain nn.Conv2d (W + ΔW, in the weights' precision).
 
     The result runs at plain-model speed and can be `save_pretrained` and loaded with plain transformers.
     """
     plain = copy.deepcopy(model)
     for name, module in list(plain.named_modules()):
-        if isinstance(module, loralib.ConvLoRA):
-            conv = module.conv
-            if not module.merged:
-                # Same reshaping as loralib's own merge in ConvLoRA.train(False).
-                conv.weight.data += (module.lora_B @ module.lora_A).view(conv.weight.shape) * module.scaling
+        if isinstance(module, LoraConv2d):
+            conv = module.base_layer
+            with torch.no_grad():
+                conv.weight += module.delta_weight()
             _replace_module(plain, name, conv)
     return plain.requires_grad_(True)
 
 
 def _target_conv_names(model: nn.Module, targets: str) -> list[str]:
     if targets == "all":
-        return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    names = []
-    for block_name, block in model.named_modules():
-        if isinstance(block, ResNetBottleNeckLayer):
-            for name, m in block.layer.named_modules():
-                if isinstance(m, nn.Conv2d) and (targets == "bottleneck" or m.kernel_size == (3, 3)):
-                    names.append(f"{block_name}.layer.{name}")
+        names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    else:
+        names = []
+        for block_name, block in model.named_modules():
+            if isinstance(block, ResNetBottleNeckLayer):
+                for name, m in block.layer.named_modules():
+                    if isinstance(m, nn.Conv2d) and (targets == "bottleneck" or m.kernel_size == (3, 3)):
+                        names.append(f"{block_name}.layer.{name}")
+    grouped = [name for name in names if model.get_submodule(name).groups != 1]
+    if grouped:
+        raise GalaxyTuneError(f"LoRA does not adapt grouped convolutions ({grouped[0]}): choose other targets")
     return names
-
-
-def _lora_conv(conv: nn.Conv2d, rank: int, alpha: float, merge_weights: bool) -> loralib.Conv2d:
-    """A loralib.Conv2d equal to `conv`: loralib re-initialises the conv it wraps, so copy the weights back."""
-    lora_conv = loralib.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size[0],  # loralib wants an int (ResNet kernels are square)
-        r=rank,
-        lora_alpha=alpha,
-        merge_weights=merge_weights,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    lora_conv.conv.load_state_dict(conv.state_dict())
-    lora_conv.train(conv.training)  # loralib's train() returns None, unlike nn.Module's
-    return lora_conv
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child_name = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child_name, new)
+
+
+def set_lora_merging(model: nn.Module, merge: bool) -> None:
+    """Put the model in eval mode, its LoRA convs convolving with the merged weight (merge) or the branch."""
+    for module in model.modules():
+        if isinstance(module, LoraConv2d):
+            module.merge_weights = merge
+    model.eval()

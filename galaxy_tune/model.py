@@ -13,8 +13,6 @@ from galaxy_tune.errors import GalaxyTuneError
 DEFAULT_MODEL = "microsoft/resnet-50"
 RANDOM_RESNET50 = "resnet50-random"
 TINY = "tiny"
-# Beside an exported model's config.json: {"image_size_px", "crop_px", "class_names", "task"}, what `predict` needs.
-MODEL_INFO = "galaxy_tune.json"
 
 _RANDOM_CONFIGS = {
     RANDOM_RESNET50: dict(layer_type="bottleneck", depths=[3, 4, 6, 3]),

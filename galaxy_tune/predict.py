@@ -8,7 +8,6 @@ does), so a galaxy gets the same probabilities here as in the retrain's test.
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,19 +16,20 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
-from transformers import ResNetForImageClassification
 
-from .data import ImageSplit, decode
+from .data import decode
+
+from .loader import ImageSplit
 from .errors import GalaxyTuneError
-from .model import MODEL_INFO
-from .train import place, predict_logits
+from .export import load_exported
+from .train import pick_device, place, predict_logits
 
 IMAGES_PER_CHUNK = 2048  # decoded at a time, so a folder of 80,000 galaxies never sits in memory at once
 
 
 def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool = False,
                    image_size_px: int | None = None, crop_px: int | None = None,
-                   batch_size: int = 64) -> pd.DataFrame:
+                   batch_size: int = 64, device: str | None = None) -> pd.DataFrame:
     """Class probabilities of every JPEG in `images_dir` (GalaxyID = file name stem), also written to `out_csv`.
 
     `tta` averages the logits over the 8 flips and 90° rotations of each image. The image size and crop come
@@ -37,7 +37,7 @@ def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool =
     """
     model, class_names, size, crop = load_exported(Path(model_dir), image_size_px, crop_px)
     paths = list_jpegs(Path(images_dir))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     place(model, device)
     probabilities = []
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, \
@@ -56,39 +56,6 @@ def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool =
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_csv, index=False)
     return table
-
-
-def load_exported(model_dir: Path, image_size_px: int | None,
-                  crop_px: int | None) -> tuple[ResNetForImageClassification, list[str], int, int | None]:
-    """(model, class names in label order, image size, crop) of an exported model folder."""
-    if (model_dir / "hf" / "config.json").is_file():  # the <method>-seed<S> folder was given: use its model
-        model_dir = model_dir / "hf"
-    if not (model_dir / "config.json").is_file():
-        why = "does not exist" if not model_dir.is_dir() else "holds no config.json"
-        raise GalaxyTuneError(f"model folder {model_dir} {why}: pass the hf/ folder of a retrain, "
-                              "e.g. --model results/retrain-<time>/full-seed0/hf")
-    try:
-        model = ResNetForImageClassification.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise GalaxyTuneError(f"could not load the model in {model_dir} ({err}): pass a folder written by "
-                              "retrain (or save_pretrained of a transformers ResNet)") from None
-    info_path = model_dir / MODEL_INFO
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    if info:
-        for flag, given, trained in (("--image-size", image_size_px, info["image_size_px"]),
-                                     ("--crop", crop_px, info["crop_px"])):
-            if given is not None and given != trained:
-                raise GalaxyTuneError(f"{flag} {given} differs from the {trained} the model was trained with "
-                                      f"({info_path}): leave {flag} out")
-        image_size_px, crop_px = info["image_size_px"], info["crop_px"]
-    elif image_size_px is None:
-        raise GalaxyTuneError(f"{model_dir} has no {MODEL_INFO} saying which image size the model was trained "
-                              "on: pass --image-size (and --crop) as used in training")
-    labels = model.config.id2label
-    class_names = [labels[i] for i in sorted(labels)]
-    if class_names == [f"LABEL_{i}" for i in range(len(class_names))] and "class_names" in info:
-        class_names = list(info["class_names"])
-    return model, class_names, image_size_px, crop_px
 
 
 def list_jpegs(images_dir: Path) -> list[Path]:

@@ -16,20 +16,20 @@ from pathlib import Path
 import pandas as pd
 import torch
 from tqdm import tqdm
-from PIL import Image
-from transformers import ConvNextImageProcessor
 from transformers.utils import logging as hf_logging
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, Prepared, class_counts, data_summary, majority_share, open_split
+from .data import Prepared, class_counts, data_summary, majority_share
+
+from .loader import open_split
 from .errors import GalaxyTuneError
-from .kaggle import IMAGE_SIZE_PX
-from .lora import save_adapters, to_plain_model
-from .model import MODEL_INFO, build_model, count_parameters, describe_weights
+from .export import save_exported
+from .model import build_model, count_parameters, describe_weights
 from .provenance import library_versions
 from .train import (REFERENCE_CONFIGS, TrainConfig, evaluate, fit, load_trainable_state, make_model, pick_device, place,
                     predict_logits)
 
 ALL_METHODS = ("direct", "full", "lora")
+SEEDS = 3  # retrained per method by default
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,8 @@ def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | 
 
 
 def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path], out_dir: Path,
-                methods: list[str] | tuple[str, ...] = ALL_METHODS, seeds: int = 1, max_epochs: int | None = None,
-                gpus: float = 0, augment: bool = True) -> pd.DataFrame:
+                methods: list[str] | tuple[str, ...] = ALL_METHODS, seeds: int = SEEDS, max_epochs: int | None = None,
+                device: str | None = None, augment: bool = True) -> pd.DataFrame:
     """Retrain and test every method with `seeds` seeds; writes test_results.csv, test_predictions.csv
     (per test image: label, probability of class 1 without and with TTA) and the models under out_dir."""
     unknown = sorted(set(methods) - set(ALL_METHODS))
@@ -91,7 +91,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     if seeds < 1:
         raise GalaxyTuneError(f"--seeds {seeds} must be at least 1")
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(gpus)
+    device = pick_device(device)
     splits = {name: open_split(prepared, name) for name in ("train", "val", "test")}
     plans = recipes(experiments, methods, max_epochs)
     tested = []
@@ -119,7 +119,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
             history = fit(model, config, splits["train"], splits["val"], device, on_epoch=keep_best)
             seconds = time.perf_counter() - started
             load_trainable_state(model, config, best["state"]["model"])
-            save_model(model, config, prepared, out_dir / f"{recipe.method}-seed{seed}")
+            save_exported(model, config.to_dict(), recipe.method, prepared, out_dir / f"{recipe.method}-seed{seed}")
             tested.append(test_model(recipe.method, seed, config, recipe.source, model, splits, device,
                                      model_name, train_seconds=seconds, images_seen=history[-1]["images_seen"],
                                      best_epoch=best["epoch"]))
@@ -153,32 +153,3 @@ def test_model(method: str, seed: int, config: TrainConfig | None, source: str, 
             "train_seconds": round(train_seconds, 1), "images_seen": images_seen, "model": model_name,
             "weights": describe_weights(model_name, seed), "source": source,
             "config": json.dumps(config.searched() if config else {})}
-
-
-def save_model(model, config: TrainConfig, prepared: Prepared, folder: Path) -> None:
-    """The trained model in Hugging Face format (LoRA merged in), plus the LoRA adapters alone."""
-    folder.mkdir(parents=True, exist_ok=True)
-    plain = to_plain_model(model) if config.method == "lora" else model
-    plain.config.id2label = dict(enumerate(prepared.class_names))
-    plain.config.label2id = {name: i for i, name in enumerate(prepared.class_names)}
-    plain.save_pretrained(folder / "hf")
-    image_processor(prepared).save_pretrained(folder / "hf")
-    # What `predict` needs to feed the model the pixels it was trained on.
-    (folder / "hf" / MODEL_INFO).write_text(json.dumps({
-        "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px,
-        "class_names": list(prepared.class_names), "task": prepared.task}, indent=2))
-    if config.method == "lora":
-        save_adapters(model, folder / "adapters.safetensors")
-    (folder / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-
-
-def image_processor(prepared: Prepared) -> ConvNextImageProcessor:
-    """The Hugging Face image processor that feeds an exported model the pixels it was trained on.
-
-    ConvNext's processor (the one `microsoft/resnet-50` uses) resizes the short side to size / crop_pct, then
-    centre-crops `size`: the same as our centre crop of `crop_px` followed by a bilinear resize.
-    """
-    return ConvNextImageProcessor(size={"shortest_edge": prepared.image_size_px},
-                                  crop_pct=(prepared.crop_px or IMAGE_SIZE_PX) / IMAGE_SIZE_PX,
-                                  resample=Image.Resampling.BILINEAR, image_mean=list(IMAGENET_MEAN),
-                                  image_std=list(IMAGENET_STD))

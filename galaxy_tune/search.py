@@ -24,46 +24,45 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from .data import DataConfig, data_summary, prepare, prepared_folder
+from . import layout
+from .data import DataConfig, Prepared, data_summary, prepare, prepared_folder
 from .errors import GalaxyTuneError
 from .model import describe_weights, load_backbone
 from .provenance import library_versions
 from .space import SearchSpace, default_space_path, load_space
 from .trainable import train_trial
-from .train import METHODS, TrainConfig
+from .train import DEVICES, METHODS, TrainConfig
 
 METRIC, MODE = "val_accuracy", "max"
-STUDY_FILE = "optuna.db"
 
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """What `galaxy_tune search` was asked to do."""
+    """What `galaxy_tune search` was asked to do; the defaults of the CLI and the API are these."""
 
     method: str
-    data_dir: Path
-    results_dir: Path
-    name: str
-    space: Path | None = None
+    data: DataConfig  # its seed is the split's and the trials' training seed
+    results_dir: Path = Path("results")
+    name: str = ""  # default: search-<method>-<time>
+    space: Path | None = None  # default: search_spaces/<method>.yaml
     num_samples: int = 20
-    max_epochs: int | None = None
-    image_size_px: int = 224
-    crop_px: int | None = None
-    task: str = "seed-top2"
-    min_vote: float = 0.8
-    skip_bad: bool = False
-    model: str | None = None
+    max_epochs: int | None = None  # default: the space's epochs
+    model: str | None = None  # default: microsoft/resnet-50, falling back to resnet50-random offline
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: int | None = None
-    address: str | None = None
-    seed: int = 0
+    gpus_per_trial: float | None = None  # default: 1 when the device is cuda, or auto and the cluster has a GPU
+    device: str = "auto"  # auto, cpu (trials ask for no GPU) or cuda
+    max_concurrent: int | None = None  # default: what the resources allow
+    address: str | None = None  # join this Ray cluster instead of starting Ray
     max_failures: int = 2
     checkpoint_every_s: float = 60.0  # a trial checkpoints when this much time passed since its last one
     resume: bool = False
     sampler: str = "tpe"  # or "random": the baseline `bench search` compares against
     early_stopping: bool = True  # ASHA; False runs every trial to its full epoch budget
     augment: bool = True  # random flips / 90-degree rotations of the training images
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", f"search-{self.method}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def run_search(options: SearchOptions) -> Path:
@@ -82,96 +81,108 @@ def run_search(options: SearchOptions) -> Path:
     elif experiment.exists():
         raise GalaxyTuneError(f"experiment {experiment} already exists: pass --resume to continue it, "
                               "or choose another --name")
-    overrides = {"method": options.method, "seed": options.seed, "augment": options.augment}
+    overrides = {"method": options.method, "seed": options.data.seed, "augment": options.augment}
     if options.max_epochs is not None:
         overrides["epochs"] = options.max_epochs
     space = load_space(options.space or default_space_path(options.method), overrides)
-    max_epochs = int(space.fixed.get("epochs", TrainConfig().epochs))
 
-    data_config = DataConfig(Path(options.data_dir), task=options.task, min_vote=options.min_vote,
-                             seed=options.seed, image_size_px=options.image_size_px, crop_px=options.crop_px)
-    prepared = prepare(data_config, prepared_folder(results_dir, data_config), skip_bad=options.skip_bad)
-    _, model_name = load_backbone(options.model, num_labels=len(prepared.class_names), seed=options.seed)
-
+    # Resources first: a request no node can satisfy is refused before minutes go into caching pixels.
     start_ray(options.address)
-    max_concurrent = check_resources(options)
+    gpus_per_trial, max_concurrent = check_resources(options)
+    options = dataclasses.replace(options, gpus_per_trial=gpus_per_trial)
+    prepared = prepare(options.data, prepared_folder(results_dir, options.data))
+    _, model_name = load_backbone(options.model, num_labels=len(prepared.class_names), seed=options.data.seed)
     if not options.resume:
         experiment.mkdir(parents=True)
         # The resolved model is saved as the explicit one: a resumed search never falls back to other weights.
-        (experiment / "search.json").write_text(json.dumps(
+        (experiment / layout.SEARCH_OPTIONS).write_text(json.dumps(
             {**asdict(options), "model": model_name, "prepared": str(prepared.folder)}, indent=2, default=str))
 
+    started = time.time()
+    grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment).fit()
+    for result in grid:
+        if result.error is None and result.path:
+            prune_checkpoints(Path(result.path))
+    write_results(grid, options, space, experiment, prepared, model_name,
+                  {"wall_seconds": round(time.time() - started, 1), "concurrency": max_concurrent})
+    return experiment
+
+
+def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, model_name: str,
+               max_concurrent: int, experiment: Path) -> tune.Tuner:
+    """A new Tuner (Optuna TPE proposing, ASHA stopping), or the interrupted one of `experiment` on --resume."""
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=options.image_size_px,
-                             crop_px=options.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
+        tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=prepared.image_size_px,
+                             crop_px=prepared.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
                              gpus=options.gpus_per_trial, checkpoint_every_s=options.checkpoint_every_s),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
-    started = time.time()
     if options.resume and tune.Tuner.can_restore(str(experiment)):
         print(f"resuming {experiment}: finished trials are kept, unfinished ones continue from their checkpoints")
         # The searcher's in-memory Optuna study is restored from Ray's saved searcher state (a live sqlite
         # study would be newer than that state and break the restore), so TPE keeps every finished trial.
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(space.suggest, metric=METRIC, mode=MODE,
-                                        points_to_evaluate=list(space.points_to_evaluate),
-                                        sampler=make_sampler(options.sampler, options.seed, options.num_samples)),
-                scheduler=ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE,
-                                        max_t=max_epochs, grace_period=1, reduction_factor=2)
-                if options.early_stopping else FIFOScheduler(),
-                num_samples=options.num_samples, max_concurrent_trials=max_concurrent,
-                reuse_actors=True,  # a new trial runs in a finished trial's worker: no new process, no re-imports
-                trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-            run_config=tune.RunConfig(
-                name=options.name, storage_path=str(results_dir), verbose=1,
-                progress_reporter=progress_table(options.method),
-                checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC,
-                                                        checkpoint_score_order=MODE),
-                callbacks=[PruneCheckpoints(experiment)],
-                failure_config=tune.FailureConfig(max_failures=options.max_failures)))
-    grid = tuner.fit()
-    for result in grid:
-        if result.error is None and result.path:
-            prune_checkpoints(Path(result.path))
+        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    max_epochs = int(space.fixed.get("epochs", TrainConfig().epochs))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=OptunaSearch(space.suggest, metric=METRIC, mode=MODE,
+                                    points_to_evaluate=list(space.points_to_evaluate),
+                                    sampler=make_sampler(options.sampler, options.data.seed, options.num_samples)),
+            scheduler=ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE,
+                                    max_t=max_epochs, grace_period=1, reduction_factor=2)
+            if options.early_stopping else FIFOScheduler(),
+            num_samples=options.num_samples, max_concurrent_trials=max_concurrent,
+            reuse_actors=True,  # a new trial runs in a finished trial's worker: no new process, no re-imports
+            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=tune.RunConfig(
+            name=options.name, storage_path=str(experiment.parent), verbose=1,
+            progress_reporter=progress_table(options.method),
+            checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC,
+                                                    checkpoint_score_order=MODE),
+            callbacks=[PruneCheckpoints(experiment)],
+            failure_config=tune.FailureConfig(max_failures=options.max_failures)))
 
+
+def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSpace, experiment: Path,
+                  prepared: Prepared, model_name: str, run: dict) -> None:
+    """trials.csv, then (for a search that ran to its end) the Optuna study and best.json; prints the ranking."""
     trials = trials_table(grid, experiment)
     if trials.empty:
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
-    trials.to_csv(experiment / "trials.csv", index=False)
+    trials.to_csv(experiment / layout.TRIALS, index=False)
     if len(grid) < options.num_samples or grid.num_terminated + grid.num_errors < len(grid):
         raise GalaxyTuneError(f"the search was interrupted after {grid.num_terminated} finished trial(s), all "
                               f"kept in {experiment}: continue it with `python -m galaxy_tune search "
-                              f"{options.method} --resume --name {options.name} --results-dir {results_dir}`")
-    save_study(experiment / STUDY_FILE, options.name, space, grid)
+                              f"{options.method} --resume --name {options.name} --results-dir {experiment.parent}`")
+    save_study(experiment / layout.STUDY, options.name, space, grid)
     finished = trials[trials["status"] != "ERROR"]
     if finished.empty:
         raise GalaxyTuneError(f"every trial of {experiment} failed: see {experiment}/*/error.txt")
     best = finished.sort_values(["best_val_accuracy", "epochs"], ascending=False).iloc[0]
     best_config = TrainConfig.from_dict(json.loads(best["config"]))
-    (experiment / "best.json").write_text(json.dumps({
+    (experiment / layout.BEST).write_text(json.dumps({
         "method": options.method, "config": best_config.to_dict(), "val_accuracy": float(best["best_val_accuracy"]),
         "epoch": int(best["best_epoch"]), "trial_id": best["trial_id"], "model": model_name,
-        "weights": describe_weights(model_name, options.seed), "data": data_summary(prepared),
-        "experiment": str(experiment), "wall_seconds": round(time.time() - started, 1),
-        "concurrency": max_concurrent, "versions": library_versions()}, indent=2))
+        "weights": describe_weights(model_name, options.data.seed), "data": data_summary(prepared),
+        "experiment": str(experiment), **run, "versions": library_versions()}, indent=2))
     print_ranked(trials, options.method, experiment)
-    return experiment
 
 
 def saved_options(experiment: Path) -> SearchOptions:
     """The options of an earlier search, for --resume (which needs no other flag)."""
-    saved = experiment / "search.json"
+    saved = experiment / layout.SEARCH_OPTIONS
     if not saved.is_file():
         raise GalaxyTuneError(f"no search to resume at {experiment}: check --name and --results-dir")
     values = json.loads(saved.read_text())
-    fields = {f.name for f in dataclasses.fields(SearchOptions)}
-    options = SearchOptions(**{k: v for k, v in values.items() if k in fields})
-    paths = {k: Path(getattr(options, k)) for k in ("data_dir", "results_dir") }
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    # search.json of versions before options held a DataConfig kept the data settings at the top level.
+    data = values.get("data") or {k: values[k] for k in data_fields if k in values}
+    fields = {f.name for f in dataclasses.fields(SearchOptions)} - {"data"}
+    options = SearchOptions(**{k: v for k, v in values.items() if k in fields},
+                            data=DataConfig(**{**{k: v for k, v in data.items() if k in data_fields},
+                                               "data_dir": Path(data["data_dir"])}))
     space = {"space": Path(options.space)} if options.space else {}
-    return dataclasses.replace(options, **paths, **space, resume=True)
+    return dataclasses.replace(options, results_dir=Path(options.results_dir), **space, resume=True)
 
 
 class PruneCheckpoints(tune.Callback):
@@ -208,13 +219,10 @@ class PruneCheckpoints(tune.Callback):
 def prune_checkpoints(trial_folder: Path) -> None:
     """Delete a finished trial's checkpoints but its best (by val accuracy) and its latest."""
     checkpoints = sorted(trial_folder.glob("checkpoint_*"))
-    result_file = trial_folder / "result.json"
-    if len(checkpoints) <= 2 or not result_file.is_file():
+    reports = [r for r in layout.trial_reports(trial_folder) if METRIC in r and r.get("checkpoint_dir_name")]
+    if len(checkpoints) <= 2 or not reports:
         return
-    history = pd.read_json(result_file, lines=True)
-    if "checkpoint_dir_name" not in history or METRIC not in history:
-        return
-    best = history.loc[history[METRIC].idxmax(), "checkpoint_dir_name"]
+    best = max(reports, key=lambda r: r[METRIC])["checkpoint_dir_name"]
     for checkpoint in checkpoints[:-1]:
         if checkpoint.name != best:
             shutil.rmtree(checkpoint, ignore_errors=True)
@@ -255,25 +263,36 @@ def start_ray(address: str | None) -> None:
               "or run `ray get-auth-token`; from another machine: ssh -L 8265:127.0.0.1:8265 this-host)")
 
 
-def check_resources(options: SearchOptions) -> int:
-    """Refuse requests no node can satisfy (Ray would leave such trials PENDING forever); return the concurrency."""
-    if options.cpus_per_trial <= 0 or options.gpus_per_trial < 0:
-        raise GalaxyTuneError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+def check_resources(options: SearchOptions) -> tuple[float, int]:
+    """(GPUs per trial, trials at once) for this cluster; refuses requests no node can satisfy (Ray would leave
+    such trials PENDING forever)."""
+    if options.device not in DEVICES:
+        raise GalaxyTuneError(f"--device {options.device!r} is unknown: choose one of {', '.join(DEVICES)}")
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
-    if options.gpus_per_trial > 0 and total_gpus == 0:
-        raise GalaxyTuneError(f"--gpus-per-trial {options.gpus_per_trial} but this Ray cluster has no GPU: "
-                              "use --gpus-per-trial 0, or join a cluster with GPUs via --address")
-    fits = [n for n in nodes if n.get("CPU", 0) >= options.cpus_per_trial and n.get("GPU", 0) >= options.gpus_per_trial]
+    gpus = options.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if options.device == "cuda" or (options.device == "auto" and total_gpus > 0) else 0.0
+    if options.cpus_per_trial <= 0 or gpus < 0:
+        raise GalaxyTuneError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if gpus > 1:
+        raise GalaxyTuneError(f"--gpus-per-trial {gpus:g}: a trial trains on one GPU (no data parallelism); "
+                              "use 1, or a fraction such as 0.5 to share a GPU between trials")
+    if options.device == "cpu" and gpus > 0:
+        raise GalaxyTuneError(f"--device cpu with --gpus-per-trial {gpus:g}: drop one of the two")
+    if (gpus > 0 or options.device == "cuda") and total_gpus == 0:
+        raise GalaxyTuneError(f"a trial asks for {gpus:g} GPU but this Ray cluster has no GPU: use --device cpu "
+                              "(or --gpus-per-trial 0), or join a cluster with GPUs via --address")
+    fits = [n for n in nodes if n.get("CPU", 0) >= options.cpus_per_trial and n.get("GPU", 0) >= gpus]
     if not fits:
         biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
-        raise GalaxyTuneError(f"a trial asks for {options.cpus_per_trial} CPU / {options.gpus_per_trial} GPU but the "
+        raise GalaxyTuneError(f"a trial asks for {options.cpus_per_trial} CPU / {gpus:g} GPU but the "
                               f"largest node has {biggest.get('CPU', 0):g} CPU / {biggest.get('GPU', 0):g} GPU: "
                               "lower --cpus-per-trial / --gpus-per-trial")
-    slots = sum(math.floor(n.get("CPU", 0) / options.cpus_per_trial + 1e-9) if options.gpus_per_trial == 0 else
+    slots = sum(math.floor(n.get("CPU", 0) / options.cpus_per_trial + 1e-9) if gpus == 0 else
                 min(math.floor(n.get("CPU", 0) / options.cpus_per_trial + 1e-9),
-                    math.floor(n.get("GPU", 0) / options.gpus_per_trial + 1e-9)) for n in fits)
-    return max(1, min(slots, options.max_concurrent or slots))
+                    math.floor(n.get("GPU", 0) / gpus + 1e-9)) for n in fits)
+    return gpus, max(1, min(slots, options.max_concurrent or slots))
 
 
 def trials_table(grid: tune.ResultGrid, experiment: Path) -> pd.DataFrame:

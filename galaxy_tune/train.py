@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageSplit, batches, orient
+from .loader import ImageSplit, batches, empty_batch, orient
 from .errors import GalaxyTuneError
 from .lora import LORA_TARGETS, add_lora, adapter_state_dict, load_adapter_state
 from .model import build_model
@@ -101,22 +101,38 @@ REFERENCE_CONFIGS = {
 }
 
 
-def pick_device(gpus: float = 0) -> torch.device:
-    """CUDA when this process was given a GPU and one is visible, else the CPU."""
-    if gpus > 0 and torch.cuda.is_available():
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(request: str | None = "auto") -> torch.device:
+    """The device every command runs on: CUDA when torch sees a GPU ("auto"), or the one asked for."""
+    request = request or "auto"
+    if request not in DEVICES:
+        raise GalaxyTuneError(f"--device {request!r} is unknown: choose one of {', '.join(DEVICES)}")
+    if request == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         return torch.device("cuda")
-    if gpus > 0:
-        raise GalaxyTuneError(f"a GPU was asked for ({gpus}) but torch sees none: use 0 GPUs, or check the "
-                              "CUDA driver and that torch is a CUDA build")
+    if request == "cuda":
+        raise GalaxyTuneError("a GPU was asked for but torch sees none: use --device cpu (or 0 GPUs), or check "
+                              "the CUDA driver and that torch is a CUDA build")
     return torch.device("cpu")
+
+
+def limit_gpu_memory(device: torch.device, share: float) -> None:
+    """Cap this process at `share` of the GPU's memory, so trials sharing a GPU can't run each other out of it."""
+    if device.type == "cuda" and 0 < share < 1:
+        torch.cuda.set_per_process_memory_fraction(share, device)
 
 
 def make_model(config: TrainConfig, model_name: str, num_labels: int = 2) -> nn.Module:
     """The backbone with a fresh head, wrapped with LoRA adapters when the method asks for them."""
     model = build_model(model_name, num_labels=num_labels, seed=config.seed)
     if config.method == "lora":
-        add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_batchnorm)
+        with torch.random.fork_rng(devices=[]):  # the adapters' init depends on the seed alone
+            torch.default_generator.manual_seed(config.seed)
+            add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_batchnorm)
     return model
 
 
@@ -174,15 +190,25 @@ def predict_logits(model: nn.Module, split: ImageSplit, device: torch.device, ba
                    tta: bool = False) -> np.ndarray:
     """(N, classes) float logits of a split, in the split's order, in eval mode.
 
-    With `tta`, the logits are averaged over the 8 flips/rotations of each image (galaxies have no orientation).
+    With `tta`, the logits are averaged over the 8 flips/rotations of each image (galaxies have no orientation):
+    the views of batch_size / 8 images go through one forward of batch_size, channels_last. The logits stay on
+    the device until the split is done, so the CPU never waits for the GPU between batches.
     """
     model.eval()
+    views = 8 if tta else 1
     out = []
-    for x, _ in batches(split, batch_size, device, reuse=True):
-        views = [orient(x, e) for e in range(8)] if tta else [x]
+    for x, _ in batches(split, max(1, batch_size // views), device, reuse=True):
+        if tta:
+            turned = empty_batch((views * len(x), *x.shape[1:]), device)
+            for element, part in enumerate(turned.split(len(x))):
+                part.copy_(orient(x, element))
+            x = turned
         with autocast(device):
-            out.append(torch.stack([model(pixel_values=v).logits.float() for v in views]).mean(0).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.float32)
+            logits = model(pixel_values=x).logits.float()
+        out.append(logits.view(views, -1, logits.shape[1]).mean(0))
+    if not out:
+        return np.zeros((0, 2), dtype=np.float32)
+    return torch.cat(out).cpu().numpy()
 
 
 def evaluate(model: nn.Module, split: ImageSplit, device: torch.device, batch_size: int = 64) -> dict[str, float]:
@@ -236,13 +262,14 @@ def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSpli
     for epoch in range(first_epoch, config.epochs + 1):
         started = time.perf_counter()
         model.train()
-        total_loss, seen = 0.0, 0
+        loss_sum, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for x, y in batches(train, config.batch_size, device, shuffle=True, augment=config.augment,
                             seed=config.seed * 100_003 + epoch, reuse=True):
             loss = train_step(model, optimizer, x, y, device)
             scheduler.step()
-            total_loss += loss.item() * len(y)
+            loss_sum += loss.detach() * len(y)
             seen += len(y)
+        total_loss = loss_sum.item()  # the epoch's one wait for the device
         if not math.isfinite(total_loss):
             raise GalaxyTuneError(f"training diverged at epoch {epoch} (loss {total_loss}): lower lr={config.lr}")
         val_metrics = evaluate(model, val, device)

@@ -18,9 +18,11 @@ import torch
 import ray
 from ray import tune
 
-from .data import load_prepared, open_split
+from .data import load_prepared
+
+from .loader import open_split
 from .model import count_parameters
-from .train import TrainConfig, fit, make_model, pick_device
+from .train import TrainConfig, fit, limit_gpu_memory, make_model, pick_device
 
 STATE_FILE = "state.pt"
 
@@ -35,7 +37,8 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint is noise
     torch.set_num_threads(max(1, int(cpus)))
     prepared = load_prepared(Path(prepared_dir), image_size_px, crop_px)
-    device = pick_device(gpus)
+    device = pick_device("cuda" if gpus > 0 else "cpu")  # Ray makes only the trial's own GPU visible
+    limit_gpu_memory(device, gpus)  # a fractional trial gets its share of the GPU's memory, no more
     model = make_model(train_config, model_name, num_labels=len(prepared.class_names))
     trainable_params, total_params = count_parameters(model)
 

@@ -29,6 +29,6 @@ def ray_local():
     """One real local Ray (2 CPUs, no dashboard) for every test that runs a search."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)  # the same on a GPU machine
     yield ray
     ray.shutdown()

@@ -1,5 +1,6 @@
 """Data: labels of both tasks, CSV validation, stratified reproducible splits, the pixel cache and batches."""
 
+import dataclasses
 import re
 import shutil
 
@@ -10,10 +11,10 @@ import torch
 from PIL import Image
 
 from conftest import CROP_PX, FIXTURES, IMAGE_SIZE_PX
-from galaxy_tune.data import (DataConfig, batches, open_split, orient, prepare, read_votes, split_manifest,
-                              task_labels)
+from galaxy_tune.data import DataConfig, prepare, read_votes, split_manifest, task_labels
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.kaggle import CSV_NAME, IMAGES_DIR
+from galaxy_tune.loader import batches, open_split, orient
 
 
 def real_rows(tmp_path):
@@ -121,7 +122,7 @@ def test_bad_images_are_listed_and_can_be_skipped(demo_dir, tmp_path, capsys):
     assert "3 bad image(s)" in message and "--skip-bad" in message
     for path in (missing, truncated, small):
         assert path.name in message
-    prepared = prepare(config, tmp_path / "out", skip_bad=True)
+    prepared = prepare(dataclasses.replace(config, skip_bad=True), tmp_path / "out")
     assert len(prepared.manifest()) == len(kept) - 3 and len(ids) > len(kept)
     assert "skipping 3 bad image(s)" in capsys.readouterr().out
     # The split made with --skip-bad stays valid for later runs without the flag (search, retrain).
@@ -166,3 +167,14 @@ def test_augmented_batches_are_turned_images_with_their_labels_and_reuse_gives_t
         assert torch.equal(x, want_x) and torch.equal(y, want_y)
         pointers.add(x.data_ptr())
     assert len(pointers) == 1  # one tensor, overwritten batch after batch
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_prefetched_batches_equal_the_ones_gathered_in_line(prepared, reuse):
+    # The background-thread gather with two host buffers taking turns (CUDA's path) gives the very same batches.
+    split = open_split(prepared, "train")
+    settings = dict(shuffle=True, augment=True, seed=5, reuse=reuse)
+    in_line = [(x.clone(), y) for x, y in batches(split, 16, torch.device("cpu"), prefetch=False, **settings)]
+    prefetched = batches(split, 16, torch.device("cpu"), prefetch=True, **settings)
+    for (x, y), (want_x, want_y) in zip(prefetched, in_line, strict=True):
+        assert torch.equal(x, want_x) and torch.equal(y, want_y)

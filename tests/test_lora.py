@@ -1,6 +1,6 @@
 import copy
+from pathlib import Path
 
-import loralib
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -10,6 +10,7 @@ from transformers import ResNetForImageClassification
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.lora import (
     LORA_TARGETS,
+    LoraConv2d,
     adapter_state_dict,
     add_lora,
     load_adapter_state,
@@ -18,6 +19,8 @@ from galaxy_tune.lora import (
     to_plain_model,
 )
 from galaxy_tune.model import RANDOM_RESNET50, TINY, build_model, count_parameters
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 IMAGES = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 LABELS = torch.tensor([0, 1] * 4)
@@ -39,7 +42,7 @@ def _train_a_few_steps(model) -> None:
 
 
 def _lora_conv_count(model) -> int:
-    return sum(isinstance(m, loralib.Conv2d) for m in model.modules())
+    return sum(isinstance(m, LoraConv2d) for m in model.modules())
 
 
 @pytest.mark.parametrize("targets", LORA_TARGETS)
@@ -72,9 +75,13 @@ def test_targets_choose_which_convs_get_adapters(targets, expected_convs):
     assert _lora_conv_count(add_lora(build_model(TINY), rank=2, alpha=2, targets=targets)) == expected_convs
 
 
-@pytest.mark.parametrize("rank, alpha, targets", [(0, 8, "bottleneck"), (4, 0, "bottleneck"), (4, 8, "stem")])
-def test_invalid_lora_settings_are_rejected(rank, alpha, targets):
-    with pytest.raises(GalaxyTuneError, match="use"):
+@pytest.mark.parametrize("rank, alpha, targets, culprit", [
+    (0, 8, "bottleneck", "LoRA rank 0 is invalid"),
+    (4, 0, "bottleneck", "LoRA alpha 0 is invalid"),
+    (4, 8, "stem", "LoRA targets 'stem' is unknown"),
+])
+def test_invalid_lora_settings_are_rejected(rank, alpha, targets, culprit):
+    with pytest.raises(GalaxyTuneError, match=culprit):
         add_lora(build_model(TINY), rank=rank, alpha=alpha, targets=targets)
 
 
@@ -103,7 +110,7 @@ def test_adapter_snapshot_does_not_follow_later_training():
     _train_a_few_steps(model)
     load_adapter_state(model, snapshot)
     torch.testing.assert_close(_logits(model, False), expected, atol=1e-6, rtol=0)
-    assert not any("convolution.conv.weight" in key for key in snapshot)
+    assert not any("base_layer" in key for key in snapshot)  # frozen weights are the base model's
 
 
 def test_adapters_of_another_rank_are_rejected(tmp_path):
@@ -116,7 +123,7 @@ def test_adapters_of_another_rank_are_rejected(tmp_path):
 def test_plain_model_matches_lora_model_and_loads_with_plain_transformers(tmp_path, merged):
     lora = add_lora(build_model(TINY), rank=4, alpha=8, targets="all")
     _train_a_few_steps(lora)
-    lora.train(not merged)  # eval() merges the adapters into the conv weights
+    lora.train(not merged)  # eval() convolves with the merged weight
     plain = to_plain_model(lora)
     assert _lora_conv_count(plain) == 0 and _lora_conv_count(lora) == 17
     torch.testing.assert_close(_logits(plain, False), _logits(lora, False), atol=1e-5, rtol=1e-5)
@@ -137,3 +144,44 @@ def test_adapter_file_is_small_next_to_full_resnet50(tmp_path, targets, expected
     print(f"{targets}: adapters {adapter_bytes / 1e6:.2f} MB, full {full_bytes / 1e6:.2f} MB, "
           f"ratio {adapter_bytes / full_bytes:.3f}")
     assert adapter_bytes < 0.15 * full_bytes
+
+
+def _small_adapter(conv: nn.Conv2d, relative_size: float) -> LoraConv2d:
+    """A LoRA conv whose ΔW is `relative_size` of W in norm: the size of an early step at a low learning rate."""
+    lora = LoraConv2d(conv, rank=8, alpha=8)
+    with torch.no_grad():
+        lora.lora_B.weight.normal_()
+        lora.lora_B.weight *= relative_size * conv.weight.norm() / lora.delta_weight().norm()
+    return lora
+
+
+def test_the_adapter_effect_survives_bf16_autocast_where_a_merged_weight_loses_it():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    lora = _small_adapter(conv, relative_size=3e-4).train()
+    x = torch.randn(4, 64, 16, 16)
+    with torch.no_grad():
+        reference = lora(x) - conv(x)  # fp32: the adapter's effect on the layer's output
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            branch = (lora(x) - conv(x)).float()
+            merged = (nn.functional.conv2d(x, conv.weight + lora.delta_weight(), padding=1) - conv(x)).float()
+    error = lambda effect: ((effect - reference).norm() / reference.norm()).item()  # noqa: E731
+    assert error(branch) < 0.01  # the branch: within 1 % of fp32
+    assert error(merged) > 0.5  # bf16(W + ΔW) rounds most of ΔW away: what the branch avoids
+
+
+def test_frozen_base_convs_get_no_weight_gradient():
+    model = add_lora(build_model(TINY), rank=2, alpha=2)
+    _train_a_few_steps(model)
+    lora_convs = [m for m in model.modules() if isinstance(m, LoraConv2d)]
+    assert all(m.base_layer.weight.grad is None and m.lora_A.weight.grad is not None for m in lora_convs)
+
+
+def test_adapters_written_by_the_earlier_loralib_convlora_layer_still_load():
+    # Written by galaxy_tune's loralib ConvLoRA layer (tiny model, seed 0, rank 2, alpha 4, trained BatchNorm),
+    # with the logits that model gave on the saved pixels.
+    model = add_lora(build_model(TINY, seed=0), rank=2, alpha=4, targets="bottleneck", train_batchnorm=True)
+    load_adapters(model, FIXTURES / "loralib_convlora_adapters.safetensors")
+    expected = torch.load(FIXTURES / "loralib_convlora_logits.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(expected["pixels"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)

@@ -1,5 +1,6 @@
 import torch
 
+import huggingface_hub
 import pytest
 
 from galaxy_tune.errors import GalaxyTuneError
@@ -66,14 +67,15 @@ def test_explicit_model_that_cannot_load_raises(tmp_path, name):
         load_backbone(name)
 
 
-def test_default_backbone_falls_back_to_random_resnet50_when_offline(capsys):
-    model, name = load_backbone(None)
+def test_default_backbone_falls_back_to_random_resnet50_when_offline(monkeypatch, tmp_path, capsys):
+    # Offline with an empty Hugging Face cache, whatever this machine's network and cache: the fallback must run.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model, name = load_backbone(None, seed=3)
     err = capsys.readouterr().err
-    if name == DEFAULT_MODEL:  # online, or weights already in the Hugging Face cache
-        assert "falling back" not in err
-    else:
-        assert name == RANDOM_RESNET50
-        assert err.count("warning:") == 1 and "falling back" in err and DEFAULT_MODEL in err
+    assert name == RANDOM_RESNET50
+    assert err.count("warning:") == 1 and "falling back" in err and DEFAULT_MODEL in err
+    assert _same_weights(model, build_model(RANDOM_RESNET50, seed=3))  # the random-init ResNet-50 of that seed
     assert model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 2)
 
 

@@ -10,12 +10,13 @@ import torch
 from transformers import ResNetForImageClassification
 
 from conftest import CROP_PX, IMAGE_SIZE_PX
-from galaxy_tune.data import ImageSplit, open_split
+from galaxy_tune.loader import ImageSplit, open_split
 from galaxy_tune.errors import GalaxyTuneError
+from galaxy_tune.export import MODEL_INFO
 from galaxy_tune.kaggle import IMAGES_DIR
 from galaxy_tune.model import build_model
-from galaxy_tune.predict import MODEL_INFO, predict_folder
-from galaxy_tune.train import predict_logits
+from galaxy_tune.predict import predict_folder
+from galaxy_tune.train import pick_device, place, predict_logits
 
 CLASS_NAMES = ["Class6.2", "Class1.2"]
 CPU = torch.device("cpu")
@@ -55,11 +56,14 @@ def test_predict_writes_galaxy_ids_and_one_probability_per_class(exported, demo_
 @pytest.mark.parametrize("tta", [False, True])
 def test_predictions_match_the_retrain_test_on_the_pixel_cache(exported, demo_dir, prepared, tmp_path, tta):
     # The same JPEGs, decoded by prepare into the cache, classified as retrain's test_model does.
+    # Both on the device every command picks by default: the CPU here, CUDA (bf16) on a GPU machine.
+    device = pick_device()
     table = predict_folder(exported, demo_dir / IMAGES_DIR, tmp_path / "p.csv", tta=tta).set_index("GalaxyID")
     cache = whole_cache(prepared)
-    model = ResNetForImageClassification.from_pretrained(exported)
-    expected = torch.softmax(torch.from_numpy(predict_logits(model, cache, CPU, tta=tta)), 1).numpy()
-    assert table.loc[cache.galaxy_ids, CLASS_NAMES].to_numpy() == pytest.approx(expected, abs=1e-5)
+    model = place(ResNetForImageClassification.from_pretrained(exported), device)
+    expected = torch.softmax(torch.from_numpy(predict_logits(model, cache, device, tta=tta)), 1).numpy()
+    tolerance = 1e-5 if device.type == "cpu" else 1e-2  # cuDNN may pick other bf16 kernels for other batches
+    assert table.loc[cache.galaxy_ids, CLASS_NAMES].to_numpy() == pytest.approx(expected, abs=tolerance)
 
 
 def test_tta_changes_predictions_and_is_invariant_to_rotating_or_flipping_a_galaxy(exported, prepared):

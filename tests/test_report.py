@@ -12,8 +12,10 @@ from PIL import Image
 
 from conftest import CROP_PX, IMAGE_SIZE_PX
 from galaxy_tune.cli import main
-from galaxy_tune.report import (FigureSkipped, fmt_interval, mcnemar_exact, plot_param_importances, t_interval,
-                                wilson_interval, write_report)
+from galaxy_tune.report import write_report
+from galaxy_tune.report.figure import FigureSkipped
+from galaxy_tune.report.search_report import plot_param_importances
+from galaxy_tune.report.stats import fmt_interval, mcnemar_exact, t_interval, wilson_interval
 
 SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
 SEARCH_FIGURES = {"val_curves.png", "best_vs_trial.png", "best_vs_time.png", "param_slices.png"}

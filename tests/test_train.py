@@ -1,14 +1,16 @@
 """The training loop: it learns, it is deterministic on the CPU, and a resumed run matches an uninterrupted one."""
 
 import dataclasses
+import io
+import math
 
 import pytest
 import torch
 
-from galaxy_tune.data import open_split
+from galaxy_tune.loader import open_split
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.model import count_parameters
-from galaxy_tune.train import TrainConfig, fit, make_model
+from galaxy_tune.train import TrainConfig, fit, make_model, pick_device
 
 CPU = torch.device("cpu")
 QUICK = TrainConfig(method="full", lr=3e-3, optimizer="adam", scheduler="constant", epochs=4, batch_size=16)
@@ -44,10 +46,11 @@ def test_resuming_from_a_checkpoint_matches_an_uninterrupted_run(prepared, metho
     config = dataclasses.replace(QUICK, method=method, scheduler=scheduler, step_size=1, epochs=3)
     saved = {}
     _, whole = run(prepared, config, on_epoch=lambda m, state: saved.setdefault(m["epoch"], state()))
-    # Round-trip the checkpoint through disk the way the trainable does, with weights-only loading.
-    path = torch.save(saved[1], buffer := __import__("io").BytesIO()) or buffer
-    path.seek(0)
-    _, resumed = run(prepared, config, start=torch.load(path, weights_only=True))
+    # Round-trip the checkpoint through bytes the way the trainable does, with weights-only loading.
+    buffer = io.BytesIO()
+    torch.save(saved[1], buffer)
+    buffer.seek(0)
+    _, resumed = run(prepared, config, start=torch.load(buffer, weights_only=True))
     assert [h["epoch"] for h in resumed] == [2, 3]
     for a, b in zip(whole[1:], resumed):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
@@ -74,20 +77,40 @@ def test_bad_hyperparameters_are_refused(values, culprit):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_training_on_the_gpu_in_bf16_channels_last(prepared, method):
-    from galaxy_tune.train import pick_device
-
-    config = dataclasses.replace(QUICK, method=method, epochs=2)
+    config = dataclasses.replace(QUICK, method=method, lr=1e-2 if method == "lora" else 3e-3, epochs=5)
     model = make_model(config, "tiny")
-    history = fit(model, config, open_split(prepared, "train"), open_split(prepared, "val"), pick_device(1))
-    assert next(model.parameters()).is_cuda and len(history) == 2
-    assert history[-1]["train_loss"] == history[-1]["train_loss"]  # finite, not NaN
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []  # (input is channels_last, output dtype) of every forward of the first convolution
+    first_conv.register_forward_hook(lambda module, inputs, output: seen.append(
+        (inputs[0].is_contiguous(memory_format=torch.channels_last), output.dtype)))
+    history = fit(model, config, open_split(prepared, "train"), open_split(prepared, "val"), pick_device("cuda"))
+    assert next(model.parameters()).is_cuda and len(history) == 5
+    assert seen and all(seen_channels_last for seen_channels_last, _ in seen)  # batches arrive channels_last
+    assert {dtype for _, dtype in seen} == {torch.bfloat16}  # autocast ran every forward in bf16
+    losses = [h["train_loss"] for h in history]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
 
 
-def test_asking_for_a_gpu_where_there_is_none_is_refused():
-    from galaxy_tune.train import pick_device
-
-    if torch.cuda.is_available():
-        assert pick_device(1).type == "cuda"
+@pytest.mark.parametrize("cuda_visible", [False, True])
+def test_every_command_picks_cuda_when_torch_sees_a_gpu_unless_told_cpu(monkeypatch, cuda_visible):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_visible)  # what torch sees, simulated
+    assert pick_device().type == pick_device("auto").type == ("cuda" if cuda_visible else "cpu")
+    assert pick_device("cpu").type == "cpu"
+    if cuda_visible:
+        assert pick_device("cuda").type == "cuda"
     else:
-        with pytest.raises(GalaxyTuneError, match="torch sees none"):
-            pick_device(1)
+        with pytest.raises(GalaxyTuneError, match="a GPU was asked for but torch sees none: use --device cpu"):
+            pick_device("cuda")
+    with pytest.raises(GalaxyTuneError, match="--device 'gpu' is unknown"):
+        pick_device("gpu")
+
+
+def test_the_same_seed_gives_the_same_lora_initialisation():
+    config = dataclasses.replace(QUICK, method="lora", seed=3)
+    first = make_model(config, "tiny")
+    torch.rand(1000)  # whatever ran before (another trial in a reused worker) must not matter
+    again = make_model(config, "tiny")
+    other = make_model(dataclasses.replace(config, seed=4), "tiny")
+    lora_a = lambda model: [p for n, p in model.named_parameters() if "lora_A" in n]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(lora_a(first), lora_a(again), strict=True))
+    assert not torch.equal(lora_a(first)[0], lora_a(other)[0])

@@ -1,0 +1,96 @@
+"""The exported-model format: a Hugging Face folder that plain `transformers` loads, plus what galaxy_tune needs.
+
+`<method>-seed<S>/hf/` holds `config.json` + weights (LoRA merged in), the image processor that feeds the model
+the pixels it was trained on, and `galaxy_tune.json` (image size, crop, class names, task): what `predict`
+needs and the model cannot know. `<method>-seed<S>/adapters.safetensors` holds a LoRA result's adapters alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from transformers import ConvNextImageProcessor, ResNetForImageClassification
+
+from .data import Prepared
+
+from .loader import IMAGENET_MEAN, IMAGENET_STD
+from .errors import GalaxyTuneError
+from .kaggle import IMAGE_SIZE_PX
+from .lora import save_adapters, to_plain_model
+
+MODEL_INFO = "galaxy_tune.json"  # beside config.json: {"image_size_px", "crop_px", "class_names", "task"}
+HF_FOLDER = "hf"
+ADAPTERS = "adapters.safetensors"
+TRAIN_CONFIG = "train_config.json"
+
+
+def save_exported(model, config: dict, method: str, prepared: Prepared, folder: Path) -> Path:
+    """Write the trained model in Hugging Face format (LoRA merged in), plus a LoRA result's adapters alone.
+
+    `config` is the training config as a dict (written beside the model); returns the hf/ folder.
+    """
+    hf = Path(folder) / HF_FOLDER
+    hf.mkdir(parents=True, exist_ok=True)
+    plain = to_plain_model(model) if method == "lora" else model
+    plain.config.id2label = dict(enumerate(prepared.class_names))
+    plain.config.label2id = {name: i for i, name in enumerate(prepared.class_names)}
+    plain.save_pretrained(hf)
+    image_processor(prepared.image_size_px, prepared.crop_px).save_pretrained(hf)
+    (hf / MODEL_INFO).write_text(json.dumps({
+        "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px,
+        "class_names": list(prepared.class_names), "task": prepared.task}, indent=2))
+    if method == "lora":
+        save_adapters(model, Path(folder) / ADAPTERS)
+    (Path(folder) / TRAIN_CONFIG).write_text(json.dumps(config, indent=2))
+    return hf
+
+
+def image_processor(image_size_px: int, crop_px: int | None) -> ConvNextImageProcessor:
+    """The Hugging Face image processor that feeds an exported model the pixels it was trained on.
+
+    ConvNext's processor (the one `microsoft/resnet-50` uses) resizes the short side to size / crop_pct, then
+    centre-crops `size`: the same as our centre crop of `crop_px` followed by a bilinear resize.
+    """
+    return ConvNextImageProcessor(size={"shortest_edge": image_size_px},
+                                  crop_pct=(crop_px or IMAGE_SIZE_PX) / IMAGE_SIZE_PX,
+                                  resample=Image.Resampling.BILINEAR, image_mean=list(IMAGENET_MEAN),
+                                  image_std=list(IMAGENET_STD))
+
+
+def load_exported(model_dir: Path, image_size_px: int | None = None,
+                  crop_px: int | None = None) -> tuple[ResNetForImageClassification, list[str], int, int | None]:
+    """(model, class names in label order, image size, crop) of an exported model folder.
+
+    `image_size_px` / `crop_px` are needed only for a model without galaxy_tune.json (a plain HF ResNet).
+    """
+    model_dir = Path(model_dir)
+    if (model_dir / HF_FOLDER / "config.json").is_file():  # the <method>-seed<S> folder was given: use its model
+        model_dir = model_dir / HF_FOLDER
+    if not (model_dir / "config.json").is_file():
+        why = "does not exist" if not model_dir.is_dir() else "holds no config.json"
+        raise GalaxyTuneError(f"model folder {model_dir} {why}: pass the hf/ folder of a retrain, "
+                              "e.g. --model results/retrain-<time>/full-seed0/hf")
+    try:
+        model = ResNetForImageClassification.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise GalaxyTuneError(f"could not load the model in {model_dir} ({err}): pass a folder written by "
+                              "retrain (or save_pretrained of a transformers ResNet)") from None
+    info_path = model_dir / MODEL_INFO
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if info:
+        for flag, given, trained in (("--image-size", image_size_px, info["image_size_px"]),
+                                     ("--crop", crop_px, info["crop_px"])):
+            if given is not None and given != trained:
+                raise GalaxyTuneError(f"{flag} {given} differs from the {trained} the model was trained with "
+                                      f"({info_path}): leave {flag} out")
+        image_size_px, crop_px = info["image_size_px"], info["crop_px"]
+    elif image_size_px is None:
+        raise GalaxyTuneError(f"{model_dir} has no {MODEL_INFO} saying which image size the model was trained "
+                              "on: pass --image-size (and --crop) as used in training")
+    labels = model.config.id2label
+    class_names = [labels[i] for i in sorted(labels)]
+    if class_names == [f"LABEL_{i}" for i in range(len(class_names))] and "class_names" in info:
+        class_names = list(info["class_names"])
+    return model, class_names, image_size_px, crop_px

@@ -1,0 +1,54 @@
+"""What every report figure shares: saving a figure into report.md (or saying why it is left out), axes and labels.
+
+Figures use matplotlib's object API (no pyplot), so writing a report never touches the backend of a notebook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+METHOD_ORDER = ("direct", "full", "lora")
+METHOD_COLORS = {"direct": "#8c8c8c", "full": "#1f77b4", "lora": "#ff7f0e"}
+# What the Galaxy Zoo answers of the tasks mean, for axis labels.
+CLASS_MEANINGS = {"Class1.1": "smooth", "Class1.2": "features or disk", "Class6.2": "nothing odd"}
+DPI = 110
+
+
+class FigureSkipped(Exception):
+    """A figure the data cannot support; the message says why, and the report says so instead."""
+
+
+def embed(out: Path, name: str, caption: str, draw: Callable[[], Figure]) -> list[str]:
+    """Markdown lines of one figure: draw it and save it as out/name, or say why it was left out."""
+    path = out / name
+    try:
+        figure = draw()
+    except FigureSkipped as why:
+        path.unlink(missing_ok=True)  # never leave an earlier report's figure beside a report that omits it
+        return [f"*{caption}: not drawn: {why}.*", ""]
+    figure.savefig(path, dpi=DPI)
+    return [f"![{path.stem.replace('_', ' ')}]({name})", "", f"*{caption}.*", ""]
+
+
+def percent_axis(ax, label: str, low: float = 0, high: float = 100) -> None:
+    ax.set_ylabel(label)
+    ax.set_ylim(low, high)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def class_label(name: str, short: bool = False) -> str:
+    """`Class1.2 (features or disk)`, or just the meaning when `short`."""
+    meaning = CLASS_MEANINGS.get(name)
+    if meaning is None:
+        return name
+    return meaning if short else f"{name}\n({meaning})"
+
+
+def padded_limits(values_percent: list[float]) -> tuple[float, float]:
+    """y limits (%) showing every value with a margin, within 0-100."""
+    low, high = min(values_percent), max(values_percent)
+    margin = max(2.0, (high - low) * 0.08)
+    return max(0.0, low - margin), min(102.0, high + margin)  # 102: a 100 % point stays whole

@@ -1,0 +1,286 @@
+"""The report of a search experiment: how every trial learned, how fast the search found its best config, which
+hyperparameters mattered (Optuna's importances) and where their good values lie.
+
+Optuna is imported where a study is read, not with this module, so `import galaxy_tune.report` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
+
+from .. import layout
+from ..data import majority_share
+from .figure import FigureSkipped, embed, padded_limits, percent_axis
+
+if TYPE_CHECKING:
+    import optuna
+
+MIN_TRIALS_FOR_IMPORTANCE = 4
+STATUS_STYLE = {  # trials.csv status: how its curve is drawn, and its legend label
+    "COMPLETED": ({"color": "#1f77b4", "linestyle": "-", "alpha": 0.55, "linewidth": 1.3}, "ran every epoch"),
+    "STOPPED": ({"color": "#9a9a9a", "linestyle": "--", "alpha": 0.9, "linewidth": 1.1}, "stopped early by ASHA"),
+    "ERROR": ({"color": "#d62728", "linestyle": ":", "alpha": 0.9, "linewidth": 1.1}, "failed"),
+}
+
+
+def write_search_report(experiment: Path, out_dir: Path | None = None) -> Path:
+    """report.md and figures of a search experiment (in out_dir, default the experiment); returns report.md."""
+    experiment = Path(experiment)
+    out = Path(out_dir or experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    trials = pd.read_csv(experiment / layout.TRIALS)
+    best = json.loads((experiment / layout.BEST).read_text())
+    study = load_study(experiment)
+    shown = [c for c in trials.columns if c not in ("config", "val_accuracy_curve", "path", "node_id")]
+    ranked = trials.sort_values("best_val_accuracy", ascending=False)[shown]
+    val_majority = majority_share(best["data"]["counts"], "val")
+    lines = [
+        f"# galaxy_tune search: {experiment.name}",
+        "",
+        (f"Method `{best['method']}`, {len(trials)} trials "
+         f"({', '.join(f'{n} {s.lower()}' for s, n in trials['status'].value_counts().items())}), "
+         f"backbone {best['weights']}, task `{best['data']['task']}` at {best['data']['image_size_px']} px."),
+        (f"Best val accuracy {best['val_accuracy'] * 100:.2f} % (trial {best['trial_id']}, epoch {best['epoch']}) "
+         f"with `{json.dumps(best['config'])}`."),
+        f"Majority-class share of the val split: {val_majority * 100:.2f} %.",
+        "",
+        "## Figures",
+        "",
+        *embed(out, "val_curves.png", "Validation accuracy after each epoch, one line per trial; ASHA-stopped "
+               "trials end early (dashed, ×)", lambda: plot_val_curves(trials, val_majority, experiment.name)),
+        *embed(out, "best_vs_trial.png", "Best validation accuracy so far against the number of trials run",
+               lambda: plot_best_vs_trial(trials, experiment.name)),
+        *embed(out, "best_vs_time.png", "Best validation accuracy so far against wall-clock time",
+               lambda: plot_best_vs_time(epoch_timeline(experiment, trials), experiment.name)),
+        *embed(out, "param_importances.png", "Optuna's hyperparameter importances (PED-ANOVA) over the trials "
+               "that ran every epoch", lambda: plot_param_importances(study, experiment.name)),
+        *embed(out, "param_slices.png", "Each searched hyperparameter against the best validation accuracy of "
+               "each trial", lambda: plot_param_slices(study, experiment.name)),
+        "## Trials",
+        "",
+        ranked.to_markdown(index=False, floatfmt=".4g"),
+        "",
+    ]
+    path = out / layout.REPORT
+    path.write_text("\n".join(lines))
+    return path
+
+
+def load_study(experiment: Path) -> optuna.Study | None:
+    """The experiment's Optuna study (whatever its name, should the folder have been renamed), if any."""
+    if not (experiment / layout.STUDY).is_file():
+        return None
+    import optuna
+
+    storage = f"sqlite:///{experiment / layout.STUDY}"
+    names = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=names[0], storage=storage) if names else None
+
+
+def trial_curves(trials: pd.DataFrame) -> list[list[float]]:
+    """Val accuracy after each epoch of each trial, in %."""
+    return [[v * 100 for v in json.loads(curve)] for curve in trials["val_accuracy_curve"]]
+
+
+def plot_val_curves(trials: pd.DataFrame, val_majority: float, name: str) -> Figure:
+    """Val accuracy vs epoch for every trial; stopped ones grey and dashed with an × where ASHA stopped them."""
+    curves = trial_curves(trials)
+    if not any(curves):
+        raise FigureSkipped("no trial finished an epoch")
+    figure = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = figure.subplots()
+    best_row = int(trials["best_val_accuracy"].fillna(-1).to_numpy().argmax())
+    for row, (status, curve) in enumerate(zip(trials["status"], curves)):
+        if row == best_row or not curve:
+            continue
+        style, _ = STATUS_STYLE[status]
+        epochs = np.arange(1, len(curve) + 1)
+        ax.plot(epochs, curve, **style, marker="o" if len(curve) == 1 else None, markersize=3)
+        if status != "COMPLETED":
+            ax.plot(epochs[-1], curve[-1], marker="x", color=style["color"], markersize=8, markeredgewidth=2)
+    best_curve = curves[best_row]
+    ax.plot(np.arange(1, len(best_curve) + 1), best_curve, color="#d62728", linewidth=2.6, marker="o",
+            markersize=4, zorder=5)
+    ax.axhline(val_majority * 100, color="black", linestyle=":", linewidth=1.2)
+    counts = trials["status"].value_counts()
+    handles = [Line2D([], [], **STATUS_STYLE[s][0], marker="x" if s != "COMPLETED" else None,
+                      label=f"{STATUS_STYLE[s][1]} ({counts[s]})") for s in STATUS_STYLE if s in counts]
+    handles += [Line2D([], [], color="#d62728", linewidth=2.6, marker="o", markersize=4,
+                       label=f"best trial {trials['trial_id'].iloc[best_row]}"),
+                Line2D([], [], color="black", linestyle=":", label=f"majority class ({val_majority * 100:.1f} %)")]
+    figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9, frameon=False)
+    longest = max(len(c) for c in curves)
+    ax.set_xticks(range(1, longest + 1) if longest <= 20 else np.linspace(1, longest, 10, dtype=int))
+    ax.set_xlim(0.8, longest + 0.2)
+    ax.set_xlabel("epoch")
+    percent_axis(ax, "validation accuracy (%)", *padded_limits([v for c in curves for v in c] + [val_majority * 100]))
+    ax.set_title(f"{name}: validation accuracy of every trial ({len(trials)} trials)")
+    return figure
+
+
+def plot_best_vs_trial(trials: pd.DataFrame, name: str) -> Figure:
+    """Each trial's best val accuracy in the order trials were proposed, and the best so far as a step line."""
+    scores = trials["best_val_accuracy"].to_numpy() * 100
+    if np.isnan(scores).all():
+        raise FigureSkipped("no trial finished an epoch")
+    number = np.arange(1, len(trials) + 1)
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for status, (style, label) in STATUS_STYLE.items():
+        picked = (trials["status"] == status).to_numpy() & ~np.isnan(scores)
+        if picked.any():
+            ax.scatter(number[picked], scores[picked], color=style["color"], marker="o" if status == "COMPLETED"
+                       else "x", s=36, zorder=3, label=f"{label} (its best epoch)")
+    running = np.fmax.accumulate(np.nan_to_num(scores, nan=-np.inf))
+    shown = np.isfinite(running)
+    ax.step(number[shown], running[shown], where="post", color="#d62728", linewidth=2, label="best so far")
+    ax.set_xlabel("trial number (order proposed by the sampler)")
+    ax.set_xticks(number if len(number) <= 25 else np.linspace(1, len(number), 12, dtype=int))
+    percent_axis(ax, "validation accuracy (%)", *padded_limits(list(scores[~np.isnan(scores)])))
+    figure.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
+    ax.set_title(f"{name}: best validation accuracy so far, by trial")
+    return figure
+
+
+def epoch_timeline(experiment: Path, trials: pd.DataFrame) -> pd.DataFrame:
+    """Every epoch report of every trial from Ray's result.json files: minutes since the search started and
+    val accuracy (%), in time order."""
+    rows = []
+    for trial_path in trials["path"].dropna():
+        # When the experiment folder was moved, look beside trials.csv.
+        reports = pd.DataFrame(layout.trial_reports(Path(trial_path))
+                               or layout.trial_reports(experiment / Path(trial_path).name))
+        if {"timestamp", "time_total_s", "val_accuracy"} <= set(reports.columns):
+            rows.append(reports[["timestamp", "time_total_s", "val_accuracy"]])
+    if not rows:
+        return pd.DataFrame(columns=["minutes", "val_accuracy"])
+    reports = pd.concat(rows)
+    # timestamp is when Ray received the report; timestamp - time_total_s is when that trial started.
+    started = (reports["timestamp"] - reports["time_total_s"]).min()
+    return pd.DataFrame({"minutes": (reports["timestamp"] - started) / 60,
+                         "val_accuracy": reports["val_accuracy"] * 100}).sort_values("minutes")
+
+
+def plot_best_vs_time(timeline: pd.DataFrame, name: str) -> Figure:
+    """Val accuracy of every epoch report over wall time, and the best so far as a step line."""
+    if timeline.empty:
+        raise FigureSkipped("no result.json with per-epoch timestamps was found in the trial folders")
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.subplots()
+    ax.scatter(timeline["minutes"], timeline["val_accuracy"], s=14, color="#9a9a9a", alpha=0.7,
+               label="an epoch of some trial")
+    # Ray's timestamps are whole seconds: reports of the same second count as one, or a false step appears.
+    best_at = timeline.groupby("minutes")["val_accuracy"].max()
+    running = np.maximum.accumulate(best_at.to_numpy())
+    ax.step(np.append(best_at.index, best_at.index.max() * 1.02), np.append(running, running[-1]),
+            where="post", color="#d62728", linewidth=2, label="best so far")
+    ax.set_xlabel("wall-clock time since the search started (minutes)")
+    ax.set_xlim(0, None)
+    percent_axis(ax, "validation accuracy (%)", *padded_limits(list(timeline["val_accuracy"])))
+    figure.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
+    ax.set_title(f"{name}: best validation accuracy so far, by wall time "
+                 f"({timeline['minutes'].max():.1f} min in all)")
+    return figure
+
+
+def trial_score(trial: optuna.trial.FrozenTrial) -> float | None:
+    """A trial's best val accuracy: its value, or for a pruned trial the best of its epochs."""
+    if trial.value is not None:
+        return trial.value
+    return max(trial.intermediate_values.values(), default=None)
+
+
+def plot_param_importances(study: optuna.Study | None, name: str) -> Figure:
+    """Horizontal bars of Optuna's importance of each searched hyperparameter (they sum to 1)."""
+    if study is None:
+        raise FigureSkipped(f"no Optuna study ({layout.STUDY}) in the experiment")
+    import optuna
+
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(completed) < MIN_TRIALS_FOR_IMPORTANCE:
+        raise FigureSkipped(f"only {len(completed)} trial(s) ran every epoch and importances need at least "
+                            f"{MIN_TRIALS_FOR_IMPORTANCE} (ASHA-stopped trials are not used): run more --num-samples")
+    if len({t.value for t in completed}) == 1:
+        raise FigureSkipped("every completed trial reached the same val accuracy, so no parameter explains it")
+    with warnings.catch_warnings():  # PED-ANOVA warns about sparse regimes, which is the nature of small searches
+        warnings.simplefilter("ignore")
+        importances = optuna.importance.get_param_importances(study)
+    names, values = list(importances)[::-1], list(importances.values())[::-1]
+    figure = Figure(figsize=(7, 1.2 + 0.42 * len(names)), layout="constrained")
+    ax = figure.subplots()
+    bars = ax.barh(names, values, color="#1f77b4")
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3, fontsize=9)
+    ax.set_xlim(0, max(values) * 1.15 + 1e-9)
+    ax.set_xlabel("importance for validation accuracy (share of explained variation, sums to 1)")
+    ax.set_title(f"{name}: hyperparameter importances ({len(completed)} completed trials)")
+    return figure
+
+
+def set_range_axis(ax, distribution) -> None:
+    """An x axis spanning a numeric distribution's whole search range, logarithmic when it is sampled so."""
+    low, high = distribution.low, distribution.high
+    if distribution.log:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^-3, 3x10^-3... labels collide
+        ax.set_xlim(low / (high / low) ** 0.05, high * (high / low) ** 0.05)
+    else:
+        ax.set_xlim(low - (high - low) * 0.05, high + (high - low) * 0.05)
+
+
+def plot_param_slices(study: optuna.Study | None, name: str) -> Figure:
+    """One panel per searched hyperparameter: its value in each trial against that trial's best val accuracy.
+
+    Like optuna's plot_slice, but in a grid that stays readable with many parameters, log axes for
+    log-sampled ones, and ASHA-stopped trials shown (grey ×, at the best epoch they reached).
+    """
+    if study is None:
+        raise FigureSkipped(f"no Optuna study ({layout.STUDY}) in the experiment")
+    import optuna
+
+    trials = [t for t in study.get_trials(deepcopy=False) if trial_score(t) is not None]
+    params = list(dict.fromkeys(p for t in trials for p in t.params))
+    if not params:
+        raise FigureSkipped("the study has no searched parameter")
+    columns = min(3, len(params))
+    rows = math.ceil(len(params) / columns)
+    figure = Figure(figsize=(4.2 * columns + 1, 3.1 * rows + 0.6), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharey=True)
+    jitter = np.random.default_rng(0)
+    scores = [trial_score(t) * 100 for t in trials]
+    for ax, param in zip(axes.flat, params):
+        having = [(t, s) for t, s in zip(trials, scores) if param in t.params]
+        distribution = having[0][0].distributions[param]
+        categorical = isinstance(distribution, optuna.distributions.CategoricalDistribution)
+        x = np.array([distribution.to_internal_repr(t.params[param]) for t, _ in having], dtype=float)
+        if categorical:
+            x += jitter.uniform(-0.12, 0.12, len(x))
+            ax.set_xticks(range(len(distribution.choices)), [str(c) for c in distribution.choices])
+            ax.set_xlim(-0.5, len(distribution.choices) - 0.5)
+        else:
+            set_range_axis(ax, distribution)
+        done = np.array([t.state == optuna.trial.TrialState.COMPLETE for t, _ in having])
+        y = np.array([s for _, s in having])
+        number = np.array([t.number + 1 for t, _ in having])
+        points = ax.scatter(x[done], y[done], c=number[done], cmap="viridis", vmin=1, vmax=len(trials),
+                            s=36, edgecolor="black", linewidth=0.4, zorder=3)
+        ax.scatter(x[~done], y[~done], marker="x", color="#9a9a9a", s=36, zorder=2)
+        ax.set_xlabel(param + ("" if len(having) == len(trials) else
+                                f" (in {len(having)} trial{'s' if len(having) > 1 else ''})"))
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(params):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("best val accuracy (%)")
+    figure.colorbar(points, ax=axes, label="trial number (completed trials)", shrink=min(0.8, 2.5 / rows))
+    figure.suptitle(f"{name}: searched hyperparameters vs validation accuracy (grey ×: stopped by ASHA)")
+    return figure
