@@ -13,7 +13,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from .loader import ImageSplit, batches, empty_batch, orient
 from .errors import GalaxyTuneError
-from .lora import LORA_TARGETS, add_lora, adapter_state_dict, load_adapter_state
+from .lora import LORA_TARGETS, add_lora, adapter_state_dict, is_legacy_adapter_state, load_adapter_state
 from .model import build_model
 
 METHODS = ("full", "lora")
@@ -230,6 +230,22 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return loss
 
 
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
+                stream: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    """Train on every batch of `stream`, stepping the scheduler per batch: fit's epoch, and what `bench` times.
+
+    Returns the summed loss, still on the device (no sync per step), and the number of images.
+    """
+    model.train()
+    loss_sum, seen = torch.zeros((), device=device), 0
+    for x, y in stream:
+        loss = train_step(model, optimizer, x, y, device)
+        scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
+    return loss_sum, seen
+
+
 EpochCallback = Callable[[dict, Callable[[], dict]], None]
 
 
@@ -246,6 +262,10 @@ def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSpli
     scheduler = make_scheduler(config, optimizer, steps_per_epoch)
     first_epoch = 1
     if start is not None:
+        if config.method == "lora" and is_legacy_adapter_state(start["model"]):
+            raise GalaxyTuneError("this checkpoint was written by the earlier loralib ConvLoRA layer, whose adapters "
+                                  "have other shapes: its training can't continue; start a new search (the "
+                                  "finished trials' results stay where they are)")
         load_trainable_state(model, config, start["model"])
         optimizer.load_state_dict(start["optimizer"])
         scheduler.load_state_dict(start["scheduler"])
@@ -261,14 +281,9 @@ def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSpli
     history = []
     for epoch in range(first_epoch, config.epochs + 1):
         started = time.perf_counter()
-        model.train()
-        loss_sum, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-        for x, y in batches(train, config.batch_size, device, shuffle=True, augment=config.augment,
-                            seed=config.seed * 100_003 + epoch, reuse=True):
-            loss = train_step(model, optimizer, x, y, device)
-            scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            seen += len(y)
+        loss_sum, seen = train_steps(model, optimizer, scheduler, device, batches(
+            train, config.batch_size, device, shuffle=True, augment=config.augment,
+            seed=config.seed * 100_003 + epoch, reuse=True))
         total_loss = loss_sum.item()  # the epoch's one wait for the device
         if not math.isfinite(total_loss):
             raise GalaxyTuneError(f"training diverged at epoch {epoch} (loss {total_loss}): lower lr={config.lr}")

@@ -10,6 +10,7 @@ a crash then costs at most that interval plus an epoch. A trial restarted by Ray
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +59,7 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
                 marker.touch()
                 raise RuntimeError(f"injected failure in epoch {fail_at_epoch}")
         metrics = {**metrics, "trainable_params": trainable_params, "total_params": total_params,
-                   "node_id": ray.get_runtime_context().get_node_id()}
+                   "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         if (metrics["epoch"] < train_config.epochs
                 and time.monotonic() - last_checkpoint < checkpoint_every_s):
             tune.report(metrics)
