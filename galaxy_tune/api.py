@@ -7,6 +7,7 @@ Settings left as None take the defaults of the dataclasses that hold them (`Data
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -34,11 +35,12 @@ def data_config(data_dir: Path | None, results_dir: Path, **settings) -> DataCon
     settings = given(**settings)
     if data_dir is not None:
         return DataConfig(Path(data_dir), **settings)
+    config = DataConfig(Path(DEMO_FOLDER), **{"image_size_px": DEMO["image_size_px"], "crop_px": DEMO["crop_px"],
+                                              **settings})  # validated before any demo image is drawn
     folder = demo_data_dir(results_dir)
-    settings = {"image_size_px": DEMO["image_size_px"], "crop_px": DEMO["crop_px"], **settings}
-    print(f"no data folder given: using the built-in demo data in {folder} "
-          f"({settings['image_size_px']} px, demo-sized defaults)")
-    return DataConfig(folder, **settings)
+    print(f"no data folder given: using the built-in demo data in {folder} ({config.image_size_px} px, "
+          "demo-sized defaults)")
+    return dataclasses.replace(config, data_dir=folder)
 
 
 def prepare(data_dir: Path | None = None, out: Path | None = None, *, results_dir: Path = layout.RESULTS_DIR,
@@ -83,6 +85,9 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path]
             task: str | None = None, min_vote: float | None = None, skip_bad: bool = False, seed: int | None = None,
             model: str | None = None, device: str | None = None, augment: bool = True) -> Path:
     """Retrain the best config of each method, test direct / full / LoRA; returns the retrain folder."""
+    for flag, value in (("--seeds", seeds), ("--max-epochs", max_epochs)):
+        if value is not None and value < 1:
+            raise GalaxyTuneError(f"{flag} {value} must be 1 or more")
     device = pick_device(device).type  # an impossible device is refused before any data is prepared
     if from_experiments:
         experiments = {read_best(Path(f))["method"]: Path(f) for f in from_experiments}

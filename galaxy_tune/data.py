@@ -44,6 +44,19 @@ class DataConfig:
     crop_px: int | None = None  # centre crop of the 424 px frame before resizing; None keeps the frame
     skip_bad: bool = False  # drop missing or unreadable images instead of failing (not part of the split's identity)
 
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise GalaxyTuneError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
+        if self.crop_px is not None and not 8 <= self.crop_px <= IMAGE_SIZE_PX:
+            raise GalaxyTuneError(f"--crop {self.crop_px} must be between 8 and {IMAGE_SIZE_PX} px")
+        if not 8 <= self.image_size_px <= 4096:
+            raise GalaxyTuneError(f"--image-size {self.image_size_px} must be between 8 and 4096 px (224 for "
+                                  "ResNet-50's pretraining size)")
+        if not 0 <= self.min_vote <= 1:
+            raise GalaxyTuneError(f"--min-vote {self.min_vote:g} must be a vote fraction between 0 and 1")
+        if self.seed < 0:
+            raise GalaxyTuneError(f"--seed {self.seed} must be 0 or more")
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -248,12 +261,6 @@ def build_cache(prepared: Prepared, data_dir: Path) -> Path:
 def prepare(config: DataConfig, out_dir: Path) -> Prepared:
     """Validate the data, write the split manifest and build the pixel cache (all reused when unchanged)."""
     out_dir = Path(out_dir).resolve()
-    if config.task not in TASKS:
-        raise GalaxyTuneError(f"unknown task {config.task!r}: choose one of {', '.join(TASKS)}")
-    if config.crop_px is not None and not 0 < config.crop_px <= IMAGE_SIZE_PX:
-        raise GalaxyTuneError(f"--crop {config.crop_px} must be between 1 and {IMAGE_SIZE_PX} px")
-    if config.image_size_px < 8:
-        raise GalaxyTuneError(f"--image-size {config.image_size_px} is too small: use 8 px or more")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{os.getpid()}"

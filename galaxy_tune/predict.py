@@ -35,6 +35,9 @@ def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool =
     `tta` averages the logits over the 8 flips and 90° rotations of each image. The image size and crop come
     from the model's galaxy_tune.json; `image_size_px` / `crop_px` are needed only for a model without one.
     """
+    for flag, value, low in (("--image-size", image_size_px, 8), ("--crop", crop_px, 8), ("batch_size", batch_size, 1)):
+        if value is not None and value < low:
+            raise GalaxyTuneError(f"{flag} {value} must be {low} or more")
     model, class_names, size, crop = load_exported(Path(model_dir), image_size_px, crop_px)
     paths = list_jpegs(Path(images_dir))
     device = pick_device(device)

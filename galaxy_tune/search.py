@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -63,14 +64,24 @@ class SearchOptions:
     def __post_init__(self):
         if not self.name:
             object.__setattr__(self, "name", f"search-{self.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        for flag, value, low in (("--num-samples", self.num_samples, 1), ("--max-epochs", self.max_epochs, 1),
+                                 ("--max-concurrent", self.max_concurrent, 1), ("--max-failures", self.max_failures, 0),
+                                 ("--checkpoint-every", self.checkpoint_every_s, 0)):
+            if value is not None and value < low:
+                raise GalaxyTuneError(f"{flag} {value:g} must be {low} or more")
+        if not self.cpus_per_trial > 0:
+            raise GalaxyTuneError(f"--cpus-per-trial {self.cpus_per_trial:g} must be more than 0 (e.g. 1, or 0.5)")
+        if self.gpus_per_trial is not None and not 0 <= self.gpus_per_trial <= 1:
+            raise GalaxyTuneError(f"--gpus-per-trial {self.gpus_per_trial:g}: a trial trains on at most one GPU "
+                                  "(no data parallelism); use 1, or a fraction such as 0.5 to share a GPU")
+        if self.device not in DEVICES:
+            raise GalaxyTuneError(f"--device {self.device!r} is unknown: choose one of {', '.join(DEVICES)}")
 
 
 def run_search(options: SearchOptions) -> Path:
     """Run (or resume) a search; returns the experiment folder with trials.csv, best.json and optuna.db."""
     if options.method not in METHODS:
         raise GalaxyTuneError(f"unknown method {options.method!r}: choose one of {', '.join(METHODS)}")
-    if options.checkpoint_every_s < 0:
-        raise GalaxyTuneError(f"--checkpoint-every {options.checkpoint_every_s:g}: use 0 (every epoch) or more seconds")
     results_dir = Path(options.results_dir).resolve()
     experiment = results_dir / options.name
     if options.resume:
@@ -250,6 +261,8 @@ def progress_table(method: str) -> tune.CLIReporter:
 
 def start_ray(address: str | None) -> None:
     """Join the given cluster, or start Ray locally with its dashboard on 127.0.0.1."""
+    if address and address != "auto":  # auto: the cluster `ray start` runs on this machine
+        check_reachable(address)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -257,27 +270,39 @@ def start_ray(address: str | None) -> None:
         context = ray.init(address=address, log_to_driver=True)
     else:
         context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    url = context.dashboard_url
-    if url:
-        print(f"Ray dashboard: http://{url} (token login: the token is in ~/.ray/auth_token, "
-              "or run `ray get-auth-token`; from another machine: ssh -L 8265:127.0.0.1:8265 this-host)")
+    if context.dashboard_url:
+        print(dashboard_hint(context.dashboard_url))
+
+
+def dashboard_hint(url: str) -> str:
+    """How to open the dashboard at `url`: its port is 8265, or the next free one when another Ray has 8265."""
+    port = url.rsplit(":", 1)[-1]
+    return (f"Ray dashboard: http://{url} (token login: the token is in ~/.ray/auth_token, or run "
+            f"`ray get-auth-token`; from another machine: ssh -L {port}:127.0.0.1:{port} this-host)")
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a cluster address nothing answers on, at once (ray.init would retry for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise GalaxyTuneError(f"--address {address!r} is not HOST:PORT: pass the head node's address, "
+                              "e.g. 10.0.0.1:6379 (what `ray start --head` printed)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise GalaxyTuneError(f"no Ray cluster answers at {address} ({err.strerror or err}): check the address "
+                              f"with `ray status --address {address}` on a cluster node, that `ray start --head` "
+                              "runs there, and that no firewall blocks the port") from None
 
 
 def check_resources(options: SearchOptions) -> tuple[float, int]:
     """(GPUs per trial, trials at once) for this cluster; refuses requests no node can satisfy (Ray would leave
     such trials PENDING forever)."""
-    if options.device not in DEVICES:
-        raise GalaxyTuneError(f"--device {options.device!r} is unknown: choose one of {', '.join(DEVICES)}")
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
     gpus = options.gpus_per_trial
     if gpus is None:
         gpus = 1.0 if options.device == "cuda" or (options.device == "auto" and total_gpus > 0) else 0.0
-    if options.cpus_per_trial <= 0 or gpus < 0:
-        raise GalaxyTuneError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-    if gpus > 1:
-        raise GalaxyTuneError(f"--gpus-per-trial {gpus:g}: a trial trains on one GPU (no data parallelism); "
-                              "use 1, or a fraction such as 0.5 to share a GPU between trials")
     if options.device == "cpu" and gpus > 0:
         raise GalaxyTuneError(f"--device cpu with --gpus-per-trial {gpus:g}: drop one of the two")
     if (gpus > 0 or options.device == "cuda") and total_gpus == 0:

@@ -78,6 +78,9 @@ def load_space(path: Path, overrides: dict | None = None) -> SearchSpace:
     except FileNotFoundError:
         raise GalaxyTuneError(f"{where} does not exist: pass --space with a YAML file like "
                               "search_spaces/lora.yaml") from None
+    except yaml.constructor.ConstructorError as err:  # e.g. !!python/object/apply: the safe loader builds none
+        raise GalaxyTuneError(f"{where}: YAML tags such as {err.problem.split()[-1]} are not allowed in search "
+                              "spaces: write plain values (numbers, strings, lists, mappings)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""

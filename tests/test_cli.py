@@ -1,18 +1,22 @@
 """The command line as a user runs it: `python -m galaxy_tune ...`, demo defaults, one-line errors."""
 
 import json
+import socket
 import subprocess
 import sys
+import time
 
 import pandas as pd
+import pytest
 
 from galaxy_tune.cli import main
 from galaxy_tune.kaggle import CSV_NAME
+from galaxy_tune.search import dashboard_hint
 
 
-def galaxy_tune(*args, cwd=None):
+def galaxy_tune(*args, cwd=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "galaxy_tune", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=timeout, cwd=cwd)
 
 
 def test_demo_data_and_prepare_from_the_shell(tmp_path):
@@ -85,3 +89,43 @@ def test_retrain_from_a_search_whose_prepared_data_is_gone(tmp_path, capsys):
                                                     "crop_px": None}}))
     assert main(["retrain", "--results-dir", str(tmp_path), "--methods", "lora"]) == 2
     assert "is gone: run `python -m galaxy_tune prepare`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["prepare", "--image-size", "0"], "--image-size 0 must be between 8 and 4096 px"),
+    (["prepare", "--crop", "0"], "--crop 0 must be between 8 and 424 px"),
+    (["prepare", "--seed", "-1"], "--seed -1 must be 0 or more"),
+    (["prepare", "--min-vote", "1.5"], "--min-vote 1.5 must be a vote fraction between 0 and 1"),
+    (["search", "lora", "--num-samples", "0"], "--num-samples 0 must be 1 or more"),
+    (["search", "lora", "--max-epochs", "0"], "--max-epochs 0 must be 1 or more"),
+    (["search", "lora", "--max-concurrent", "0"], "--max-concurrent 0 must be 1 or more"),
+    (["search", "lora", "--checkpoint-every", "-1"], "--checkpoint-every -1 must be 0 or more"),
+    (["search", "lora", "--max-failures", "-1"], "--max-failures -1 must be 0 or more"),
+    (["search", "lora", "--cpus-per-trial", "0"], "--cpus-per-trial 0 must be more than 0"),
+    (["search", "lora", "--gpus-per-trial", "2"], "--gpus-per-trial 2: a trial trains on at most one GPU"),
+    (["retrain", "--seeds", "0"], "--seeds 0 must be 1 or more"),
+    (["retrain", "--max-epochs", "0"], "--max-epochs 0 must be 1 or more"),
+    (["predict", "--model", "m", "--images", "i", "--image-size", "0"], "--image-size 0 must be 8 or more"),
+])
+def test_numbers_an_option_cannot_honour_are_refused_before_anything_starts(demo_dir, tmp_path, capsys, argv,
+                                                                            culprit):
+    data = [] if argv[0] == "predict" else ["--data-dir", str(demo_dir), "--results-dir", str(tmp_path)]
+    assert main([*argv, *data]) == 2
+    assert culprit in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing prepared, no experiment started: 0 never means "default"
+
+
+def test_an_address_where_no_ray_listens_fails_fast_with_how_to_check_it(demo_dir, tmp_path):
+    with socket.socket() as probe:  # a free port on this machine: nothing listens there once it is closed
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    done = galaxy_tune("search", "lora", "--address", address, "--data-dir", demo_dir, "--results-dir", tmp_path,
+                       timeout=30)
+    assert done.returncode == 2 and time.monotonic() - started < 30
+    assert f"no Ray cluster answers at {address}" in done.stderr and f"ray status --address {address}" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+
+
+def test_the_dashboard_hint_names_the_port_ray_actually_used():
+    assert "ssh -L 8266:127.0.0.1:8266" in dashboard_hint("127.0.0.1:8266")

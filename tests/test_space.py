@@ -50,6 +50,7 @@ def test_define_by_run_searches_step_parameters_only_with_the_step_scheduler():
     ("params: {lr: {type: uniform, low: 0.1, high: 0.2}}\npoints_to_evaluate: [{rank: 4}]", "sets rank"),
     ("params: {optimizer: {type: categorical, choices: [adam]}}\npoints_to_evaluate: [{optimizer: lion}]",
      "optimizer='lion' is not one of"),
+    ("params:\n  lr: !!python/object/apply:os.system [echo]", "YAML tags such as .* are not allowed in search spaces"),
 ])
 def test_broken_space_files_name_the_key(tmp_path, text, culprit):
     path = tmp_path / "space.yaml"
