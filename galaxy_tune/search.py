@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -20,12 +18,12 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from . import layout
+from .cluster import check_resources, start_ray
 from .data import DataConfig, Prepared, data_summary, prepare, prepared_folder
 from .errors import GalaxyTuneError
 from .model import describe_weights, load_backbone
@@ -99,7 +97,8 @@ def run_search(options: SearchOptions) -> Path:
 
     # Resources first: a request no node can satisfy is refused before minutes go into caching pixels.
     start_ray(options.address)
-    gpus_per_trial, max_concurrent = check_resources(options)
+    gpus_per_trial, max_concurrent = check_resources(options.cpus_per_trial, options.gpus_per_trial, options.device,
+                                                     options.max_concurrent)
     options = dataclasses.replace(options, gpus_per_trial=gpus_per_trial)
     prepared = prepare(options.data, prepared_folder(results_dir, options.data))
     _, model_name = load_backbone(options.model, num_labels=len(prepared.class_names), seed=options.data.seed)
@@ -168,7 +167,9 @@ def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSp
     save_study(experiment / layout.STUDY, options.name, space, grid)
     finished = trials[trials["status"] != "ERROR"]
     if finished.empty:
-        raise GalaxyTuneError(f"every trial of {experiment} failed: see {experiment}/*/error.txt")
+        first = next(str(r.error).strip().splitlines()[-1] for r in grid if r.error is not None)
+        raise GalaxyTuneError(f"every trial of {experiment} failed, the first with: {first} "
+                              f"(all errors: {experiment}/*/error.txt)")
     best = finished.sort_values(["best_val_accuracy", "epochs"], ascending=False).iloc[0]
     best_config = TrainConfig.from_dict(json.loads(best["config"]))
     (experiment / layout.BEST).write_text(json.dumps({
@@ -257,67 +258,6 @@ def progress_table(method: str) -> tune.CLIReporter:
     params = ["method", "lr"] + (["lora_rank"] if method == "lora" else ["weight_decay"]) + ["scheduler"]
     return tune.CLIReporter(metric_columns={"epoch": "epoch", METRIC: "val acc"}, parameter_columns=params,
                             max_report_frequency=30, metric=METRIC, mode=MODE, sort_by_metric=True)
-
-
-def start_ray(address: str | None) -> None:
-    """Join the given cluster, or start Ray locally with its dashboard on 127.0.0.1."""
-    if address and address != "auto":  # auto: the cluster `ray start` runs on this machine
-        check_reachable(address)
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if address:
-        context = ray.init(address=address, log_to_driver=True)
-    else:
-        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    if context.dashboard_url:
-        print(dashboard_hint(context.dashboard_url))
-
-
-def dashboard_hint(url: str) -> str:
-    """How to open the dashboard at `url`: its port is 8265, or the next free one when another Ray has 8265."""
-    port = url.rsplit(":", 1)[-1]
-    return (f"Ray dashboard: http://{url} (token login: the token is in ~/.ray/auth_token, or run "
-            f"`ray get-auth-token`; from another machine: ssh -L {port}:127.0.0.1:{port} this-host)")
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Refuse a cluster address nothing answers on, at once (ray.init would retry for minutes)."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise GalaxyTuneError(f"--address {address!r} is not HOST:PORT: pass the head node's address, "
-                              "e.g. 10.0.0.1:6379 (what `ray start --head` printed)")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as err:
-        raise GalaxyTuneError(f"no Ray cluster answers at {address} ({err.strerror or err}): check the address "
-                              f"with `ray status --address {address}` on a cluster node, that `ray start --head` "
-                              "runs there, and that no firewall blocks the port") from None
-
-
-def check_resources(options: SearchOptions) -> tuple[float, int]:
-    """(GPUs per trial, trials at once) for this cluster; refuses requests no node can satisfy (Ray would leave
-    such trials PENDING forever)."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    total_gpus = sum(n.get("GPU", 0) for n in nodes)
-    gpus = options.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if options.device == "cuda" or (options.device == "auto" and total_gpus > 0) else 0.0
-    if options.device == "cpu" and gpus > 0:
-        raise GalaxyTuneError(f"--device cpu with --gpus-per-trial {gpus:g}: drop one of the two")
-    if (gpus > 0 or options.device == "cuda") and total_gpus == 0:
-        raise GalaxyTuneError(f"a trial asks for {gpus:g} GPU but this Ray cluster has no GPU: use --device cpu "
-                              "(or --gpus-per-trial 0), or join a cluster with GPUs via --address")
-    fits = [n for n in nodes if n.get("CPU", 0) >= options.cpus_per_trial and n.get("GPU", 0) >= gpus]
-    if not fits:
-        biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
-        raise GalaxyTuneError(f"a trial asks for {options.cpus_per_trial} CPU / {gpus:g} GPU but the "
-                              f"largest node has {biggest.get('CPU', 0):g} CPU / {biggest.get('GPU', 0):g} GPU: "
-                              "lower --cpus-per-trial / --gpus-per-trial")
-    slots = sum(math.floor(n.get("CPU", 0) / options.cpus_per_trial + 1e-9) if gpus == 0 else
-                min(math.floor(n.get("CPU", 0) / options.cpus_per_trial + 1e-9),
-                    math.floor(n.get("GPU", 0) / gpus + 1e-9)) for n in fits)
-    return gpus, max(1, min(slots, options.max_concurrent or slots))
 
 
 def trials_table(grid: tune.ResultGrid, experiment: Path) -> pd.DataFrame:

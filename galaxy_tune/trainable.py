@@ -22,10 +22,20 @@ from ray import tune
 from .data import load_prepared
 
 from .loader import open_split
+from .errors import GalaxyTuneError
 from .model import count_parameters
 from .train import TrainConfig, fit, limit_gpu_memory, make_model, pick_device
 
 STATE_FILE = "state.pt"
+
+
+def load_prepared_on_this_node(folder: Path, image_size_px: int, crop_px: int | None):
+    """The prepared data the driver wrote, or one line saying this node can't see it and what to do."""
+    if not folder.is_dir():
+        raise GalaxyTuneError(f"node {ray.util.get_node_ip_address()} cannot see the prepared data {folder}: "
+                              "trials read it from --results-dir, so every node of the cluster must mount "
+                              "--results-dir (and --data-dir) at the same path, e.g. on NFS")
+    return load_prepared(folder, image_size_px, crop_px)
 
 
 def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px: int | None, model_name: str,
@@ -37,7 +47,7 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
     train_config = TrainConfig.from_dict(config)
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint is noise
     torch.set_num_threads(max(1, int(cpus)))
-    prepared = load_prepared(Path(prepared_dir), image_size_px, crop_px)
+    prepared = load_prepared_on_this_node(Path(prepared_dir), image_size_px, crop_px)
     device = pick_device("cuda" if gpus > 0 else "cpu")  # Ray makes only the trial's own GPU visible
     limit_gpu_memory(device, gpus)  # a fractional trial gets its share of the GPU's memory, no more
     model = make_model(train_config, model_name, num_labels=len(prepared.class_names))

@@ -11,7 +11,7 @@ import pytest
 
 from galaxy_tune.cli import main
 from galaxy_tune.kaggle import CSV_NAME
-from galaxy_tune.search import dashboard_hint
+from galaxy_tune.cluster import dashboard_hint
 
 
 def galaxy_tune(*args, cwd=None, timeout=300):
