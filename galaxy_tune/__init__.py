@@ -13,9 +13,13 @@ __all__ = ["predict", "prepare", "retrain", "search"]
 def __getattr__(name: str):
     if name not in __all__:
         raise AttributeError(f"module 'galaxy_tune' has no attribute {name!r}")
+    import importlib
+
     from . import api
 
-    # Importing the API imported the submodules of the same names (search, retrain, predict), which made
-    # them attributes of the package: the functions take their place, as an eager import would have left them.
+    # Importing a submodule makes it an attribute of the package: the submodules named like API functions
+    # (search, retrain, predict) are imported first, so the functions take their place for good.
+    for module in ("search", "retrain", "predict"):
+        importlib.import_module(f"{__name__}.{module}")
     globals().update({n: getattr(api, n) for n in __all__})
     return globals()[name]

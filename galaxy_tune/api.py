@@ -3,6 +3,9 @@
 Settings left as None take the defaults of the dataclasses that hold them (`DataConfig`, `SearchOptions`,
 `run_retrain`), so the CLI and the API share one set of defaults. With no `data_dir`, the built-in demo data
 (generated once under `results/demo-data`) is used with demo-sized settings that finish in minutes on a 2-core CPU.
+
+Each function imports what it needs when called, so a command pays only for its own libraries: `predict` and
+`report` never load Ray, `prepare` not even torch.
 """
 
 from __future__ import annotations
@@ -17,12 +20,6 @@ from . import layout
 from .data import DataConfig, Prepared, data_summary, load_prepared, prepare as _prepare, prepared_folder
 from .demo_data import DEMO, DEMO_FOLDER, demo_data_dir
 from .errors import GalaxyTuneError
-from .model import load_backbone
-from .predict import predict_folder
-from .report import write_retrain_report, write_search_report
-from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
-from .search import SearchOptions, run_search
-from .train import pick_device
 
 
 def given(**settings) -> dict:
@@ -61,6 +58,9 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
            max_failures: int | None = None, checkpoint_every_s: float | None = None, resume: bool = False,
            augment: bool = True) -> Path:
     """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder."""
+    from .report import write_search_report
+    from .search import SearchOptions, run_search
+
     if resume:
         if not name:
             raise GalaxyTuneError("--resume needs the --name of the search to continue")
@@ -85,6 +85,11 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path]
             task: str | None = None, min_vote: float | None = None, skip_bad: bool = False, seed: int | None = None,
             model: str | None = None, device: str | None = None, augment: bool = True) -> Path:
     """Retrain the best config of each method, test direct / full / LoRA; returns the retrain folder."""
+    from .model import load_backbone
+    from .report import write_retrain_report
+    from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
+    from .train import pick_device
+
     for flag, value in (("--seeds", seeds), ("--max-epochs", max_epochs)):
         if value is not None and value < 1:
             raise GalaxyTuneError(f"{flag} {value} must be 1 or more")
@@ -131,5 +136,7 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path]
 def predict(model_dir: Path, images_dir: Path, out_csv: Path = Path("predictions.csv"), *, tta: bool = False,
             image_size_px: int | None = None, crop_px: int | None = None, device: str | None = None) -> pd.DataFrame:
     """Classify a folder of galaxy JPEGs with a retrained model; writes and returns GalaxyID + class probabilities."""
+    from .predict import predict_folder
+
     return predict_folder(Path(model_dir), Path(images_dir), Path(out_csv), tta=tta, image_size_px=image_size_px,
                           crop_px=crop_px, device=device)

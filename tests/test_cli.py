@@ -129,3 +129,43 @@ def test_an_address_where_no_ray_listens_fails_fast_with_how_to_check_it(demo_di
 
 def test_the_dashboard_hint_names_the_port_ray_actually_used():
     assert "ssh -L 8266:127.0.0.1:8266" in dashboard_hint("127.0.0.1:8266")
+
+
+HEAVY = ("torch", "ray", "optuna", "transformers")
+IMPORTS_OF = """
+import sys
+from galaxy_tune.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("imported:", *sorted(m for m in {heavy} if m in sys.modules))
+""".format(heavy=HEAVY)
+
+
+@pytest.mark.parametrize("argv, needs", [
+    (["--help"], set()),
+    (["demo-data", "{tmp}/demo", "--num-images", "20"], set()),
+    (["prepare", "--data-dir", "{tmp}/none"], set()),
+    (["report", "{tmp}/none"], set()),
+    (["predict", "--model", "{tmp}/none", "--images", "{tmp}"], {"torch", "transformers"}),
+    (["retrain", "--from", "{tmp}/none"], {"torch", "transformers"}),
+    (["search", "lora", "--num-samples", "0"], {"torch", "transformers", "ray", "optuna"}),
+])
+def test_each_command_imports_only_the_libraries_it_uses(tmp_path, argv, needs):
+    # A command run to its first error has imported what it needs: --help and demo-data nothing heavy,
+    # predict and report no Ray, retrain no Optuna unless it reads a study, search all of it.
+    done = subprocess.run([sys.executable, "-c", IMPORTS_OF, *(a.format(tmp=tmp_path) for a in argv)],
+                          capture_output=True, text=True, timeout=120)
+    imported = done.stdout.splitlines()[-1].split()
+    assert imported[0] == "imported:" and set(imported[1:]) == needs, done.stderr[-2000:]
+
+
+def test_the_python_api_functions_stay_functions_when_their_modules_are_imported():
+    done = subprocess.run([sys.executable, "-c", """
+import galaxy_tune
+assert callable(galaxy_tune.search)  # the API, imported on first use
+import galaxy_tune.search, galaxy_tune.retrain, galaxy_tune.predict, galaxy_tune.api
+assert all(getattr(galaxy_tune, n) is getattr(galaxy_tune.api, n) for n in galaxy_tune.__all__)
+"""], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
