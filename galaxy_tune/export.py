@@ -15,9 +15,9 @@ from transformers import ConvNextImageProcessor, ResNetForImageClassification
 
 from .data import Prepared
 
-from .loader import IMAGENET_MEAN, IMAGENET_STD
 from .errors import GalaxyTuneError
 from .kaggle import IMAGE_SIZE_PX
+from .loader import IMAGENET_MEAN, IMAGENET_STD
 from .lora import save_adapters, to_plain_model
 
 MODEL_INFO = "galaxy_tune.json"  # beside config.json: {"image_size_px", "crop_px", "class_names", "task"}

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from .data import decode
 
-from .loader import ImageSplit
 from .errors import GalaxyTuneError
 from .export import load_exported
+from .loader import ImageSplit
 from .train import pick_device, place, predict_logits
 
 IMAGES_PER_CHUNK = 2048  # decoded at a time, so a folder of 80,000 galaxies never sits in memory at once

@@ -20,9 +20,9 @@ from transformers.utils import logging as hf_logging
 
 from .data import Prepared, class_counts, data_summary, majority_share
 
-from .loader import open_split
 from .errors import GalaxyTuneError
 from .export import save_exported
+from .loader import open_split
 from .model import build_model, count_parameters, describe_weights
 from .provenance import library_versions
 from .train import (REFERENCE_CONFIGS, TrainConfig, evaluate, fit, load_trainable_state, make_model, pick_device, place,

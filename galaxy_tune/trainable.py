@@ -21,8 +21,8 @@ from ray import tune
 
 from .data import load_prepared
 
-from .loader import open_split
 from .errors import GalaxyTuneError
+from .loader import open_split
 from .model import count_parameters
 from .train import TrainConfig, fit, limit_gpu_memory, make_model, pick_device
 
