@@ -14,6 +14,7 @@ In eval mode outside autocast (e.g. CPU inference), the forward uses one merged 
 import copy
 import math
 import numbers
+import re
 import sys
 
 import loralib
@@ -29,6 +30,8 @@ from galaxy_tune.errors import GalaxyTuneError
 # bottleneck: the 1x1, 3x3, 1x1 convs of every bottleneck block's main path (not shortcuts, not the stem);
 # conv3x3: only the 3x3 convs of those blocks; all: every nn.Conv2d in the model.
 LORA_TARGETS = ("bottleneck", "conv3x3", "all")
+BATCHNORM_MODES = ("frozen", "stats", "affine")
+SCALINGS = ("standard", "rslora")
 # Recorded with results: adapters of "loralib-convlora" (before this layer) hold rank r·k deltas, not rank r.
 LORA_LAYER = "branch"
 
@@ -36,7 +39,7 @@ LORA_LAYER = "branch"
 class LoraConv2d(nn.Module, loralib.LoRALayer):
     """A frozen convolution plus a trainable low-rank branch: base(x) + lora_B(lora_A(x)) · alpha / r."""
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, merge_weights: bool = True):
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, merge_weights: bool = True, rslora: bool = False):
         nn.Module.__init__(self)
         loralib.LoRALayer.__init__(self, r=rank, lora_alpha=alpha, lora_dropout=0.0, merge_weights=merge_weights)
         self.base_layer = base.requires_grad_(False)
@@ -46,7 +49,7 @@ class LoraConv2d(nn.Module, loralib.LoRALayer):
                                 dtype=base.weight.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as loralib and PEFT initialise A
         nn.init.zeros_(self.lora_B.weight)  # so the model is unchanged until training moves B
-        self.scaling = alpha / rank
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank  # rsLoRA: rank-stabilised scaling
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW of the branch as one conv weight: the 1×1 conv B after the k×k conv A is the conv with B·A."""
@@ -69,13 +72,17 @@ def add_lora(
     rank: int,
     alpha: float,
     targets: str = "bottleneck",
-    train_batchnorm: bool = False,
+    batchnorm: str = "stats",
     merge_weights: bool = True,
+    scaling: str = "standard",
+    stages: tuple[int, ...] = (1, 2, 3, 4),
 ) -> ResNetForImageClassification:
-    """Wrap the `targets` convs in `LoraConv2d` (in place) and leave only LoRA, head (and BatchNorm) trainable.
+    """Wrap the `targets` convs of `stages` (1-4) in `LoraConv2d` (in place); only LoRA and the head train.
 
-    Outputs are unchanged until training, as lora_B starts at zero. With merge_weights, eval mode outside
-    autocast convolves with the merged weight (plain-conv speed); the branch is used otherwise.
+    `batchnorm`: frozen (running statistics too: BatchNorm stays in eval mode), stats (running statistics update
+    in training, the affine parameters stay) or affine (both train). `scaling`: standard (alpha / r) or rslora
+    (alpha / √r). Outputs are unchanged until training, as lora_B starts at zero. With merge_weights, eval mode
+    outside autocast convolves with the merged weight (plain-conv speed); the branch is used otherwise.
     """
     if not (isinstance(rank, numbers.Integral) and rank >= 1):
         raise GalaxyTuneError(f"LoRA rank {rank!r} is invalid; use an integer >= 1 (e.g. 4, 8, 16)")
@@ -83,20 +90,40 @@ def add_lora(
         raise GalaxyTuneError(f"LoRA alpha {alpha!r} is invalid; use a number > 0 (e.g. equal to the rank)")
     if targets not in LORA_TARGETS:
         raise GalaxyTuneError(f"LoRA targets {targets!r} is unknown; use one of {', '.join(LORA_TARGETS)}")
-    names = _target_conv_names(model, targets)
+    if batchnorm not in BATCHNORM_MODES:
+        raise GalaxyTuneError(f"LoRA batchnorm {batchnorm!r} is unknown; use one of {', '.join(BATCHNORM_MODES)}")
+    if scaling not in SCALINGS:
+        raise GalaxyTuneError(f"LoRA scaling {scaling!r} is unknown; use one of {', '.join(SCALINGS)}")
+    if not stages or not set(stages) <= {1, 2, 3, 4}:
+        raise GalaxyTuneError(f"LoRA stages {stages!r} are invalid; use ResNet stages 1-4, e.g. (3, 4)")
+    every_stage = set(stages) == {1, 2, 3, 4}  # the stem's conv ("all" targets) only with every stage
+    names = [name for name in _target_conv_names(model, targets)
+             if _stage_of(name) in stages or (_stage_of(name) is None and every_stage)]
     if not names:
         raise GalaxyTuneError(
             f"LoRA targets {targets!r} match no convolution in this model (no bottleneck blocks?); use 'all'"
         )
     for name in names:
-        _replace_module(model, name, LoraConv2d(model.get_submodule(name), int(rank), alpha, merge_weights))
+        _replace_module(model, name, LoraConv2d(model.get_submodule(name), int(rank), alpha, merge_weights,
+                                                rslora=scaling == "rslora"))
     loralib.mark_only_lora_as_trainable(model)
     model.classifier.requires_grad_(True)
-    if train_batchnorm:
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.requires_grad_(batchnorm == "affine")
+            if batchnorm == "frozen":  # normalise with the pretrained statistics, in training too
+                module.register_forward_pre_hook(_keep_in_eval_mode)
     return model
+
+
+def _keep_in_eval_mode(module: nn.Module, _inputs) -> None:
+    module.training = False
+
+
+def _stage_of(name: str) -> int | None:
+    """The ResNet stage (1-4) a module name lies in; None outside the stages (the stem)."""
+    match = re.match(r"resnet\.encoder\.stages\.(\d+)\.", name)
+    return int(match.group(1)) + 1 if match else None
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

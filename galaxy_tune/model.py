@@ -1,6 +1,7 @@
 """The backbone: one front door (`build_model`) for pretrained, random ResNet-50 and tiny test ResNets."""
 
 import os
+import re
 import sys
 
 import huggingface_hub
@@ -21,6 +22,11 @@ _RANDOM_CONFIGS = {
 }
 
 _HUB_PROBE_TIMEOUT_SECONDS = 3.0
+
+# Where a parameter sits in the HF ResNet, by name (as timm's group_matcher): the stem, stage 1-4, the head.
+_STEM = re.compile(r"^resnet\.embedder\.")
+_STAGE = re.compile(r"^resnet\.encoder\.stages\.(\d+)\.")
+STAGES = 4  # a ResNet's stages; depth counts from the head (0) down to the stem (STAGES + 1)
 
 
 def build_model(name: str, num_labels: int = 2, seed: int = 0) -> ResNetForImageClassification:
@@ -65,6 +71,41 @@ def describe_weights(name: str, seed: int) -> str:
     if name == TINY:
         return f"random init tiny resnet (seed {seed})"
     return f"pretrained {name}"
+
+
+def parameter_depth(name: str) -> int:
+    """0 for the head, 1 for stage 4 ... 4 for stage 1, 5 for the stem: how far below the head a parameter sits."""
+    if _STEM.match(name):
+        return STAGES + 1
+    stage = _STAGE.match(name)
+    return STAGES - int(stage.group(1)) if stage else 0
+
+
+def freeze_stages(model: nn.Module, frozen_stages: int) -> nn.Module:
+    """Freeze the stem and the first stages, `frozen_stages` of the 5 from the bottom (5: all but the head)."""
+    for name, parameter in model.named_parameters():
+        if parameter_depth(name) > STAGES + 1 - frozen_stages:
+            parameter.requires_grad_(False)
+    return model
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_decay: float = 1.0,
+                 lora_plus_ratio: float = 1.0) -> list[dict]:
+    """Optimizer groups of the trainable parameters by name, the head's first: depth d gets lr · lr_decay^d
+    (layer-wise decay, as timm and Zoobot), LoRA's B matrices lora_plus_ratio times that (LoRA+), and parameters
+    of dim < 2 (biases, norms) no weight decay."""
+    groups: dict[tuple, dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        depth = parameter_depth(name)
+        lora_b = ".lora_B." in name
+        decay = weight_decay if parameter.ndim >= 2 else 0.0
+        group = groups.setdefault((depth, lora_b, decay), {
+            "params": [], "lr": lr * lr_decay ** depth * (lora_plus_ratio if lora_b else 1.0),
+            "weight_decay": decay, "depth": depth})
+        group["params"].append(parameter)
+    return [groups[key] for key in sorted(groups)]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -21,8 +21,8 @@ from torch import nn
 
 from .loader import ImageSplit, batches, empty_batch, orient
 from .errors import GalaxyTuneError
-from .lora import LORA_TARGETS, add_lora, adapter_state_dict, is_legacy_adapter_state, load_adapter_state
-from .model import build_model
+from .lora import BATCHNORM_MODES, LORA_TARGETS, SCALINGS, add_lora, adapter_state_dict, is_legacy_adapter_state, load_adapter_state
+from .model import STAGES, build_model, freeze_stages, param_groups
 
 METHODS = ("full", "lora")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -42,10 +42,18 @@ class TrainConfig:
     gamma: float = 0.1
     epochs: int = 7
     batch_size: int = 32
+    label_smoothing: float = 0.0
+    # Full fine-tuning, layer-wise: the stem and the first stages frozen (5: the head alone, a linear probe),
+    # and each stage's lr scaled by lr_decay per stage below the head (1: one lr for all).
+    frozen_stages: int = 0
+    lr_decay: float = 1.0
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: str = "bottleneck"
-    lora_batchnorm: bool = False
+    lora_stages: str = "1,2,3,4"  # the ResNet stages that get adapters
+    lora_batchnorm: str = "stats"  # frozen, stats (running statistics update) or affine (γ, β train too)
+    lora_scaling: str = "standard"  # alpha / r, or rslora: alpha / √r
+    lora_plus_ratio: float = 1.0  # LoRA+: the B matrices' lr over the A matrices' (1: plain LoRA)
     augment: bool = True
     seed: int = 0
 
@@ -58,6 +66,8 @@ class TrainConfig:
             raise GalaxyTuneError(f"unknown hyperparameter(s) {', '.join(unknown)}: known ones are "
                                   f"{', '.join(fields)}")
         typed = {}
+        if isinstance(values.get("lora_batchnorm"), bool):  # configs before the three modes: on/off
+            values = {**values, "lora_batchnorm": "affine" if values["lora_batchnorm"] else "stats"}
         for name, value in values.items():
             kind = type(fields[name].default)
             try:
@@ -71,23 +81,44 @@ class TrainConfig:
     def validate(self) -> None:
         for name, value, allowed in [("method", self.method, METHODS), ("optimizer", self.optimizer, OPTIMIZERS),
                                      ("scheduler", self.scheduler, SCHEDULERS),
-                                     ("lora_targets", self.lora_targets, LORA_TARGETS)]:
+                                     ("lora_targets", self.lora_targets, LORA_TARGETS),
+                                     ("lora_batchnorm", self.lora_batchnorm, BATCHNORM_MODES),
+                                     ("lora_scaling", self.lora_scaling, SCALINGS)]:
             if value not in allowed:
                 raise GalaxyTuneError(f"{name}={value!r} is not one of {', '.join(allowed)}")
-        for name in ("lr", "epochs", "batch_size", "step_size", "lora_rank", "lora_alpha"):
+        for name in ("lr", "epochs", "batch_size", "step_size", "lora_rank", "lora_alpha", "lr_decay",
+                     "lora_plus_ratio"):
             if not getattr(self, name) > 0:
                 raise GalaxyTuneError(f"hyperparameter {name}={getattr(self, name)!r} must be positive")
+        if not 0 <= self.frozen_stages <= STAGES + 1:
+            raise GalaxyTuneError(f"frozen_stages={self.frozen_stages} must be 0 (none) to {STAGES + 1} (the whole "
+                                  "backbone: a linear probe)")
+        if not 0 <= self.label_smoothing < 1:
+            raise GalaxyTuneError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        self.stages()
         if self.weight_decay < 0 or not 0 < self.gamma <= 1:
             raise GalaxyTuneError(f"weight_decay={self.weight_decay} must be >= 0 and gamma={self.gamma} in (0, 1]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def stages(self) -> tuple[int, ...]:
+        """lora_stages as stage numbers, e.g. "3,4" -> (3, 4)."""
+        try:
+            stages = tuple(sorted({int(part) for part in self.lora_stages.split(",")}))
+        except ValueError:
+            stages = ()
+        if not stages or not set(stages) <= set(range(1, STAGES + 1)):
+            raise GalaxyTuneError(f"lora_stages={self.lora_stages!r} must list ResNet stages 1-{STAGES}, e.g. '3,4'")
+        return stages
+
     def searched(self) -> dict:
         """The hyperparameters that matter for this method (LoRA ones dropped for full fine-tuning)."""
         values = self.to_dict()
         if self.method == "full":
             values = {k: v for k, v in values.items() if not k.startswith("lora_")}
+        else:  # LoRA freezes the backbone itself; its stages are lora_stages
+            values = {k: v for k, v in values.items() if k != "frozen_stages"}
         if self.scheduler != "step":
             values = {k: v for k, v in values.items() if k not in ("step_size", "gamma")}
         return values
@@ -129,10 +160,13 @@ def limit_gpu_memory(device: torch.device, share: float) -> None:
 def make_model(config: TrainConfig, model_name: str, num_labels: int = 2) -> nn.Module:
     """The backbone with a fresh head, wrapped with LoRA adapters when the method asks for them."""
     model = build_model(model_name, num_labels=num_labels, seed=config.seed)
+    if config.method == "full":
+        freeze_stages(model, config.frozen_stages)
     if config.method == "lora":
         with torch.random.fork_rng(devices=[]):  # the adapters' init depends on the seed alone
             torch.default_generator.manual_seed(config.seed)
-            add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_batchnorm)
+            add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_batchnorm,
+                     scaling=config.lora_scaling, stages=config.stages())
     return model
 
 
@@ -151,11 +185,12 @@ def load_trainable_state(model: nn.Module, config: TrainConfig, state: dict[str,
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The optimizer over `model.param_groups`: layer-wise lr, frozen stages, LoRA+, no decay on biases/norms."""
+    groups = param_groups(model, config.lr, config.weight_decay, config.lr_decay, config.lora_plus_ratio)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
     kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=config.lr, weight_decay=config.weight_decay)
+    return kind(groups, lr=config.lr)
 
 
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -167,7 +202,8 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size * steps_per_epoch,
                                                gamma=config.gamma)
     if config.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
@@ -220,10 +256,10 @@ def evaluate(model: nn.Module, split: ImageSplit, device: torch.device, batch_si
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, label_smoothing: float = 0.0) -> torch.Tensor:
     """One optimisation step on a batch (mixed precision on CUDA); returns the loss."""
     with autocast(device):
-        loss = nn.functional.cross_entropy(model(pixel_values=x).logits.float(), y)
+        loss = nn.functional.cross_entropy(model(pixel_values=x).logits.float(), y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -231,7 +267,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
-                stream: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+                stream: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """Train on every batch of `stream`, stepping the scheduler per batch: fit's epoch, and what `bench` times.
 
     Returns the summed loss, still on the device (no sync per step), and the number of images.
@@ -239,7 +276,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, d
     model.train()
     loss_sum, seen = torch.zeros((), device=device), 0
     for x, y in stream:
-        loss = train_step(model, optimizer, x, y, device)
+        loss = train_step(model, optimizer, x, y, device, label_smoothing)
         scheduler.step()
         loss_sum += loss.detach() * len(y)
         seen += len(y)
@@ -283,7 +320,7 @@ def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSpli
         started = time.perf_counter()
         loss_sum, seen = train_steps(model, optimizer, scheduler, device, batches(
             train, config.batch_size, device, shuffle=True, augment=config.augment,
-            seed=config.seed * 100_003 + epoch, reuse=True))
+            seed=config.seed * 100_003 + epoch, reuse=True), config.label_smoothing)
         total_loss = loss_sum.item()  # the epoch's one wait for the device
         if not math.isfinite(total_loss):
             raise GalaxyTuneError(f"training diverged at epoch {epoch} (loss {total_loss}): lower lr={config.lr}")

@@ -55,7 +55,7 @@ def test_adapters_leave_outputs_unchanged_before_training(targets):
 
 @pytest.mark.parametrize("train_batchnorm", [False, True])
 def test_only_adapters_and_head_are_trainable(train_batchnorm):
-    model = add_lora(build_model(TINY), rank=4, alpha=8, train_batchnorm=train_batchnorm)
+    model = add_lora(build_model(TINY), rank=4, alpha=8, batchnorm="affine" if train_batchnorm else "stats")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     batchnorm = {
         f"{module_name}.{name}"
@@ -88,7 +88,7 @@ def test_invalid_lora_settings_are_rejected(rank, alpha, targets, culprit):
 @pytest.mark.parametrize("saved_in_eval_mode", [False, True])
 @pytest.mark.parametrize("merge_weights", [True, False])
 def test_saved_adapters_reproduce_the_trained_model(tmp_path, merge_weights, saved_in_eval_mode):
-    settings = dict(rank=4, alpha=8, targets="bottleneck", train_batchnorm=True, merge_weights=merge_weights)
+    settings = dict(rank=4, alpha=8, targets="bottleneck", batchnorm="affine", merge_weights=merge_weights)
     trained = add_lora(build_model(TINY, seed=0), **settings)
     _train_a_few_steps(trained)
     trained.train(not saved_in_eval_mode)
@@ -180,7 +180,7 @@ def test_frozen_base_convs_get_no_weight_gradient():
 def test_adapters_written_by_the_earlier_loralib_convlora_layer_still_load():
     # Written by galaxy_tune's loralib ConvLoRA layer (tiny model, seed 0, rank 2, alpha 4, trained BatchNorm),
     # with the logits that model gave on the saved pixels.
-    model = add_lora(build_model(TINY, seed=0), rank=2, alpha=4, targets="bottleneck", train_batchnorm=True)
+    model = add_lora(build_model(TINY, seed=0), rank=2, alpha=4, targets="bottleneck", batchnorm="affine")
     load_adapters(model, FIXTURES / "loralib_convlora_adapters.safetensors")
     expected = torch.load(FIXTURES / "loralib_convlora_logits.pt", weights_only=True)
     with torch.no_grad():
