@@ -83,14 +83,15 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path]
             methods: list[str] | None = None, seeds: int | None = None, max_epochs: int | None = None,
             data_dir: Path | None = None, image_size_px: int | None = None, crop_px: int | None = None,
             task: str | None = None, min_vote: float | None = None, skip_bad: bool = False, seed: int | None = None,
-            model: str | None = None, device: str | None = None, augment: bool = True) -> Path:
+            model: str | None = None, device: str | None = None, augment: bool = True,
+            top_k: int | None = None) -> Path:
     """Retrain the best config of each method, test direct / full / LoRA; returns the retrain folder."""
     from .model import load_backbone
     from .report import write_retrain_report
     from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
     from .train import pick_device
 
-    for flag, value in (("--seeds", seeds), ("--max-epochs", max_epochs)):
+    for flag, value in (("--seeds", seeds), ("--max-epochs", max_epochs), ("--top-k", top_k)):
         if value is not None and value < 1:
             raise GalaxyTuneError(f"{flag} {value} must be 1 or more")
     device = pick_device(device).type  # an impossible device is refused before any data is prepared
@@ -122,10 +123,10 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path]
         _, model_name = load_backbone(model, num_labels=len(prepared.class_names))
     on_demo_data = Path(data_summary(prepared)["data_dir"]) == (Path(results_dir) / DEMO_FOLDER).resolve()
     # Demo-sized: 2 seeds, and the reference recipes' 7-10 epochs capped at the demo search's budget.
-    demo = {"seeds": DEMO["seeds"], "max_epochs": DEMO["max_epochs"]} if on_demo_data else {}
+    demo = {"seeds": DEMO["seeds"], "max_epochs": DEMO["max_epochs"], "top_k": DEMO["top_k"]} if on_demo_data else {}
     out = Path(results_dir) / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
     run_retrain(prepared, model_name, used, out, methods=methods, augment=augment,
-                device=device, **{**demo, **given(seeds=seeds, max_epochs=max_epochs)})
+                device=device, **{**demo, **given(seeds=seeds, max_epochs=max_epochs, top_k=top_k)})
     report = write_retrain_report(out)
     print()
     print(report.read_text())

@@ -54,7 +54,7 @@ def cmd_retrain(args) -> None:
     api.retrain(args.results_dir, args.from_experiments, args.methods, seeds=args.seeds, max_epochs=args.max_epochs,
                 data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop, task=args.task,
                 min_vote=args.min_vote, skip_bad=args.skip_bad, seed=args.seed, model=args.model, device=args.device,
-                augment=not args.no_augment)
+                top_k=args.top_k, augment=not args.no_augment)
 
 
 def cmd_predict(args) -> None:
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the best configs from (default: the latest search of each method)")
     p.add_argument("--methods", nargs="+", choices=["direct", "full", "lora"])
     p.add_argument("--seeds", type=int, help="retrain each method with this many seeds (default 3; demo 2)")
+    p.add_argument("--top-k", type=int, help="retrain the K best configs of each search and report the one with "
+                   "the best mean val accuracy (default 3; demo 1)")
     p.add_argument("--max-epochs", type=int, help="cap the epochs of each recipe")
     p.add_argument("--model", help="backbone (default: the searches', else microsoft/resnet-50)")
     device_flag(p, "to train and test")

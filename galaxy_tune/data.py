@@ -142,6 +142,13 @@ def task_labels(votes: pd.DataFrame, task: str, min_vote: float = 0.8) -> pd.Ser
     return (kept == positive).astype(np.int64).rename("label")
 
 
+def task_consensus(votes: pd.DataFrame, task: str) -> pd.Series:
+    """How decisive the volunteers were, per GalaxyID: the vote fraction of the answer that decided the label."""
+    if task == "seed-top2":
+        return votes[CLASS_COLUMNS].max(axis=1).rename("consensus")
+    return votes[["Class1.1", "Class1.2", "Class1.3"]].max(axis=1).rename("consensus")
+
+
 def split_manifest(labels: pd.Series, seed: int, val_fraction: float, test_fraction: float) -> pd.DataFrame:
     """Seeded, stratified train/val/test split: a frame with GalaxyID, label, split in GalaxyID order."""
     ids, y = labels.index.to_numpy(), labels.to_numpy()

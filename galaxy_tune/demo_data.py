@@ -20,7 +20,8 @@ from galaxy_tune.kaggle import (
 
 MIN_IMAGES = 20
 # The built-in demo: its data set and the demo-sized settings that finish in minutes on a 2-core CPU.
-DEMO = {"num_images": 600, "image_size_px": 64, "crop_px": 256, "num_samples": 6, "max_epochs": 4, "seeds": 2}
+DEMO = {"num_images": 600, "image_size_px": 64, "crop_px": 256, "num_samples": 6, "max_epochs": 4, "seeds": 2,
+        "top_k": 1}
 DEMO_FOLDER = "demo-data"  # under --results-dir
 SMOOTH, FEATURED, ARTIFACT = 0, 1, 2
 KIND_SHARES = (0.55, 0.38, 0.07)

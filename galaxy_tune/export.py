@@ -7,9 +7,11 @@ needs and the model cannot know. `<method>-seed<S>/adapters.safetensors` holds a
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
+import torch
 from PIL import Image
 from transformers import ConvNextImageProcessor, ResNetForImageClassification
 
@@ -26,21 +28,27 @@ ADAPTERS = "adapters.safetensors"
 TRAIN_CONFIG = "train_config.json"
 
 
-def save_exported(model, config: dict, method: str, prepared: Prepared, folder: Path) -> Path:
+def save_exported(model, config: dict, method: str, prepared: Prepared, folder: Path,
+                  temperature: float = 1.0) -> Path:
     """Write the trained model in Hugging Face format (LoRA merged in), plus a LoRA result's adapters alone.
 
-    `config` is the training config as a dict (written beside the model); returns the hf/ folder.
+    `config` is the training config as a dict (written beside the model); returns the hf/ folder. The
+    temperature fitted on the val split is folded into the head (its weights and bias divided by it), so a plain
+    `transformers` load gives the calibrated probabilities too; it is recorded in galaxy_tune.json.
     """
     hf = Path(folder) / HF_FOLDER
     hf.mkdir(parents=True, exist_ok=True)
-    plain = to_plain_model(model) if method == "lora" else model
+    plain = to_plain_model(model) if method == "lora" else copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in plain.classifier.parameters():
+            parameter /= temperature
     plain.config.id2label = dict(enumerate(prepared.class_names))
     plain.config.label2id = {name: i for i, name in enumerate(prepared.class_names)}
     plain.save_pretrained(hf)
     image_processor(prepared.image_size_px, prepared.crop_px).save_pretrained(hf)
     (hf / MODEL_INFO).write_text(json.dumps({
         "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px,
-        "class_names": list(prepared.class_names), "task": prepared.task}, indent=2))
+        "class_names": list(prepared.class_names), "task": prepared.task, "temperature": temperature}, indent=2))
     if method == "lora":
         save_adapters(model, Path(folder) / ADAPTERS)
     (Path(folder) / TRAIN_CONFIG).write_text(json.dumps(config, indent=2))

@@ -1,8 +1,12 @@
-"""The retrain: train each method's best config from scratch, keep its best-val checkpoint, test it once.
+"""The retrain: train the top configs of each method's search from scratch over seeds, keep each run's best-val
+checkpoint, pick each method's config on validation data alone, and test.
 
 Methods: `direct` (the backbone with a fresh 2-class head, no training, as the reference study evaluated it),
-`full` and `lora` (the best config of the latest search of that method, or the reference recipe when there is
-none). Writes `results/retrain-<timestamp>/` with `test_results.csv`, the trained models and `report.md`.
+`full` and `lora` (the `top_k` best configs of the latest search of that method, or the reference recipe when
+there is none). The config a method reports is the one with the best mean *val* accuracy over the seeds, chosen
+before any test number is looked at; the others show how much of the search's best was luck. Every model gets a
+temperature fitted on the val split (calibration). Writes `results/retrain-<timestamp>/` with
+`test_results.csv`, `test_predictions.csv`, the trained models and `report.md`.
 """
 
 from __future__ import annotations
@@ -13,23 +17,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from .data import Prepared, class_counts, data_summary, majority_share
-
+from . import layout
+from .calibration import fit_temperature, nll, probabilities
+from .data import Prepared, class_counts, data_summary, majority_share, read_votes, task_consensus
 from .errors import GalaxyTuneError
 from .export import save_exported
 from .loader import open_split
 from .model import build_model, count_parameters, describe_weights
 from .provenance import library_versions
-from .train import (REFERENCE_CONFIGS, TrainConfig, evaluate, fit, load_trainable_state, make_model, pick_device, place,
-                    predict_logits)
+from .train import REFERENCE_CONFIGS, TrainConfig, fit, load_trainable_state, make_model, pick_device, place, predict_logits
 
 ALL_METHODS = ("direct", "full", "lora")
 SEEDS = 3  # retrained per method by default
+TOP_K = 3  # configs of each search retrained by default
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,12 @@ class Recipe:
     config: TrainConfig
     source: str  # the experiment folder, or "reference recipe"
     search_val_accuracy: float | None
+    rank: int = 1  # 1: the search's best config, k: its k-th best
+
+    @property
+    def folder(self) -> str:
+        """Its models' folder name before -seed<S>: the search's best keeps the plain method name."""
+        return self.method if self.rank == 1 else f"{self.method}-top{self.rank}"
 
 
 def latest_searches(results_dir: Path) -> dict[str, Path]:
@@ -61,47 +72,76 @@ def read_best(experiment: Path) -> dict:
     return json.loads(best.read_text())
 
 
-def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | None) -> list[Recipe]:
-    """The config to retrain for each trained method (best of its search, else the reference recipe)."""
+def top_configs(experiment: Path, k: int) -> list[tuple[TrainConfig, float]]:
+    """The k best distinct configs of a finished search, ranked as best.json ranks them (best val accuracy)."""
+    best = read_best(experiment)
+    trials_path = Path(experiment) / layout.TRIALS
+    if k == 1 or not trials_path.is_file():
+        return [(TrainConfig.from_dict(best["config"]), best["val_accuracy"])]
+    trials = pd.read_csv(trials_path)
+    trials = trials[trials["status"].isin(["COMPLETED", "STOPPED"])]
+    out, seen = [], set()
+    for _, trial in trials.sort_values(["best_val_accuracy", "epochs"], ascending=False).iterrows():
+        config = TrainConfig.from_dict(json.loads(trial["config"]))
+        key = json.dumps({name: v for name, v in config.to_dict().items() if name != "seed"}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append((config, float(trial["best_val_accuracy"])))
+        if len(out) == k:
+            break
+    return out
+
+
+def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | None, top_k: int = 1) -> list[Recipe]:
+    """The configs to retrain for each trained method (the top_k of its search, else the reference recipe)."""
     out = []
     for method in methods:
         if method == "direct":
             continue
         if method in experiments:
-            best = read_best(experiments[method])
-            config, source, val = TrainConfig.from_dict(best["config"]), str(experiments[method]), best["val_accuracy"]
+            ranked = [(config, str(experiments[method]), val) for config, val in top_configs(experiments[method], top_k)]
         else:
-            config, source, val = REFERENCE_CONFIGS[method], "reference recipe", None
+            ranked = [(REFERENCE_CONFIGS[method], "reference recipe", None)]
             print(f"{method}: no search found, retraining the reference recipe")
-        if max_epochs is not None:
-            config = dataclasses.replace(config, epochs=min(config.epochs, max_epochs))
-            config.validate()
-        out.append(Recipe(method, config, source, val))
+        for rank, (config, source, val) in enumerate(ranked, start=1):
+            if max_epochs is not None:
+                config = dataclasses.replace(config, epochs=min(config.epochs, max_epochs))
+                config.validate()
+            out.append(Recipe(method, config, source, val, rank))
     return out
+
+
+def select_configs(results: pd.DataFrame) -> pd.Series:
+    """Each method's reported config: the rank with the best mean val accuracy over seeds (ties: the search's
+    better one). Test accuracy plays no part. Returns a bool per row of `results`."""
+    mean_val = results.groupby(["method", "rank"])["val_accuracy"].mean().reset_index()
+    chosen = mean_val.sort_values(["val_accuracy", "rank"], ascending=[False, True]).drop_duplicates("method")
+    return results.set_index(["method", "rank"]).index.isin(chosen.set_index(["method", "rank"]).index)
 
 
 def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path], out_dir: Path,
                 methods: list[str] | tuple[str, ...] = ALL_METHODS, seeds: int = SEEDS, max_epochs: int | None = None,
-                device: str | None = None, augment: bool = True) -> pd.DataFrame:
-    """Retrain and test every method with `seeds` seeds; writes test_results.csv, test_predictions.csv
-    (per test image: label, probability of class 1 without and with TTA) and the models under out_dir."""
+                device: str | None = None, augment: bool = True, top_k: int = TOP_K) -> pd.DataFrame:
+    """Retrain and test every method's top configs with `seeds` seeds; writes test_results.csv (one row per
+    method, config rank and seed, `selected` marking each method's val-chosen config), test_predictions.csv (per
+    test image: label, logits, probability of class 1 without and with TTA, vote consensus) and the models."""
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
         raise GalaxyTuneError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(ALL_METHODS)}")
-    if seeds < 1:
-        raise GalaxyTuneError(f"--seeds {seeds} must be at least 1")
+    if seeds < 1 or top_k < 1:
+        raise GalaxyTuneError(f"--seeds {seeds} and --top-k {top_k} must be at least 1")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device)
     splits = {name: open_split(prepared, name) for name in ("train", "val", "test")}
-    plans = recipes(experiments, methods, max_epochs)
+    plans = recipes(experiments, methods, max_epochs, top_k)
     tested = []
     progress = tqdm(total=seeds * sum(r.config.epochs for r in plans), desc="retrain", unit="epoch")
     hf_logging.disable_progress_bar()  # one bar: the models' "Writing model shards" would break ours
     for seed in range(seeds):
         if "direct" in methods:
             model = place(build_model(model_name, num_labels=len(prepared.class_names), seed=seed), device)
-            tested.append(test_model("direct", seed, None, "no training", model, splits, device, model_name,
-                                     train_seconds=0.0, images_seen=0))
+            tested.append(test_model(Recipe("direct", None, "no training", None), seed, model, splits, device,
+                                     model_name, train_seconds=0.0, images_seen=0))
         for recipe in plans:
             config = dataclasses.replace(recipe.config, seed=seed, augment=augment and recipe.config.augment)
             model = make_model(config, model_name, num_labels=len(prepared.class_names))
@@ -109,7 +149,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
 
             def keep_best(metrics: dict, state) -> None:
                 progress.update()
-                progress.set_postfix_str(f"{recipe.method} seed {seed} epoch {metrics['epoch']}/{config.epochs} "
+                progress.set_postfix_str(f"{recipe.folder} seed {seed} epoch {metrics['epoch']}/{config.epochs} "
                                          f"val acc {metrics['val_accuracy']:.3f}")
                 if metrics["val_accuracy"] > best["val_accuracy"]:
                     best.update(val_accuracy=metrics["val_accuracy"], epoch=metrics["epoch"],
@@ -119,37 +159,64 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
             history = fit(model, config, splits["train"], splits["val"], device, on_epoch=keep_best)
             seconds = time.perf_counter() - started
             load_trainable_state(model, config, best["state"]["model"])
-            save_exported(model, config.to_dict(), recipe.method, prepared, out_dir / f"{recipe.method}-seed{seed}")
-            tested.append(test_model(recipe.method, seed, config, recipe.source, model, splits, device,
-                                     model_name, train_seconds=seconds, images_seen=history[-1]["images_seen"],
-                                     best_epoch=best["epoch"]))
+            predictions, row = test_model(dataclasses.replace(recipe, config=config), seed, model, splits, device,
+                                          model_name, train_seconds=seconds,
+                                          images_seen=history[-1]["images_seen"], best_epoch=best["epoch"])
+            tested.append((predictions, row))
+            save_exported(model, config.to_dict(), recipe.method, prepared, out_dir / f"{recipe.folder}-seed{seed}",
+                          temperature=row["temperature"])
     progress.close()
     results = pd.DataFrame([row for _, row in tested])
-    results.to_csv(out_dir / "test_results.csv", index=False)
-    pd.concat([predictions for predictions, _ in tested]).to_csv(out_dir / "test_predictions.csv", index=False)
-    (out_dir / "retrain.json").write_text(json.dumps({
+    results["selected"] = select_configs(results)
+    results.to_csv(out_dir / layout.TEST_RESULTS, index=False)
+    predictions = pd.concat([predictions for predictions, _ in tested])
+    predictions.merge(consensus_of(prepared), on="GalaxyID", how="left").to_csv(
+        out_dir / layout.TEST_PREDICTIONS, index=False)
+    selected = results[results["selected"]].drop_duplicates("method").set_index("method")["rank"]
+    (out_dir / layout.RETRAIN).write_text(json.dumps({
         "data": data_summary(prepared), "model": model_name, "seeds": seeds, "methods": list(methods),
-        "recipes": {r.method: {"source": r.source, "config": r.config.to_dict(),
+        "top_k": top_k, "selected_rank": {m: int(r) for m, r in selected.items()},
+        "recipes": {r.folder: {"method": r.method, "rank": r.rank, "source": r.source, "config": r.config.to_dict(),
                                "search_val_accuracy": r.search_val_accuracy} for r in plans},
         "majority_share": majority_share(class_counts(prepared), "test"), "versions": library_versions()}, indent=2))
     return results
 
 
-def test_model(method: str, seed: int, config: TrainConfig | None, source: str, model, splits, device,
-               model_name: str, train_seconds: float, images_seen: int,
-               best_epoch: int = 0) -> tuple[pd.DataFrame, dict]:
-    """One line of test_results.csv; also collects the per-image test predictions (with and without TTA)."""
+def consensus_of(prepared: Prepared) -> pd.DataFrame:
+    """GalaxyID and the winning answer's vote fraction for the task (empty if the data folder has moved)."""
+    try:
+        votes = read_votes(Path(data_summary(prepared)["data_dir"]))
+    except GalaxyTuneError:
+        return pd.DataFrame({"GalaxyID": pd.Series(dtype=np.int64), "consensus": pd.Series(dtype=float)})
+    return task_consensus(votes, prepared.task).reset_index()
+
+
+def test_model(recipe: Recipe, seed: int, model, splits, device, model_name: str, train_seconds: float,
+               images_seen: int, best_epoch: int = 0) -> tuple[pd.DataFrame, dict]:
+    """One line of test_results.csv and the model's per-image test predictions (with and without TTA).
+
+    The temperature is fitted on the val split's logits; the test logits are saved uncalibrated beside it.
+    """
+    config = recipe.config
     trainable, total = count_parameters(model) if config is not None else (0, count_parameters(model)[1])
-    test = splits["test"]
-    probs = {name: torch.softmax(torch.from_numpy(predict_logits(model, test, device, tta=tta)), 1).numpy()
-             for name, tta in (("plain", False), ("tta", True))}
-    predictions = pd.DataFrame({"GalaxyID": test.galaxy_ids, "label": test.labels, "method": method, "seed": seed,
+    val, test = splits["val"], splits["test"]
+    val_logits = predict_logits(model, val, device)
+    temperature = fit_temperature(val_logits, val.labels)
+    logits = {name: predict_logits(model, test, device, tta=tta) for name, tta in (("plain", False), ("tta", True))}
+    probs = {name: probabilities(v) for name, v in logits.items()}
+    predictions = pd.DataFrame({"GalaxyID": test.galaxy_ids, "label": test.labels, "method": recipe.method,
+                                "rank": recipe.rank, "seed": seed,
+                                **{f"logit_{i}": logits["plain"][:, i] for i in range(logits["plain"].shape[1])},
                                 "prob_1": probs["plain"][:, 1], "prob_1_tta": probs["tta"][:, 1]})
-    val_accuracy = evaluate(model, splits["val"], device)["accuracy"]
-    return predictions, {"method": method, "seed": seed, "val_accuracy": val_accuracy,
-            "test_accuracy": float((probs["plain"].argmax(1) == test.labels).mean()),
-            "test_accuracy_tta": float((probs["tta"].argmax(1) == test.labels).mean()), "trainable_params": trainable,
-            "total_params": total, "epochs": config.epochs if config else 0, "best_epoch": best_epoch,
-            "train_seconds": round(train_seconds, 1), "images_seen": images_seen, "model": model_name,
-            "weights": describe_weights(model_name, seed), "source": source,
-            "config": json.dumps(config.searched() if config else {})}
+    return predictions, {
+        "method": recipe.method, "rank": recipe.rank, "seed": seed,
+        "search_val_accuracy": recipe.search_val_accuracy,
+        "val_accuracy": float((val_logits.argmax(1) == val.labels).mean()),
+        "test_accuracy": float((probs["plain"].argmax(1) == test.labels).mean()),
+        "test_accuracy_tta": float((probs["tta"].argmax(1) == test.labels).mean()),
+        "temperature": temperature, "val_nll": nll(val_logits, val.labels),
+        "val_nll_calibrated": nll(val_logits, val.labels, temperature),
+        "trainable_params": trainable, "total_params": total, "epochs": config.epochs if config else 0,
+        "best_epoch": best_epoch, "train_seconds": round(train_seconds, 1), "images_seen": images_seen,
+        "model": model_name, "weights": describe_weights(model_name, seed), "source": recipe.source,
+        "config": json.dumps(config.searched() if config else {})}

@@ -16,6 +16,7 @@ from conftest import CROP_PX, IMAGE_SIZE_PX
 from galaxy_tune.cli import main
 from galaxy_tune.data import load_prepared
 from galaxy_tune.loader import open_split
+from galaxy_tune.retrain import select_configs
 from galaxy_tune.train import pick_device, place, predict_logits
 
 SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
@@ -92,15 +93,19 @@ def retrained(searched) -> tuple[Path, str]:
     """The retrain of both searches with default settings: its folder and what it printed."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["retrain", "--results-dir", str(searched)]) == 0
+        assert main(["retrain", "--results-dir", str(searched), "--top-k", "2"]) == 0
     return max(searched.glob("retrain-*")), printed.getvalue()
 
 
 def test_retrain_reports_all_three_methods_and_exports_usable_models(retrained):
     out, printed = retrained
     results = pd.read_csv(out / "test_results.csv")
-    assert results.groupby("method").size().to_dict() == {"direct": 3, "full": 3, "lora": 3}  # 3 seeds by default
-    results = results[results["seed"] == 0]
+    # 3 seeds by default, of each search's 2 best configs; each method reports the config it picked on val.
+    assert results.groupby("method").size().to_dict() == {"direct": 3, "full": 6, "lora": 6}
+    assert results[results["selected"]].groupby("method").size().to_dict() == {"direct": 3, "full": 3, "lora": 3}
+    assert set(results["rank"]) == {1, 2} and (results["temperature"] > 0).all()
+    assert (results["val_nll_calibrated"] <= results["val_nll"] + 1e-9).all()  # fitted on val: never worse there
+    results = results[(results["seed"] == 0) & (results["rank"] == 1)]
     assert {"method", "seed", "config", "val_accuracy", "test_accuracy", "trainable_params", "epochs",
             "model"} <= set(results.columns)
     assert results["test_accuracy"].between(0, 1).all()
@@ -119,6 +124,15 @@ def test_retrain_reports_all_three_methods_and_exports_usable_models(retrained):
         accuracy = (predict_logits(model, test, device).argmax(1) == test.labels).mean()
         one_galaxy = 1 / len(test) if device.type == "cuda" else 1e-6  # bf16 kernels may differ between runs
         assert accuracy == pytest.approx(results.set_index("method")["test_accuracy"][method], abs=one_galaxy)
+    # The val-fitted temperature is folded into the exported head: a plain transformers load gives the
+    # calibrated logits, the retrain's test logits divided by the temperature (on the CPU, to float rounding).
+    if device.type == "cpu":
+        temperature = results.set_index("method")["temperature"]["lora"]
+        saved = pd.read_csv(out / "test_predictions.csv").query("method == 'lora' and seed == 0 and rank == 1")
+        model = ResNetForImageClassification.from_pretrained(out / "lora-seed0" / "hf")
+        exported = predict_logits(model, test, device)
+        expected = saved.set_index("GalaxyID").loc[test.galaxy_ids, ["logit_0", "logit_1"]].to_numpy() / temperature
+        assert exported == pytest.approx(expected, abs=1e-4)
     # The image processor saved beside it prepares a raw Kaggle JPEG the way training did.
     processor = AutoImageProcessor.from_pretrained(out / "lora-seed0" / "hf")
     galaxy = Image.open(Path(info["data_dir"]) / "images_training_rev1" / f"{test.galaxy_ids[0]}.jpg")
@@ -143,3 +157,11 @@ def test_predict_a_folder_of_jpegs_with_a_retrained_model(retrained, demo_dir, t
     assert list(table.columns) == ["GalaxyID", "Class6.2", "Class1.2"]
     assert len(table) == 120
     assert (table[["Class6.2", "Class1.2"]].sum(axis=1) - 1).abs().max() < 1e-5
+
+
+def test_top_k_retrain_picks_each_methods_config_on_val_accuracy_alone():
+    results = pd.DataFrame({
+        "method": ["lora"] * 4, "rank": [1, 1, 2, 2], "seed": [0, 1, 0, 1],
+        "val_accuracy": [0.80, 0.82, 0.85, 0.84],  # rank 2 is better on val...
+        "test_accuracy": [0.95, 0.95, 0.70, 0.70]})  # ...and worse on test: test must not sway the pick
+    assert select_configs(results).tolist() == [False, False, True, True]

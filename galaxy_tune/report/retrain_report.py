@@ -35,8 +35,8 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
     folder = Path(folder)
     out = Path(out_dir or folder)
     out.mkdir(parents=True, exist_ok=True)
-    results = pd.read_csv(folder / layout.TEST_RESULTS)
-    predictions = pd.read_csv(folder / layout.TEST_PREDICTIONS)
+    all_results = pd.read_csv(folder / layout.TEST_RESULTS)
+    results, predictions = selected_runs(all_results, pd.read_csv(folder / layout.TEST_PREDICTIONS))
     info = json.loads((folder / layout.RETRAIN).read_text())
     data = info["data"]
     seeds = sorted(set(results["seed"]))
@@ -91,6 +91,17 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
     path = out / layout.REPORT
     path.write_text("\n".join(lines))
     return path
+
+
+def selected_runs(results: pd.DataFrame, predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows of each method's selected config (chosen on val accuracy by the retrain); retrains from before
+    top-k selection have one config per method, all of them selected."""
+    if "selected" not in results:
+        return results, predictions
+    chosen = results[results["selected"]]
+    keys = set(zip(chosen["method"], chosen["rank"]))
+    return chosen.reset_index(drop=True), predictions[[k in keys for k in zip(predictions["method"],
+                                                                               predictions["rank"])]]
 
 
 def base_weights(weights: str) -> str:
