@@ -89,7 +89,8 @@ def cmd_bench_train(args) -> None:
     save_if_asked(args, bench_train(
         args.data_dir, args.results_dir, model=args.model, image_size_px=args.image_size, crop_px=args.crop,
         batch_size=args.batch_size, method=args.method, lora_rank=args.lora_rank, steps=args.steps,
-        warmup=args.warmup, device=args.device, compile_model=args.compile, threads=args.threads))
+        warmup=args.warmup, rounds=args.rounds, eval_batches=args.eval_batches, device=args.device,
+        compile_model=args.compile, threads=args.threads))
 
 
 def cmd_bench_search(args) -> None:
@@ -98,7 +99,13 @@ def cmd_bench_search(args) -> None:
     save_if_asked(args, bench_search(
         args.data_dir, args.results_dir, method=args.method, num_samples=args.num_samples,
         max_epochs=args.max_epochs, model=args.model, image_size_px=args.image_size, crop_px=args.crop,
-        cpus_per_trial=args.cpus_per_trial, seed=args.seed))
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, device=args.device, seed=args.seed))
+
+
+def cmd_bench_gpu(args) -> None:
+    from .bench.gpu import bench_gpu
+
+    save_if_asked(args, bench_gpu(args.results_dir, dry_run=args.dry_run))
 
 
 def save_if_asked(args, figures: dict) -> None:
@@ -202,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_parser(commands) -> None:
-    """Add `bench {loader,train,search}` to the CLI's subparsers."""
-    bench = commands.add_parser("bench", help="measure the data path, training speed and the search")
+    """Add `bench {loader,train,search,gpu}` to the CLI's subparsers."""
+    bench = commands.add_parser("bench", help="measure the data path, training speed and the search; check a GPU")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
 
     def common(p, image_size: int, crop: int | None):
@@ -218,22 +225,28 @@ def add_bench_parser(commands) -> None:
     common(p, 224, None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the reference pipeline")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per pipeline, the first a warm-up (default 2)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per pipeline, the pipelines taking turns epoch "
+                   "by epoch; the first round is a warm-up, each later one gives a ratio (default 6)")
     p.add_argument("--readers", type=int, default=2, help="concurrent processes for the memory check")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): cuda when torch sees a GPU")
     p.add_argument("--threads", type=int, help="torch threads of both pipelines (default: torch's, one per core)")
     p.set_defaults(run=cmd_bench_loader)
 
-    p = kinds.add_parser("train", help="training and eval images/s and peak memory of one model")
+    p = kinds.add_parser("train", help="training and eval images/s and peak memory of fit's loop, per method")
     common(p, 224, None)
     p.add_argument("--model", default="resnet50-random", help="Hub id or folder, resnet50-random or tiny")
-    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument("--method", nargs="+", choices=["full", "lora"], default=["full"],
+                   help="one method, or `full lora` to compare them in one run, round by round (default full)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--steps", type=int, help="timed steps (default: 50 on CUDA, 2 on CPU)")
-    p.add_argument("--warmup", type=int, help="untimed warm-up steps (default: 10 on CUDA, 1 on CPU)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+    p.add_argument("--steps", type=int, help="timed steps per method (default: 100 on CUDA, 4 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps per method (default: 30 on CUDA, 1 on CPU)")
+    p.add_argument("--rounds", type=int, help="the timed steps in this many rounds, methods in turns "
+                   "(default: 5 on CUDA, 4 on CPU)")
+    p.add_argument("--eval-batches", type=int, help="timed eval batches of 64 per model, 0: none "
+                   "(default: 20 on CUDA, 2 on CPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): cuda when torch sees a GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training model")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.set_defaults(run=cmd_bench_train)
 
@@ -244,8 +257,19 @@ def add_bench_parser(commands) -> None:
     p.add_argument("--num-samples", type=int, default=6, help="trials per search (default 6)")
     p.add_argument("--max-epochs", type=int, default=4, help="epoch budget per trial (default 4)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, help="as `search`: fractions share a GPU, e.g. 0.25 (default: "
+                   "1 when the cluster has a GPU, else 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where trials train, as `search` (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_bench_search)
+
+    p = kinds.add_parser("gpu", help="check a GPU machine in one go (under 8 min): training speed full and LoRA, a "
+                         "4-trial search sharing the GPU, LoRA under bf16, torch.compile, retrain vs predict")
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="run outputs (default: results)")
+    p.add_argument("--dry-run", action="store_true", help="on the CPU with a tiny model and 32 px images, in "
+                   "about a minute: checks that the script runs, not the machine")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.set_defaults(run=cmd_bench_gpu)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,9 +62,11 @@ class LoraConv2d(nn.Module, loralib.LoRALayer):
             # Full precision eval: one convolution with W + ΔW (outside autocast, so ΔW is not rounded away).
             return F.conv2d(x, base.weight + self.delta_weight(), base.bias, base.stride, base.padding,
                             base.dilation, base.groups)
-        effect = self.lora_B(self.lora_A(x))
+        effect = self.lora_B(self.lora_A(x) * self.scaling)  # scaled at rank r, where it is cheap
+        out = base(x)
         # The sum in fp32: under bf16 autocast a small effect added to the bf16 base output would round away.
-        return base(x).float() + effect.float() * self.scaling
+        # In place: the convolution's backward needs its input, not its output.
+        return (out.float() if out.dtype != torch.float32 else out).add_(effect)
 
 
 def add_lora(

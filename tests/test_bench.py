@@ -1,6 +1,7 @@
-"""`bench loader|train|search`: the figures' JSON structure and the definitions of their ratios (never a speed).
+"""`bench loader|train|search|gpu`: the figures' JSON structure and the definitions of their ratios (never a speed).
 
-The ratio helpers run on hand-made inputs whose answer is known; each benchmark runs once at the smallest size.
+The ratio helpers run on hand-made inputs whose answer is known; each benchmark runs once at the smallest size,
+and `bench gpu` once as its CPU dry run, so the GPU check can't rot.
 """
 
 import json
@@ -12,11 +13,11 @@ import pytest
 import torch
 from conftest import CROP_PX, IMAGE_SIZE_PX
 
-from galaxy_tune import layout
+from galaxy_tune import cli, layout
 from galaxy_tune.bench import bench_loader, bench_search, bench_train, write_json
-from galaxy_tune.bench.loader import rates_of_alternate_epochs
-from galaxy_tune.bench.measure import MB, alternating_rates
-from galaxy_tune.bench.searching import epochs_to_reach, search_figures
+from galaxy_tune.bench.loader import timed_epochs_in_turns
+from galaxy_tune.bench.measure import MB, interleaved, rate, ratio_spread, split_evenly
+from galaxy_tune.bench.searching import epochs_to_reach, most_at_once, search_figures
 from galaxy_tune.errors import GalaxyTuneError
 
 CPU = torch.device("cpu")
@@ -70,6 +71,8 @@ def test_search_figures_of_a_finished_experiment_folder(tmp_path):
     assert figures["in_trial_overhead_seconds"] == pytest.approx(((4.0 - 3.0) + (3.0 - 1.0)) / 2)
     assert figures["first_trial_start_seconds"] == pytest.approx((1002 - 2.5) - 999.0)
     assert figures["events"] == [(1002, 1, 0.5), (1003, 1, 0.8), (1004, 2, 0.6)]  # all trials, in time order
+    # No pid in these reports. Surely running: a from 1000.5 to 1004 s, b from 1001 to 1003 s: both at once.
+    assert figures["processes"] == 0 and figures["most_trials_at_once"] == 2 and figures["errored_trials"] is None
     assert epochs_to_reach(figures["events"], 0.8) == 2
 
     saved = saved_and_read_back(figures, tmp_path / "search.json")
@@ -77,7 +80,45 @@ def test_search_figures_of_a_finished_experiment_folder(tmp_path):
     assert {k: v for k, v in saved.items() if k != "events"} == {k: v for k, v in figures.items() if k != "events"}
 
 
-def test_rates_of_alternate_epochs_take_turns_and_leave_out_the_first_epoch():
+def test_most_at_once_counts_overlapping_spans_and_not_touching_ones():
+    assert most_at_once([]) == 0
+    assert most_at_once([(0, 10), (1, 2), (3, 4), (3.5, 5)]) == 3  # (0, 10), (3, 4) and (3.5, 5) at t = 3.7
+    assert most_at_once([(0, 1), (1, 2), (2, 3)]) == 1  # one ends as the next starts: one after another
+    assert most_at_once([(0, 5), (2.5, 2)]) == 1  # a trial shorter than the timestamps' second: not surely running
+
+
+def test_interleaved_runs_take_turns_round_by_round():
+    calls = []
+
+    def run(name):
+        def one_round(number):
+            calls.append((name, number))
+            return {"images": 10, "seconds": 1.0, "round": number}
+        return one_round
+
+    results = interleaved({"a": run("a"), "b": run("b")}, rounds=3)
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert [r["round"] for r in results["a"]] == [0, 1, 2] and len(results["b"]) == 3
+
+
+def test_ratio_spread_is_the_median_of_the_rounds_ratios_with_their_range():
+    ours = [{"images": 100, "seconds": 1.0}, {"images": 100, "seconds": 4.0}, {"images": 50, "seconds": 1.0}]
+    theirs = [{"images": 10, "seconds": 1.0}, {"images": 10, "seconds": 1.0}, {"images": 10, "seconds": 2.0}]
+    spread = ratio_spread(ours, theirs)
+    assert spread["rounds"] == pytest.approx([10.0, 2.5, 10.0])  # round 2: the other process slowed ours
+    assert (spread["median"], spread["min"], spread["max"]) == pytest.approx((10.0, 2.5, 10.0))
+    assert rate(ours) == pytest.approx(250 / 6.0)  # images over seconds of all rounds
+    assert ratio_spread(ours[:2], theirs[:2])["median"] == pytest.approx((10.0 + 2.5) / 2)  # even count: the mean
+
+
+def test_split_evenly_spreads_steps_over_rounds():
+    assert split_evenly(100, 5) == [20] * 5
+    assert split_evenly(7, 3) == [3, 2, 2]
+    assert split_evenly(2, 5) == [1, 1]  # never an empty round
+    assert split_evenly(1, 1) == [1]
+
+
+def test_loader_epochs_take_turns_and_the_first_round_is_left_out():
     order = []
 
     def pipeline(name: str, pause_s: float):
@@ -90,29 +131,12 @@ def test_rates_of_alternate_epochs_take_turns_and_leave_out_the_first_epoch():
             yield None, torch.zeros(2)
         return epoch_batches
 
-    rates = rates_of_alternate_epochs({"fast": pipeline("fast", 0.0), "slow": pipeline("slow", 0.02)}, 3, CPU)
+    rounds = timed_epochs_in_turns({"fast": pipeline("fast", 0.0), "slow": pipeline("slow", 0.02)}, 3, CPU)
     assert order == [("fast", 0), ("slow", 0), ("fast", 1), ("slow", 1), ("fast", 2), ("slow", 2)]
-    assert set(rates) == {"fast", "slow"}
-    assert 0 < rates["slow"] <= 2 * 2 / (2 * 0.02)  # 4 images in at least 0.04 s: the warm-up's 1000 left out
-
-
-def test_alternating_rates_switch_variants_in_turns_and_time_only_the_steps_after_warm_up():
-    state, calls = {}, []
-
-    def stream():
-        while True:
-            yield None, torch.zeros(3)
-
-    def step(x, y):
-        calls.append(state["variant"])
-        time.sleep(0.02 if state["variant"] == "slow" else 0.0)
-
-    variants = {name: (lambda name=name: state.update(variant=name)) for name in ("fast", "slow")}
-    rates = alternating_rates(variants, step, stream(), warmup=2, steps=4, device=CPU, rounds=2)
-    # Each round: every variant in turn, 1 warm-up step (2 // 2 rounds) then 2 timed steps (4 // 2 rounds).
-    assert calls == ["fast"] * 3 + ["slow"] * 3 + ["fast"] * 3 + ["slow"] * 3
-    assert set(rates) == {"fast", "slow"}
-    assert 0 < rates["slow"] <= 4 * 3 / (4 * 0.02)  # 12 timed images, each step at least 0.02 s
+    assert set(rounds) == {"fast", "slow"} and all(len(r) == 2 for r in rounds.values())
+    assert [r["images"] for r in rounds["slow"]] == [2, 2]  # the warm-up's 1000 left out
+    assert all(r["seconds"] >= 0.02 for r in rounds["slow"])
+    assert ratio_spread(rounds["fast"], rounds["slow"])["min"] > 1
 
 
 # ---------------------------------------------------------------- the benchmarks, once each at the smallest size
@@ -121,23 +145,31 @@ def test_alternating_rates_switch_variants_in_turns_and_time_only_the_steps_afte
 def test_bad_settings_are_refused_before_any_work(demo_dir, tmp_path):
     with pytest.raises(GalaxyTuneError, match="--epochs 1: use 2 or more"):
         bench_loader(demo_dir, tmp_path, epochs=1)
-    with pytest.raises(GalaxyTuneError, match="--method 'dora'"):
+    with pytest.raises(GalaxyTuneError, match="--method 'dora': choose full or lora"):
         bench_train(demo_dir, tmp_path, method="dora")
+    with pytest.raises(GalaxyTuneError, match="--method 'lora' 'lora'"):
+        bench_train(demo_dir, tmp_path, method=["lora", "lora"])
+    with pytest.raises(GalaxyTuneError, match="--rounds 0 must be 1 or more"):
+        bench_train(demo_dir, tmp_path, rounds=0, device="cpu")
+    with pytest.raises(GalaxyTuneError, match="--eval-batches -1 must be 0 or more"):
+        bench_train(demo_dir, tmp_path, eval_batches=-1, device="cpu")
     assert not (tmp_path / "bench").exists() and not (tmp_path / "prepared").exists()
 
 
 def test_bench_loader_figures(demo_dir, tmp_path, capsys):
     figures = bench_loader(demo_dir, tmp_path, image_size_px=IMAGE_SIZE_PX, batch_size=16, crop_px=CROP_PX,
-                           epochs=2, threads=1, device="cpu")
+                           epochs=4, threads=1, device="cpu")
     assert set(figures) == {
-        "benchmark", "settings", "galaxy_tune_images_per_s", "reference_images_per_s", "speedup",
-        "cache_build_seconds", "cache_build_images", "cache_build_images_per_s", "cache_mb", "batch_float_mb",
-        "readers", "max_private_mb_per_reader", "private_to_cache_ratio", "environment"}
+        "benchmark", "settings", "galaxy_tune_images_per_s", "reference_images_per_s", "speedup", "speedup_range",
+        "speedup_per_round", "cache_build_seconds", "cache_build_images", "cache_build_images_per_s", "cache_mb",
+        "batch_float_mb", "readers", "max_private_mb_per_reader", "private_to_cache_ratio", "environment"}
     assert figures["benchmark"] == "loader" and set(figures["environment"]) == ENVIRONMENT
     settings = figures["settings"]
     assert settings["torch_threads"] == 1 and settings["image_size_px"] == IMAGE_SIZE_PX
     assert settings["device"] == "cpu" and settings["data_dir"] == str(demo_dir)
-    assert figures["speedup"] == pytest.approx(figures["galaxy_tune_images_per_s"] / figures["reference_images_per_s"])
+    ratios = figures["speedup_per_round"]  # epochs 2-4 of each pipeline, in turns: 3 rounds
+    assert len(ratios) == 3 and figures["speedup"] == sorted(ratios)[1]
+    assert figures["speedup_range"] == [min(ratios), max(ratios)]
     cached = figures["cache_build_images"]  # the task's galaxies of the 120
     assert 0 < settings["train_images"] < cached <= 120
     assert figures["cache_build_images_per_s"] == pytest.approx(
@@ -160,38 +192,52 @@ def test_bench_loader_figures(demo_dir, tmp_path, capsys):
     assert saved_and_read_back(figures, tmp_path / "loader.json") == figures
 
 
-def test_bench_train_full_and_lora_figures(demo_dir, tmp_path, capsys):
-    common = dict(model="tiny", image_size_px=IMAGE_SIZE_PX, crop_px=CROP_PX, batch_size=8, device="cpu")
-    full = bench_train(demo_dir, tmp_path, method="full", **common)  # CPU defaults: 1 warm-up + 2 timed steps
-    lora = bench_train(demo_dir, tmp_path, method="lora", steps=2, warmup=1, compile_model=True, **common)
+def test_bench_train_compares_full_and_lora_in_one_run(demo_dir, tmp_path, capsys):
+    figures = bench_train(demo_dir, tmp_path, model="tiny", image_size_px=IMAGE_SIZE_PX, crop_px=CROP_PX,
+                          batch_size=8, method=["full", "lora"], steps=3, rounds=2, device="cpu")
     out = capsys.readouterr().out
 
-    base = {"benchmark", "settings", "train_images_per_s", "eval_images_per_s", "peak_memory_mb", "memory_before_mb",
-            "memory_measure", "full_checkpoint_bytes", "environment"}
-    assert set(full) == base
-    assert set(lora) == base | {"eval_merged_images_per_s", "eval_unmerged_images_per_s", "merged_speedup",
-                                "merged_max_abs_diff", "merged_relative_diff", "merged_matches_unmerged",
-                                "lora_artifact_bytes", "lora_to_full_checkpoint_ratio"}
-    assert (full["settings"]["steps"], full["settings"]["warmup"]) == (2, 1)
-    assert full["settings"]["lora_rank"] is None and lora["settings"]["lora_rank"] == 8
-    for figures in (full, lora):
-        assert figures["settings"]["compiled"] is False and figures["settings"]["bf16_autocast"] is False
-        assert figures["memory_measure"] == "process peak RSS (VmHWM)"
-        assert figures["peak_memory_mb"] >= figures["memory_before_mb"] > 0  # the peak restarts from RSS then
-        assert saved_and_read_back(figures, tmp_path / "train.json") == figures
-    assert "--compile applies on CUDA only" in out  # --compile is a CUDA-only option
+    settings = figures["settings"]
+    assert settings["methods"] == ["full", "lora"] and settings["steps_per_round"] == [2, 1]
+    assert (settings["warmup"], settings["eval_batches"], settings["eval_batch_size"]) == (1, 2, 64)  # CPU defaults
+    assert settings["compiled"] is None and settings["bf16_autocast"] is False and settings["lora_rank"] == 8
+    full, lora = figures["methods"]["full"], figures["methods"]["lora"]
+    common = {"train_images_per_s", "train_images_per_s_per_round", "peak_memory_mb", "state_mb", "peak_working_mb",
+              "eval_images_per_s"}
+    assert set(full) == common
+    assert set(lora) == common | {"eval_branch_images_per_s", "merged_to_branch_eval", "merged_max_abs_diff",
+                                  "merged_relative_diff", "merged_matches_branch", "lora_artifact_bytes",
+                                  "lora_to_full_checkpoint_ratio"}
+    for method in (full, lora):
+        assert len(method["train_images_per_s_per_round"]) == 2
+        assert method["peak_memory_mb"] == pytest.approx(method["state_mb"] + method["peak_working_mb"])
+    # Full fine-tuning holds gradients and AdamW state for every weight; LoRA for its adapters and head only.
+    assert lora["state_mb"] < full["state_mb"]
+    speed = figures["lora_to_full"]["train_speed"]
+    per_round = [b / a for a, b in zip(full["train_images_per_s_per_round"], lora["train_images_per_s_per_round"])]
+    assert speed["rounds"] == pytest.approx(per_round) and speed["min"] <= speed["median"] <= speed["max"]
+    assert figures["lora_to_full"]["peak_memory_ratio"] == pytest.approx(
+        lora["peak_memory_mb"] / full["peak_memory_mb"])
+    assert lora["merged_matches_branch"] is True and lora["merged_relative_diff"] <= 1e-4  # float rounding
+    assert len(lora["merged_to_branch_eval"]["rounds"]) == 2
 
-    # The full checkpoint of a LoRA model is the plain model's: the same tensors as full fine-tuning saves.
-    model_bytes = sum(t.numel() * t.element_size() for t in full_state_dict(full))
-    assert model_bytes <= full["full_checkpoint_bytes"] < model_bytes + 64 * 1024
-    assert lora["full_checkpoint_bytes"] == full["full_checkpoint_bytes"]
-    assert 0 < lora["lora_artifact_bytes"] < lora["full_checkpoint_bytes"]
+    # The full checkpoint is the plain model's: the tensors full fine-tuning saves; LoRA's artefact a fraction.
+    model_bytes = sum(t.numel() * t.element_size() for t in full_state_dict(figures))
+    assert model_bytes <= figures["full_checkpoint_bytes"] < model_bytes + 64 * 1024
+    assert 0 < lora["lora_artifact_bytes"] < figures["full_checkpoint_bytes"]
     assert lora["lora_to_full_checkpoint_ratio"] == pytest.approx(
-        lora["lora_artifact_bytes"] / lora["full_checkpoint_bytes"])
-    assert lora["eval_images_per_s"] == lora["eval_merged_images_per_s"]  # how eval() leaves a LoRA model
-    assert lora["merged_speedup"] == pytest.approx(lora["eval_merged_images_per_s"] / lora["eval_unmerged_images_per_s"])
-    assert lora["merged_matches_unmerged"] is True and lora["merged_relative_diff"] <= 1e-4
-    assert "merged outputs = unmerged" in out
+        lora["lora_artifact_bytes"] / figures["full_checkpoint_bytes"])
+    assert "memory_measure" in figures and set(figures["environment"]) == ENVIRONMENT
+    assert saved_and_read_back(figures, tmp_path / "train.json") == figures
+    assert "LoRA / full train images/s" in out and "merged outputs = branch" in out
+
+
+def test_bench_train_of_one_method_has_no_comparison_and_can_skip_eval(demo_dir, tmp_path):
+    figures = bench_train(demo_dir, tmp_path, model="tiny", image_size_px=IMAGE_SIZE_PX, crop_px=CROP_PX,
+                          batch_size=8, method="full", steps=1, warmup=0, eval_batches=0, device="cpu")
+    assert list(figures["methods"]) == ["full"] and figures["lora_to_full"] is None
+    assert figures["methods"]["full"]["eval_images_per_s"] is None
+    assert figures["settings"]["lora_rank"] is None and figures["settings"]["steps_per_round"] == [1]
 
 
 def full_state_dict(figures: dict) -> list[torch.Tensor]:
@@ -204,27 +250,75 @@ def full_state_dict(figures: dict) -> list[torch.Tensor]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bench_train_on_cuda_uses_bf16_channels_last_and_compile(demo_dir, tmp_path):
     figures = bench_train(demo_dir, tmp_path, model="tiny", image_size_px=32, crop_px=CROP_PX, batch_size=16,
-                          method="lora", steps=3, warmup=2, device="cuda", compile_model=True)
+                          method=["full", "lora"], steps=3, warmup=2, device="cuda", compile_model=True)
     assert figures["settings"]["bf16_autocast"] and figures["settings"]["channels_last"]
-    assert figures["settings"]["compiled"] and figures["memory_measure"] == "torch.cuda.max_memory_allocated"
-    assert figures["peak_memory_mb"] > 0 and figures["merged_matches_unmerged"] is True
+    assert figures["settings"]["compiled"] == "inductor"
+    assert figures["memory_measure"].startswith("torch.cuda.max_memory_allocated")
+    assert figures["methods"]["lora"]["peak_memory_mb"] > 0 and figures["methods"]["lora"]["merged_matches_branch"]
 
 
 def test_bench_search_smoke(ray_local, demo_dir, tmp_path):
     figures = bench_search(demo_dir, tmp_path, model="tiny", num_samples=2, max_epochs=1,
-                           image_size_px=IMAGE_SIZE_PX, crop_px=CROP_PX)
+                           image_size_px=IMAGE_SIZE_PX, crop_px=CROP_PX, device="cpu", gpus_per_trial=0)
     assert set(figures) == {"benchmark", "settings", "asha_tpe", "random", "target_val_accuracy", "epochs_ratio",
                             "epochs_to_target_ratio", "ray_start_seconds", "model_build_seconds",
                             "data_open_seconds", "environment"}
     asha, random = figures["asha_tpe"], figures["random"]
     assert asha["trial_epochs"] == random["trial_epochs"] == 2  # 1 epoch: nothing for ASHA to stop
     assert figures["epochs_ratio"] == 1.0
+    assert figures["settings"]["device"] == "cpu" and figures["settings"]["gpus_per_trial"] == 0
     assert figures["target_val_accuracy"] == pytest.approx(random["best_val_accuracy"] - 0.01)
     assert 1 <= random["epochs_to_target"] <= 2
     for search in (asha, random):
-        assert "events" not in search and search["trials"] == 2
+        assert "events" not in search and search["trials"] == 2 and search["errored_trials"] == 0
+        assert 1 <= search["processes"] <= 2 and 0 <= search["most_trials_at_once"] <= 2
         assert search["overhead_share"] == pytest.approx(
             1 - search["train_seconds"] / (search["wall_seconds"] * search["concurrency"]))
     assert figures["ray_start_seconds"] is None  # the test's Ray was already running, and is left running
     assert ray_local.is_initialized()
     assert saved_and_read_back(figures, tmp_path / "search.json") == figures
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_bench_gpu_refuses_to_run_without_a_gpu(tmp_path, capsys):
+    assert cli.main(["bench", "gpu", "--results-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "bench gpu needs a CUDA GPU and torch sees none" in error and "--dry-run" in error
+    assert not (tmp_path / "bench").exists()
+
+
+def test_bench_gpu_dry_run_runs_every_check_on_the_cpu(ray_local, tmp_path, capsys):
+    assert cli.main(["bench", "gpu", "--dry-run", "--results-dir", str(tmp_path), "--json",
+                     str(tmp_path / "gpu.json")]) == 0
+    out = capsys.readouterr().out
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    folder = tmp_path / "bench" / os.path.basename(figures["folder"])
+    assert json.loads((folder / "gpu.json").read_text()) == figures
+    assert figures["dry_run"] is True and figures["environment"]["device"] == "cpu"
+    assert (folder / "demo-data" / "training_solutions_rev1.csv").is_file()  # demo data made on the spot
+
+    checks = figures["checks"]
+    assert list(checks) == ["training", "compile", "search", "lora_bf16", "retrain_predict"]
+    for name, check in checks.items():
+        assert "error" not in check, f"{name}: {check.get('error')}"
+        assert {"passed", "summary", "target", "seconds"} <= set(check)
+    training = checks["training"]
+    assert training["passed"] is None  # no speed target on a dry run
+    assert training["full_images_per_s"] > 0 and training["lora_images_per_s"] > 0
+    assert training["lora_to_full"] == training["bench_train"]["lora_to_full"]["train_speed"]["median"]
+    assert training["peak_memory_ratio"] > 0
+    assert checks["compile"]["backend"] == "eager" and checks["compile"]["compiled_images_per_s"] > 0
+    assert checks["compile"]["uncompiled_images_per_s"] == training["full_images_per_s"]
+    search = checks["search"]
+    assert search["passed"] is True and search["trials"] == 4 and search["errored_trials"] == 0
+    assert search["gpus_per_trial"] == 0 and search["cpus_per_trial"] == 0.5  # 4 slots on the test's 2 CPUs
+    assert 1 <= search["processes"] <= 4 and 0 <= search["most_trials_at_once"] <= 4  # trials under a second
+    bf16 = checks["lora_bf16"]
+    assert bf16["passed"] is True and bf16["branch_error"] < 0.01 < 0.5 < bf16["merged_error"]
+    agreement = checks["retrain_predict"]
+    assert agreement["passed"] is True and agreement["galaxies"] > 0 and agreement["max_abs_prob_diff"] <= 1e-4
+    assert figures["passed"] is True
+
+    summary = (folder / "summary.txt").read_text()
+    assert summary.startswith("bench gpu, dry run on the CPU") and "all checks passed" in summary
+    assert len(summary.splitlines()) == 6 and summary in out

@@ -1,5 +1,5 @@
-"""`bench loader`: images/s from galaxy_tune's pixel cache vs the reference PIL + torchvision loader, and the
-memory of processes reading the cache at once."""
+"""`bench loader`: images/s from galaxy_tune's pixel cache vs the reference PIL + torchvision loader, epoch by
+epoch in turns, and the memory of processes reading the cache at once."""
 
 from __future__ import annotations
 
@@ -22,24 +22,28 @@ from ..data import DataConfig, image_path, prepare
 
 from ..loader import IMAGENET_MEAN, IMAGENET_STD, ImageSplit, batches, open_split
 from ..errors import GalaxyTuneError
-from .measure import (MB, bench_dir, cache_mapping_fields, environment, print_table, private_bytes, proc_fields,
-                      reset_peak_rss, resolve_data_dir, resolve_device, synchronize, torch_threads)
+from ..train import pick_device
+from .measure import (MB, bench_dir, cache_mapping_fields, environment, fmt_spread, interleaved, print_table,
+                      private_bytes, proc_fields, rate, ratio_spread, reset_peak_rss, resolve_data_dir, synchronize,
+                      torch_threads)
 
 
 def bench_loader(data_dir: Path | None = None, results_dir: Path = Path("results"), image_size_px: int = 224,
-                 batch_size: int = 64, workers: int = 0, epochs: int = 2, crop_px: int | None = None,
+                 batch_size: int = 64, workers: int = 0, epochs: int = 6, crop_px: int | None = None,
                  readers: int = 2, device: str | None = None, threads: int | None = None) -> dict:
     """Images/s reaching the training loop from galaxy_tune's cache vs the reference PIL + torchvision loader.
 
-    Also times building the cache from scratch, and the private memory of `readers` processes reading the
-    same cache at once (its pages are shared page cache, so none of them should hold a copy). `threads` sets
-    torch's intra-op threads for both pipelines (a search trial uses --cpus-per-trial, 1 by default).
+    The pipelines take turns epoch by epoch (A, B, A, B, ...); after a first, warm-up round, each round gives a
+    ratio of the two, and the figure is their median with its range, so it holds on a busy machine. Also times
+    building the cache from scratch, and the private memory of `readers` processes reading the same cache at once
+    (its pages are shared page cache, so none of them should hold a copy). `threads` sets torch's intra-op
+    threads for both pipelines (a search trial uses --cpus-per-trial, 1 by default).
     """
     if epochs < 2:
         raise GalaxyTuneError(f"--epochs {epochs}: use 2 or more (the first epoch of each pipeline is a warm-up)")
     results_dir = Path(results_dir)
     data_dir = resolve_data_dir(data_dir, results_dir)
-    device = resolve_device(device)
+    device = pick_device(device)
     scratch = Path(tempfile.mkdtemp(prefix="loader-", dir=bench_dir(results_dir)))
     try:
         started = time.perf_counter()
@@ -56,21 +60,23 @@ def bench_loader(data_dir: Path | None = None, results_dir: Path = Path("results
             "reference": lambda epoch: ((x.to(device, non_blocking=True), y.to(device)) for x, y in reference),
         }
         with torch_threads(threads):
-            rates = rates_of_alternate_epochs(pipelines, epochs, device)
+            rounds = timed_epochs_in_turns(pipelines, epochs, device)
             threads = torch.get_num_threads()
         memory = read_concurrently(prepared, batch_size, readers, threads)
         cache_bytes = prepared.cache_path.stat().st_size
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    ours, theirs = rates["galaxy_tune"], rates["reference"]
+    ours, theirs = rate(rounds["galaxy_tune"]), rate(rounds["reference"])
+    speedup = ratio_spread(rounds["galaxy_tune"], rounds["reference"])
     worst_private = max(r["private_mb"] for r in memory)
     figures = {
         "benchmark": "loader",
         "settings": {"data_dir": str(data_dir), "image_size_px": image_size_px, "crop_px": crop_px,
                      "batch_size": batch_size, "workers": workers, "epochs": epochs, "readers": readers,
                      "device": str(device), "torch_threads": threads, "train_images": len(train)},
-        "galaxy_tune_images_per_s": ours, "reference_images_per_s": theirs, "speedup": ours / theirs,
+        "galaxy_tune_images_per_s": ours, "reference_images_per_s": theirs, "speedup": speedup["median"],
+        "speedup_range": [speedup["min"], speedup["max"]], "speedup_per_round": speedup["rounds"],
         "cache_build_seconds": build_seconds, "cache_build_images": cached_images,
         "cache_build_images_per_s": cached_images / build_seconds, "cache_mb": cache_bytes / MB,
         "batch_float_mb": batch_size * 3 * image_size_px**2 * 4 / MB,
@@ -82,7 +88,8 @@ def bench_loader(data_dir: Path | None = None, results_dir: Path = Path("results
                 f"{threads} torch thread(s)", [
                     ("galaxy_tune (uint8 cache, tensor augment)", f"{ours:,.0f} images/s"),
                     (f"reference (PIL + torchvision, {workers} workers)", f"{theirs:,.0f} images/s"),
-                    ("speed-up", f"{ours / theirs:.1f}x"),
+                    ("speed-up, epochs in turns", fmt_spread(speedup)),
+                    ("speed-up per round", ", ".join(f"{r:.1f}x" for r in speedup["rounds"])),
                     (f"cache build (prepare, {cached_images} images)",
                      f"{build_seconds:.1f} s = {cached_images / build_seconds:,.0f} images/s"),
                     ("cache size", f"{cache_bytes / MB:.1f} MB"),
@@ -121,23 +128,21 @@ def reference_loader(data_dir: Path, split: ImageSplit, image_size_px: int, crop
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
 
 
-def rates_of_alternate_epochs(pipelines: dict[str, Callable[[int], Iterable]], epochs: int,
-                              device: torch.device) -> dict[str, float]:
-    """Images/s of each pipeline over epochs 2..N, the pipelines taking turns epoch by epoch.
+def timed_epochs_in_turns(pipelines: dict[str, Callable[[int], Iterable]], epochs: int,
+                          device: torch.device) -> dict[str, list[dict]]:
+    """Per pipeline, the images and seconds of each of its epochs 2..N, the pipelines taking turns epoch by epoch.
 
-    Taking turns spreads any load from other processes over all of them, so their ratio stays fair.
+    The first round warms the page cache, the allocator and the workers, and is left out.
     """
-    seconds = dict.fromkeys(pipelines, 0.0)
-    images = dict.fromkeys(pipelines, 0)
-    for epoch in range(epochs):
-        for name, epoch_batches in pipelines.items():
+    def epoch_of(name: str) -> Callable[[int], dict]:
+        def run(epoch: int) -> dict:
             started = time.perf_counter()
-            count = sum(len(y) for _, y in epoch_batches(epoch))
+            count = sum(len(y) for _, y in pipelines[name](epoch))
             synchronize(device)
-            if epoch > 0:  # the first epoch warms the page cache, the allocator and the workers
-                seconds[name] += time.perf_counter() - started
-                images[name] += count
-    return {name: images[name] / seconds[name] for name in pipelines}
+            return {"images": count, "seconds": time.perf_counter() - started}
+        return run
+
+    return {name: rounds[1:] for name, rounds in interleaved({n: epoch_of(n) for n in pipelines}, epochs).items()}
 
 
 # One reader process: the pipeline and nothing else (its parent does the measuring, from /proc/<pid>).

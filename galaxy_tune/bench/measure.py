@@ -5,9 +5,12 @@ Imports torch, not Ray.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,47 +21,51 @@ import torch
 import torchvision
 
 from ..demo_data import demo_data_dir
-from ..errors import GalaxyTuneError
 
 MB = 1024 * 1024
+# glibc's malloc_trim(0) hands freed heap pages back to the system (None elsewhere, e.g. on musl or macOS).
+MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None), "malloc_trim", None)
 BENCH_DIR = "bench"  # under --results-dir; one level down, so `retrain` and `report` never mistake it for a search
 
 
 # ---------------------------------------------------------------- time
 
 
-def timed_steps(step: Callable[[torch.Tensor, torch.Tensor], object], stream: Iterator, warmup: int, steps: int,
-                device: torch.device) -> tuple[int, float]:
-    """(images, seconds) of `steps` calls of `step` on batches drawn from `stream` (data included), after warm-up."""
-    for _ in range(warmup):
-        step(*next(stream))
-    synchronize(device)
-    started, images = time.perf_counter(), 0
-    for _ in range(steps):
-        x, y = next(stream)
-        step(x, y)
-        images += len(y)
-    synchronize(device)
-    return images, time.perf_counter() - started
+def interleaved(runs: dict[str, Callable[[int], dict]], rounds: int) -> dict[str, list[dict]]:
+    """Call every run once per round, the runs taking turns (A, B, A, B, ...); per run, what each round returned.
+
+    A run times one round of its work and returns at least `images` and `seconds`. Taking turns spreads any load
+    from other processes over all runs, so ratios of rounds measured side by side stay fair on a busy machine.
+    """
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    for number in range(rounds):
+        for name, run in runs.items():
+            results[name].append(run(number))
+    return results
 
 
-def steady_rate(step: Callable, stream: Iterator, warmup: int, steps: int, device: torch.device) -> float:
-    """Images/s of `timed_steps`."""
-    images, seconds = timed_steps(step, stream, warmup, steps, device)
-    return images / seconds
+def rate(rounds: list[dict]) -> float:
+    """Images/s over all of a run's rounds."""
+    return sum(r["images"] for r in rounds) / sum(r["seconds"] for r in rounds)
 
 
-def alternating_rates(variants: dict[str, Callable[[], None]], step: Callable, stream: Iterator, warmup: int,
-                      steps: int, device: torch.device, rounds: int = 2) -> dict[str, float]:
-    """Images/s of `step` under each variant (a function switching the model to it), the variants taking turns."""
-    images, seconds = dict.fromkeys(variants, 0), dict.fromkeys(variants, 0.0)
-    for _ in range(rounds):
-        for name, switch in variants.items():
-            switch()
-            done, took = timed_steps(step, stream, max(1, warmup // rounds), max(1, steps // rounds), device)
-            images[name] += done
-            seconds[name] += took
-    return {name: images[name] / seconds[name] for name in variants}
+def ratio_spread(numerator: list[dict], denominator: list[dict]) -> dict:
+    """The ratio of two runs' images/s round by round: its median, its range and every round's."""
+    ratios = [(a["images"] / a["seconds"]) / (b["images"] / b["seconds"]) for a, b in zip(numerator, denominator)]
+    return {"median": float(statistics.median(ratios)), "min": min(ratios), "max": max(ratios), "rounds": ratios}
+
+
+def fmt_spread(spread: dict) -> str:
+    """`3.2x (median of 5 rounds, range 2.9-3.4x)`."""
+    count = len(spread["rounds"])
+    return (f"{spread['median']:.2f}x (median of {count} round{'s' * (count != 1)}, range "
+            f"{spread['min']:.2f}-{spread['max']:.2f}x)")
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` steps as `parts` round sizes differing by at most one (every round gets at least one)."""
+    parts = max(1, min(parts, total))
+    return [total // parts + (i < total % parts) for i in range(parts)]
 
 
 @contextmanager
@@ -72,6 +79,17 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """Run the block in true float32: no TF32 in CUDA matmuls and convolutions (it keeps 10 mantissa bits)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -81,10 +99,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def peak_memory_start(device: torch.device) -> float:
-    """Start a peak-memory measurement; returns the memory in use now (MB)."""
+    """Start a peak-memory measurement; returns the memory in use now (MB).
+
+    On the CPU, freed heap memory is first handed back to the system (glibc's malloc_trim), so that the RSS
+    counts live memory only and the peak that follows is measured from there.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / MB
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
     reset_peak_rss()
     return proc_fields("status")["VmRSS"] / MB
 
@@ -93,6 +117,12 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / MB
     return proc_fields("status")["VmHWM"] / MB
+
+
+def tensors_mb(tensors) -> float:
+    """MB held by the storages of `tensors` (each storage counted once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if torch.is_tensor(t)}
+    return sum(storages.values()) / MB
 
 
 def proc_fields(name: str, pid: int | str = "self") -> dict[str, int]:
@@ -136,15 +166,6 @@ def resolve_data_dir(data_dir: Path | None, results_dir: Path) -> Path:
     if data_dir is not None:
         return Path(data_dir)
     return demo_data_dir(results_dir)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """The named device, or CUDA when one is visible, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GalaxyTuneError(f"--device {device}: no CUDA device is visible here; use --device cpu")
-    return torch.device(device)
 
 
 def bench_dir(results_dir: Path) -> Path:
