@@ -56,20 +56,29 @@ class Recipe:
 def latest_searches(results_dir: Path) -> dict[str, Path]:
     """The newest finished search experiment (one with best.json) of each method."""
     latest: dict[str, tuple[float, Path]] = {}
-    for best in Path(results_dir).glob("*/best.json"):
-        method = json.loads(best.read_text())["method"]
+    for best in Path(results_dir).glob(f"*/{layout.BEST}"):
+        record = json.loads(best.read_text())
+        if not finished(record):
+            continue
+        method = record["method"]
         if method not in latest or best.stat().st_mtime > latest[method][0]:
             latest[method] = (best.stat().st_mtime, best.parent)
     return {method: folder for method, (_, folder) in latest.items()}
 
 
+def finished(best: dict) -> bool:
+    """Whether a best.json is a finished search's: a running or interrupted one keeps it up to date too."""
+    return not best.get("running", False) and best.get("complete", True)
+
+
 def read_best(experiment: Path) -> dict:
-    best = Path(experiment) / "best.json"
-    if not best.is_file():
-        why = "it is not a search experiment" if not (Path(experiment) / "search.json").is_file() else \
-            "it has no finished trial (still running, interrupted or every trial failed)"
-        raise GalaxyTuneError(f"--from {experiment}: no best.json, {why}: pass a finished search experiment")
-    return json.loads(best.read_text())
+    best = Path(experiment) / layout.BEST
+    if best.is_file() and finished(record := json.loads(best.read_text())):
+        return record
+    why = "it is not a search experiment" if not (Path(experiment) / layout.SEARCH_OPTIONS).is_file() else \
+        "it has no finished trial (still running, interrupted or every trial failed)"
+    raise GalaxyTuneError(f"--from {experiment}: {why}: pass a finished search experiment (resume an interrupted "
+                          "one with `search ... --resume --name NAME`)")
 
 
 def top_configs(experiment: Path, k: int) -> list[tuple[TrainConfig, float]]:

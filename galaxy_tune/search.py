@@ -2,7 +2,8 @@
 
 An experiment folder `results/<name>/` holds Ray Tune's own results (open it with `tune.ExperimentAnalysis` or
 `Tuner.restore`), `optuna.db` (the study, for `optuna-dashboard` / `optuna.load_study`), `trials.csv`,
-`best.json` and `search.json` (what the search was asked to do).
+`best.json` and `search.json` (what the search was asked to do). The study, trials.csv and best.json grow while
+trials finish (monitor.py), and are made final when the search ends.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .cluster import check_resources, start_ray
 from .data import DataConfig, Prepared, data_summary, prepare, prepared_folder
 from .errors import GalaxyTuneError
 from .model import describe_weights, load_backbone
+from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from .provenance import library_versions
 from .space import SearchSpace, default_space_path, load_space
 from .trainable import train_trial
@@ -149,35 +151,38 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             progress_reporter=progress_table(options.method),
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order=MODE),
-            callbacks=[PruneCheckpoints(experiment)],
+            callbacks=[PruneCheckpoints(experiment),  # then optuna.db, trials.csv and best.json as trials run
+                       *watchers(experiment, options.name, space,
+                                 about_search(options, model_name, prepared, experiment), max_concurrent)],
             failure_config=tune.FailureConfig(max_failures=options.max_failures)))
 
 
 def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSpace, experiment: Path,
                   prepared: Prepared, model_name: str, run: dict) -> None:
-    """trials.csv, then (for a search that ran to its end) the Optuna study and best.json; prints the ranking."""
+    """trials.csv and best.json, final (`"running": false`); for a search that ran to its end (`"complete": true`)
+    the Optuna study too, made equal to what Ray ran; prints the ranking."""
     trials = trials_table(grid, experiment)
     if trials.empty:
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
-    trials.to_csv(experiment / layout.TRIALS, index=False)
-    if len(grid) < options.num_samples or grid.num_terminated + grid.num_errors < len(grid):
+    complete = len(grid) >= options.num_samples and grid.num_terminated + grid.num_errors >= len(grid)
+    best = write_tables(experiment, trials, about_search(options, model_name, prepared, experiment), run,
+                        running=False, complete=complete)
+    if not complete:
         raise GalaxyTuneError(f"the search was interrupted after {grid.num_terminated} finished trial(s), all "
                               f"kept in {experiment}: continue it with `python -m galaxy_tune search "
                               f"{options.method} --resume --name {options.name} --results-dir {experiment.parent}`")
     save_study(experiment / layout.STUDY, options.name, space, grid)
-    finished = trials[trials["status"] != "ERROR"]
-    if finished.empty:
+    if best is None:
         first = next(str(r.error).strip().splitlines()[-1] for r in grid if r.error is not None)
         raise GalaxyTuneError(f"every trial of {experiment} failed, the first with: {first} "
                               f"(all errors: {experiment}/*/error.txt)")
-    best = finished.sort_values(["best_val_accuracy", "epochs"], ascending=False).iloc[0]
-    best_config = TrainConfig.from_dict(json.loads(best["config"]))
-    (experiment / layout.BEST).write_text(json.dumps({
-        "method": options.method, "config": best_config.to_dict(), "val_accuracy": float(best["best_val_accuracy"]),
-        "epoch": int(best["best_epoch"]), "trial_id": best["trial_id"], "model": model_name,
-        "weights": describe_weights(model_name, options.data.seed), "data": data_summary(prepared),
-        "experiment": str(experiment), **run, "versions": library_versions()}, indent=2))
     print_ranked(trials, options.method, experiment)
+
+
+def about_search(options: SearchOptions, model_name: str, prepared: Prepared, experiment: Path) -> dict:
+    """best.json's facts about the search as a whole (the best trial's own come from trials.csv)."""
+    return {"method": options.method, "model": model_name, "weights": describe_weights(model_name, options.data.seed),
+            "data": data_summary(prepared), "experiment": str(experiment), "versions": library_versions()}
 
 
 def saved_options(experiment: Path) -> SearchOptions:
@@ -270,54 +275,30 @@ def trials_table(grid: tune.ResultGrid, experiment: Path) -> pd.DataFrame:
     for result in grid:
         if not result.config:  # created but never started before an interruption
             continue
-        history = result.metrics_dataframe
-        if history is not None and not history.empty:  # a trial resumed after a crash may repeat an epoch
-            history = history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
-        config = TrainConfig.from_dict(result.config)
         trial_id = Path(result.path).name.removeprefix("trial_")
-        epochs = 0 if history is None or history.empty else int(history["epoch"].max())
-        if result.error is not None:
-            status = "ERROR"
-        elif ray_status.get(trial_id) != "TERMINATED":
-            status = "UNFINISHED"
-        else:
-            status = "COMPLETED" if epochs >= config.epochs else "STOPPED"
-        curve = [] if epochs == 0 else history["val_accuracy"].round(6).tolist()
-        best_epoch = int(history.loc[history["val_accuracy"].idxmax(), "epoch"]) if curve else 0
-        rows.append({"trial_id": trial_id, "status": status,
-                     "epochs": epochs, "best_val_accuracy": max(curve, default=float("nan")),
-                     "best_epoch": best_epoch, "last_val_accuracy": curve[-1] if curve else float("nan"),
-                     "train_seconds": 0.0 if epochs == 0 else round(float(history["epoch_seconds"].sum()), 2),
-                     "node_id": result.metrics.get("node_id"),
-                     **{k: v for k, v in config.searched().items() if k != "epochs"},  # epochs: run, above
-                     "config": json.dumps(config.to_dict()),
-                     "val_accuracy_curve": json.dumps(curve), "path": result.path})
+        state = "ERROR" if result.error is not None else \
+            "TERMINATED" if ray_status.get(trial_id) == "TERMINATED" else "UNFINISHED"
+        rows.append(trial_row(trial_id, result.config, reports(result), state, result.path))
     return pd.DataFrame(rows)
 
 
-def save_study(path: Path, name: str, space: SearchSpace, grid: tune.ResultGrid) -> None:
-    """Write the finished search as an Optuna study in sqlite (ASHA-stopped trials as pruned).
+def reports(result: tune.Result) -> list[dict]:
+    """A trial's reports in the order they came (its result.json), as dicts."""
+    history = result.metrics_dataframe
+    return [] if history is None or history.empty else history.to_dict("records")
 
-    The searcher keeps its study in memory while Ray runs (an sqlite study breaks `Tuner.restore`), so the
-    study users open is rebuilt here from Ray's results: it always matches what Ray ran, resumed or not.
+
+def save_study(path: Path, name: str, space: SearchSpace, grid: tune.ResultGrid) -> str:
+    """Make the Optuna study in sqlite equal to the finished search (ASHA-stopped trials as pruned).
+
+    The searcher keeps its study in memory while Ray runs (an sqlite study breaks `Tuner.restore`); the study
+    users open was mirrored from Ray's trials as they ran (monitor.StudyMirror) and is completed here from Ray's
+    results, one trial per Ray trial, resumed or not. Returns "updated" (in place) or "rebuilt".
     """
-    if path.exists():
-        path.unlink()
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-    for result in grid:
-        config = result.config
-        history = result.metrics_dataframe
-        curve = {} if history is None or history.empty else dict(zip(history["epoch"].astype(int), history[METRIC]))
-        searched = space.distributions(config)
-        stopped = bool(curve) and max(curve) < int(config.get("epochs", 0))
-        state = (optuna.trial.TrialState.FAIL if result.error is not None or not curve
-                 else optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.COMPLETE)
-        study.add_trial(optuna.trial.create_trial(
-            params={k: config[k] for k in searched}, distributions=searched,
-            value=max(curve.values()) if state == optuna.trial.TrialState.COMPLETE else None,
-            intermediate_values=curve, state=state,
-            user_attrs={"ray_trial_path": result.path, "epochs": len(curve)}))
+    return finish_study(path, name, [
+        study_trial(space, result.config, reports(result), failed=result.error is not None,
+                    ray_trial_id=Path(result.path).name.removeprefix("trial_"), path=result.path)
+        for result in grid])
 
 
 def print_ranked(trials: pd.DataFrame, method: str, experiment: Path, top: int = 10) -> None:

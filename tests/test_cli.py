@@ -169,3 +169,15 @@ import galaxy_tune.search, galaxy_tune.retrain, galaxy_tune.predict, galaxy_tune
 assert all(getattr(galaxy_tune, n) is getattr(galaxy_tune.api, n) for n in galaxy_tune.__all__)
 """], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_retrain_takes_no_config_from_a_search_still_running_or_interrupted(tmp_path, capsys):
+    for name, state in (("running", {"running": True}), ("stopped", {"running": False, "complete": False})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "search.json").write_text("{}")
+        (tmp_path / name / "best.json").write_text(json.dumps({"method": "lora", **state}))
+        assert main(["retrain", "--results-dir", str(tmp_path), "--from", str(tmp_path / name)]) == 2
+        assert "still running, interrupted" in capsys.readouterr().err
+    from galaxy_tune.retrain import latest_searches
+
+    assert latest_searches(tmp_path) == {}  # live best.json files are not finished searches

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pandas as pd
 import pytest
 from ray import tune
@@ -81,7 +82,13 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, as a crash or reboot would
         driver.wait()
     before = finished_trials(experiment, 3)
-    assert not (experiment / "best.json").exists()
+    if (experiment / "best.json").exists():  # the live one: the search had not ended
+        assert json.loads((experiment / "best.json").read_text())["complete"] is False
+    # The live study survived the kill readable, with the finished trials' epochs in it.
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    mirrored = {f"trial_{t.user_attrs['ray_trial_id']}": t for t in study.trials}
+    for trial, epochs in before.items():
+        assert len(mirrored[trial].intermediate_values) == epochs
 
     assert main(["search", "lora", "--resume", "--name", "killed", "--results-dir", str(tmp_path)]) == 0
     trials = pd.read_csv(experiment / "trials.csv")
@@ -91,7 +98,15 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
     for trial, epochs in before.items():  # finished before the kill: kept, and not run again
         assert after[trial] == epochs
         assert len((experiment / trial / "result.json").read_text().splitlines()) == epochs
-    assert json.loads((experiment / "best.json").read_text())["method"] == "lora"
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["method"] == "lora" and best["running"] is False and best["complete"] is True
+    # The study holds each trial Ray ran exactly once (none lost, none repeated), as trials.csv has it.
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    ray_ids = [t.user_attrs["ray_trial_id"] for t in study.trials]
+    assert len(ray_ids) == 40 and sorted(ray_ids) == sorted(trials["trial_id"])
+    states = {t.user_attrs["ray_trial_id"]: (t.state.name, len(t.intermediate_values)) for t in study.trials}
+    assert states == {t: ({"COMPLETED": "COMPLETE", "STOPPED": "PRUNED"}[s], n)
+                      for t, s, n in zip(trials["trial_id"], trials["status"], trials["epochs"])}
 
 
 def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(ray_local, demo_dir, tmp_path):
@@ -111,7 +126,9 @@ def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(ray_local, demo_dir
     assert driver.returncode == 2
     assert "interrupted" in err and "--resume --name stopped" in err
     trials = pd.read_csv(experiment / "trials.csv")
-    assert (trials["status"] == "COMPLETED").any() and not (experiment / "best.json").exists()
+    assert (trials["status"] == "COMPLETED").any()
+    best = json.loads((experiment / "best.json").read_text())  # the best so far, of a search not ended
+    assert best["running"] is False and best["complete"] is False
     assert main(["search", "full", "--resume", "--name", "stopped", "--results-dir", str(tmp_path)]) == 0
     assert len(pd.read_csv(experiment / "trials.csv")) == 40
 

@@ -11,15 +11,26 @@ import pytest
 from PIL import Image
 
 from conftest import CROP_PX, IMAGE_SIZE_PX
+from galaxy_tune.calibration import fit_temperature
 from galaxy_tune.cli import main
+from galaxy_tune.data import task_consensus
+from galaxy_tune.kaggle import CSV_NAME
 from galaxy_tune.report import write_report
+from galaxy_tune.layout import EVALUATION
+from galaxy_tune.report.evaluation import run_metrics
 from galaxy_tune.report.figure import FigureSkipped
 from galaxy_tune.report.search_report import plot_param_importances
-from galaxy_tune.report.stats import fmt_interval, mcnemar_exact, t_interval, wilson_interval
+from galaxy_tune.report.stats import (coverage_curve, fmt_interval, largest_coverage, mcnemar_exact,
+                                      paired_bootstrap, t_interval, wilson_interval)
 
 SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
 SEARCH_FIGURES = {"val_curves.png", "best_vs_trial.png", "best_vs_time.png", "param_slices.png"}
-RETRAIN_FIGURES = {"test_accuracy.png", "confusion_matrices.png", "misclassified.png"}
+RETRAIN_FIGURES = {"test_accuracy.png", "winners_curse.png", "accuracy_by_consensus.png", "reliability.png",
+                   "selective_prediction.png", "cost_accuracy_frontier.png", "confusion_matrices.png",
+                   "misclassified.png"}
+# What a retrain wrote before top-k selection, calibration and vote consensus.
+NEW_RESULT_COLUMNS = ["rank", "selected", "search_val_accuracy", "temperature", "val_nll", "val_nll_calibrated"]
+NEW_PREDICTION_COLUMNS = ["rank", "logit_0", "logit_1", "consensus"]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +45,12 @@ def results(ray_local, demo_dir, tmp_path_factory):
 
 def embedded_figures(report: str) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+
+
+def table_row(report: str, first_cell: str) -> list[str]:
+    """The cells of the markdown table row that starts with `first_cell`."""
+    line = next(line for line in report.splitlines() if line.startswith(f"| {first_cell} "))
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
 def assert_readable_pngs(folder, names) -> None:
@@ -69,6 +86,107 @@ def test_retrain_report_gives_intervals_tta_and_a_paired_test(results):
     for column in ("trainable params", "train s per seed", "images seen per seed", "backbone weights"):
         assert column in report
     assert "random init tiny resnet" in report
+    # Top-k: LoRA's 3 searched configs, each with its search val accuracy; the selection is the retrain's.
+    assert "## Top-k retrain: selection on validation data and the winner's curse" in report
+    selection = report.split("## Top-k retrain")[1].split("## ")[0]
+    rows = [table_row(selection, method) for method in ("full", "lora")]
+    assert [row[:2] for row in rows] == [["full", "1"], ["lora", "1"]]  # full: the reference recipe, no search
+    assert rows[0][2] == "–" and float(rows[1][2]) == pytest.approx(  # the search val accuracy of LoRA's best
+        json.loads((results / "search-lora" / "best.json").read_text())["val_accuracy"] * 100, abs=0.01)
+    assert selection.count("| lora ") == tested.query("method == 'lora'")["rank"].nunique()
+    assert selection.count("| ✓") == 2  # one selected config per trained method
+    assert "paired bootstrap 95 % CI (pp)" in report and "What LoRA buys:" in report
+    evaluation = pd.read_csv(retrain / EVALUATION)
+    assert len(evaluation) == len(tested) and (evaluation["test_ece"] >= 0).all()
+    assert evaluation[["method", "rank", "seed"]].equals(tested[["method", "rank", "seed"]])
+
+
+def test_consensus_bins_come_from_the_csv_vote_fractions(results, demo_dir):
+    retrain = next(results.glob("retrain-*"))
+    report = (retrain / "report.md").read_text()
+    data = json.loads((retrain / "retrain.json").read_text())["data"]
+    splits = pd.read_csv(f"{data['prepared']}/splits.csv")
+    test_ids = splits.loc[splits["split"] == "test", "GalaxyID"]
+    votes = pd.read_csv(demo_dir / CSV_NAME).set_index("GalaxyID")
+    consensus = task_consensus(votes, data["task"]).loc[test_ids]
+    expected = {"< 0.5": (consensus < 0.5).sum(), "0.5–0.8": ((consensus >= 0.5) & (consensus < 0.8)).sum(),
+                "≥ 0.8": (consensus >= 0.8).sum(), "all": len(test_ids)}
+    for name, count in expected.items():
+        assert table_row(report, name)[1] == str(count)
+    # The per-run accuracy of a bin is that of the run's predictions on the galaxies in it.
+    predictions = pd.read_csv(retrain / "test_predictions.csv").query("method == 'lora' and rank == 1 and seed == 0")
+    confident = predictions["GalaxyID"].map(consensus) >= 0.8
+    right = (predictions["prob_1"] > 0.5).astype(int) == predictions["label"]
+    evaluation = pd.read_csv(retrain / EVALUATION).query("method == 'lora' and rank == 1 and seed == 0")
+    assert evaluation["accuracy_consensus_from_0.8"].iloc[0] == pytest.approx(right[confident].mean())
+
+
+def test_a_retrain_from_before_top_k_and_calibration_still_reports(results, tmp_path):
+    retrain = next(results.glob("retrain-*"))
+    old = tmp_path / "old"
+    old.mkdir()
+    tested = pd.read_csv(retrain / "test_results.csv")
+    tested[tested["selected"]].drop(columns=NEW_RESULT_COLUMNS).to_csv(old / "test_results.csv", index=False)
+    predictions = pd.read_csv(retrain / "test_predictions.csv")
+    predictions[predictions["rank"] == 1].drop(columns=NEW_PREDICTION_COLUMNS).to_csv(
+        old / "test_predictions.csv", index=False)
+    info = json.loads((retrain / "retrain.json").read_text())
+    for key in ("top_k", "selected_rank"):
+        del info[key]
+    (old / "retrain.json").write_text(json.dumps(info))
+    report = write_report(old).read_text()
+    assert "*Not shown: this retrain predates top-k retrain" in report
+    assert "*Not shown: this retrain predates temperature scaling" in report
+    assert {"winners_curse.png", "reliability.png"}.isdisjoint(embedded_figures(report))
+    # Vote fractions are read again from the data folder's CSV; selective prediction and the frontier need
+    # nothing new.
+    assert {"accuracy_by_consensus.png", "selective_prediction.png", "cost_accuracy_frontier.png"} <= set(
+        embedded_figures(report))
+    assert "exact McNemar p" in report and "paired bootstrap 95 % CI (pp)" in report
+    info["data"]["data_dir"] = str(tmp_path / "gone")
+    (old / "retrain.json").write_text(json.dumps(info))
+    report = write_report(old).read_text()
+    assert "*Not shown: the retrain recorded no vote fractions and the Kaggle CSV is unreadable" in report
+    assert not (old / "accuracy_by_consensus.png").exists()
+
+
+def test_temperature_fitted_on_val_lowers_the_ece_of_an_overconfident_model():
+    rng = np.random.default_rng(0)
+
+    def overconfident(n):  # true P(class 1) = sigmoid(z), but the model says sigmoid(4 z)
+        z = rng.normal(0, 1.5, n)
+        labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+        return np.column_stack([np.zeros(n), 4 * z]), labels
+
+    val_logits, val_labels = overconfident(2000)
+    logits, labels = overconfident(2000)
+    temperature = fit_temperature(val_logits, val_labels)
+    assert temperature == pytest.approx(4, rel=0.2)
+    results = pd.DataFrame({"method": ["lora"], "rank": [1], "seed": [0], "selected": [True],
+                            "temperature": [temperature]})
+    predictions = pd.DataFrame({"GalaxyID": np.arange(len(labels)), "label": labels, "method": "lora", "rank": 1,
+                                "seed": 0, "logit_0": logits[:, 0], "logit_1": logits[:, 1],
+                                "prob_1": 1 / (1 + np.exp(-logits[:, 1]))})
+    run = run_metrics(results, predictions, consensus=None).iloc[0]
+    assert run["test_ece_calibrated"] < run["test_ece"] / 2 and run["test_ece"] > 0.05
+    assert run["test_nll_calibrated"] < run["test_nll"]
+
+
+def test_paired_bootstrap_is_reproducible_and_contains_the_observed_difference():
+    rng = np.random.default_rng(1)
+    a, b = rng.random(300) < 0.85, rng.random(300) < 0.75
+    difference, (low, high) = paired_bootstrap(a, b)
+    assert difference == pytest.approx(a.mean() - b.mean())
+    assert low < difference < high and paired_bootstrap(a, b) == (difference, (low, high))
+    assert high - low == pytest.approx(2 * 1.96 * np.std(a * 1.0 - b) / np.sqrt(300), rel=0.15)  # ≈ normal theory
+    assert paired_bootstrap(a, a) == (0.0, (0.0, 0.0))  # the same answers: no difference on any draw
+
+
+def test_coverage_curve_keeps_ties_together():
+    coverage, accuracy = coverage_curve(np.array([0.9, 0.8, 0.8, 0.6]), np.array([True, True, False, False]))
+    assert coverage == pytest.approx([0.25, 0.75, 1.0]) and accuracy == pytest.approx([1.0, 2 / 3, 0.5])
+    assert largest_coverage(coverage, accuracy, 0.95) == 0.25 and largest_coverage(coverage, accuracy, 0.6) == 0.75
+    assert largest_coverage(coverage, accuracy, 0.5) == 1.0 and largest_coverage(coverage, accuracy[::-1] * 0, 0.5) == 0
 
 
 def test_report_command_rebuilds_every_report_from_disk(results, capsys):

@@ -3,8 +3,10 @@
 A search report shows how every trial learned, how fast the search found its best config, which
 hyperparameters mattered (Optuna's importances) and where their good values lie. A retrain report compares
 the methods honestly on the test split: spread and confidence intervals over seeds and over test images, test
-accuracy with and without TTA, an exact McNemar test of full fine-tuning vs LoRA on the same test images,
-confusion matrices and the galaxies each method gets wrong. Figures use matplotlib's object API (no pyplot),
+accuracy with and without TTA, the top-k selection on val and the winner's curse, McNemar's test and a paired
+bootstrap of full fine-tuning vs LoRA on the same test images, accuracy by volunteer vote consensus, calibration
+before and after temperature scaling, selective prediction, the cost-accuracy frontier, confusion matrices and
+the galaxies each method gets wrong. Figures use matplotlib's object API (no pyplot),
 so writing a report never touches the backend of a notebook that imports this module.
 
 The package reads the results layout (`galaxy_tune.layout`) only: it imports neither the search (Ray) nor

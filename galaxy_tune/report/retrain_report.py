@@ -1,8 +1,10 @@
 """The report of a retrain folder: the methods compared honestly on the test split.
 
-Spread and confidence intervals over seeds and over test images, test accuracy with and without TTA, an exact
-McNemar test of full fine-tuning vs LoRA on the same test images, confusion matrices and the galaxies each
-method gets wrong.
+Spread and confidence intervals over seeds and over test images, test accuracy with and without TTA, the top-k
+selection on val and the winner's curse, McNemar's test and a paired bootstrap of full fine-tuning vs LoRA on the
+same test images, the evaluation a Galaxy Zoo referee expects (`evaluation`: accuracy by vote consensus,
+calibration, selective prediction, the cost-accuracy frontier), confusion matrices and the galaxies each method
+gets wrong.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from .. import layout
 from ..data import image_path, load_prepared
 from ..errors import GalaxyTuneError
 from ..kaggle import IMAGE_SIZE_PX
+from .evaluation import evaluation_sections, full_vs_lora, selection_section
 from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, class_label, embed, percent_axis
-from .stats import SIGNIFICANCE, fmt_interval, mcnemar_exact, mean_and_sd, t_interval, wilson_interval
+from .runs import predicted_class, seed_predictions, selected_runs
+from .stats import fmt_interval, mean_and_sd, t_interval, wilson_interval
 
 # Test accuracy (%) of the reference study (ResNet-50 pretrained on ImageNet, real Galaxy Zoo data).
 REFERENCE_TEST_ACCURACY = {"direct": 68.94, "full": 88.52, "lora": 73.93}
@@ -35,8 +39,9 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
     folder = Path(folder)
     out = Path(out_dir or folder)
     out.mkdir(parents=True, exist_ok=True)
-    all_results = pd.read_csv(folder / layout.TEST_RESULTS)
-    results, predictions = selected_runs(all_results, pd.read_csv(folder / layout.TEST_PREDICTIONS))
+    all_results, all_predictions = (pd.read_csv(folder / name) for name in (layout.TEST_RESULTS,
+                                                                            layout.TEST_PREDICTIONS))
+    results, predictions = selected_runs(all_results, all_predictions)
     info = json.loads((folder / layout.RETRAIN).read_text())
     data = info["data"]
     seeds = sorted(set(results["seed"]))
@@ -68,9 +73,11 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
         *embed(out, "test_accuracy.png", "Test accuracy per method: bars are the mean over seeds, whiskers ±1 sd, "
                "dots single seeds; black bars mark the reference study, the dotted line the majority class",
                lambda: plot_test_accuracy(results, info["majority_share"], reference)),
+        *selection_section(out, all_results),
         "## Full fine-tuning vs LoRA",
         "",
         *full_vs_lora(predictions),
+        *evaluation_sections(out, all_results, all_predictions, info),
         "## Cost and provenance",
         "",
         cost_table(results).to_markdown(index=False),
@@ -93,32 +100,9 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
     return path
 
 
-def selected_runs(results: pd.DataFrame, predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The rows of each method's selected config (chosen on val accuracy by the retrain); retrains from before
-    top-k selection have one config per method, all of them selected."""
-    if "selected" not in results:
-        return results, predictions
-    chosen = results[results["selected"]]
-    keys = set(zip(chosen["method"], chosen["rank"]))
-    return chosen.reset_index(drop=True), predictions[[k in keys for k in zip(predictions["method"],
-                                                                               predictions["rank"])]]
-
-
 def base_weights(weights: str) -> str:
     """`random init tiny resnet (seed 0)` without the seed: what the backbone started from."""
     return weights.rsplit(" (seed", 1)[0]
-
-
-def predicted_class(probability_1: pd.Series) -> np.ndarray:
-    """Class of each image from P(class 1): argmax of two probabilities, ties going to class 0 as argmax does."""
-    return (probability_1.to_numpy() > 0.5).astype(np.int64)
-
-
-def seed_predictions(predictions: pd.DataFrame, method: str, seed: int) -> pd.DataFrame:
-    """One method's test predictions of one seed, in GalaxyID order (the same images for every method)."""
-    picked = predictions[(predictions["method"] == method) & (predictions["seed"] == seed)]
-    return picked.sort_values("GalaxyID").reset_index(drop=True)
-
 
 
 def accuracy_table(results: pd.DataFrame, predictions: pd.DataFrame,
@@ -160,43 +144,6 @@ def cost_table(results: pd.DataFrame) -> pd.DataFrame:
             "recipe": runs["source"].iloc[0],
         })
     return pd.DataFrame(rows)
-
-
-def full_vs_lora(predictions: pd.DataFrame) -> list[str]:
-    """Markdown lines: McNemar's exact test of full fine-tuning vs LoRA on the same test images, per seed."""
-    methods = set(predictions["method"])
-    if not {"full", "lora"} <= methods:
-        return ["Not compared: the retrain did not train both full fine-tuning and LoRA.", ""]
-    rows, significant = [], 0
-    seeds = sorted(set(predictions.loc[predictions["method"] == "full", "seed"]) &
-                   set(predictions.loc[predictions["method"] == "lora", "seed"]))
-    for seed in seeds:
-        full, lora = seed_predictions(predictions, "full", seed), seed_predictions(predictions, "lora", seed)
-        if not full["GalaxyID"].equals(lora["GalaxyID"]):
-            raise GalaxyTuneError(f"full and lora seed {seed} were tested on different images: rerun the retrain")
-        labels = full["label"].to_numpy()
-        only_full, only_lora, p = mcnemar_exact(predicted_class(full["prob_1"]) == labels,
-                                                predicted_class(lora["prob_1"]) == labels)
-        significant += p < SIGNIFICANCE
-        rows.append({"seed": seed, "test images": len(labels), "only full right": only_full,
-                     "only LoRA right": only_lora, "exact McNemar p": f"{p:.3g}",
-                     f"significant at {SIGNIFICANCE:g}": "yes" if p < SIGNIFICANCE else "no"})
-    if significant == len(seeds):
-        verdict = "significant in every seed"
-    elif significant:
-        verdict = f"significant in {significant} of {len(seeds)} seeds only, so not a robust difference"
-    else:
-        verdict = "not significant in any seed: this test split cannot tell the two apart"
-    return [
-        ("McNemar's exact test pairs the two models' answers on the same test images and counts only the images "
-         "where exactly one is right (predictions without TTA); under \"no difference\" each such image is a coin "
-         "flip."),
-        "",
-        pd.DataFrame(rows).to_markdown(index=False),
-        "",
-        f"**Full fine-tuning vs LoRA: the difference is {verdict}** (two-sided, α = {SIGNIFICANCE:g}).",
-        "",
-    ]
 
 
 def plot_test_accuracy(results: pd.DataFrame, majority: float,

@@ -1,4 +1,5 @@
-"""Statistics of the retrain report: confidence intervals of accuracy and an exact McNemar test.
+"""Statistics of the retrain report: confidence intervals of accuracy, an exact McNemar test, a paired bootstrap of
+an accuracy difference and accuracy against coverage (selective prediction).
 
 No matplotlib here: these are plain numbers (numpy and scipy), usable without drawing anything.
 """
@@ -14,6 +15,8 @@ from scipy import stats
 
 CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: a rebuilt report gives the same interval
 
 
 def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
@@ -45,6 +48,38 @@ def mcnemar_exact(a_correct: np.ndarray, b_correct: np.ndarray) -> tuple[int, in
     if only_a + only_b == 0:
         return 0, 0, 1.0
     return only_a, only_b, float(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def paired_bootstrap(a_correct: np.ndarray, b_correct: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> tuple[float, tuple[float, float]]:
+    """(accuracy of A - accuracy of B, percentile bootstrap interval of that difference).
+
+    Paired: each resample draws test images with replacement and scores both models on the same draw, so the
+    interval reflects how much the difference depends on which images happened to be in the test split.
+    """
+    difference = np.asarray(a_correct, dtype=float) - np.asarray(b_correct, dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(difference), size=(resamples, len(difference)))
+    means = difference[draws].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(difference.mean()), (float(low), float(high))
+
+
+def coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, accuracy) of keeping the galaxies at or above each confidence threshold, most confident first.
+
+    Only thresholds an astronomer can set count: galaxies of equal confidence are kept or dropped together.
+    """
+    order = np.argsort(-np.asarray(confidence, dtype=float), kind="stable")
+    ranked, hits = np.asarray(confidence, dtype=float)[order], np.cumsum(np.asarray(correct, dtype=float)[order])
+    kept = np.flatnonzero(np.append(ranked[1:] < ranked[:-1], True)) + 1  # ends of groups of equal confidence
+    return kept / len(ranked), hits[kept - 1] / kept
+
+
+def largest_coverage(coverage: np.ndarray, accuracy: np.ndarray, target: float) -> float:
+    """The largest coverage whose kept galaxies reach `target` accuracy (0 when none do)."""
+    reached = coverage[accuracy >= target - 1e-12]
+    return float(reached.max()) if len(reached) else 0.0
 
 
 def fmt_interval(interval: tuple[float, float] | None) -> str:
