@@ -1,5 +1,6 @@
 """Reports: a real tiny search and a two-seed retrain give report.md files with readable figures and honest stats."""
 
+import io
 import json
 import re
 import shutil
@@ -239,3 +240,11 @@ def test_interval_and_test_statistics_match_textbook_values():
     a = np.array([True] * 10 + [False] * 5)
     assert mcnemar_exact(a, np.ones(15, dtype=bool)) == (0, 5, pytest.approx(0.0625))  # 2 * 0.5**5
     assert mcnemar_exact(a, a)[2] == 1.0
+
+
+def test_consensus_figure_draws_bins_every_method_got_all_right_or_all_wrong():
+    from galaxy_tune.report.evaluation_figures import plot_consensus
+
+    figure = plot_consensus({"full": [(10, 10), (10, 0), (0, 0)], "lora": [(10, 9), (10, 10), (0, 0)]},
+                            ("< 0.5", "0.5-0.8", ">= 0.8"), seed=0)
+    figure.savefig(io.BytesIO(), format="png")  # Wilson bounds at 0 % / 100 % must not make negative whiskers

@@ -106,8 +106,8 @@ def plot_consensus(counts: dict[str, list[tuple[int, int]]], bins: tuple[str, ..
             x, accuracy = i + (j - (len(methods) - 1) / 2) * width, right / n * 100
             low, high = (v * 100 for v in wilson_interval(right, n))
             ax.bar(x, accuracy, width * 0.92, color=METHOD_COLORS[method], edgecolor="black", linewidth=0.6)
-            ax.errorbar(x, accuracy, yerr=[[accuracy - low], [high - accuracy]], color="black", capsize=4,
-                        linewidth=1.2)
+            whiskers = [[max(accuracy - low, 0)], [max(high - accuracy, 0)]]  # 0 at 0 % or 100 %, not -1e-15
+            ax.errorbar(x, accuracy, yerr=whiskers, color="black", capsize=4, linewidth=1.2)
             ax.text(x, 2, f"{accuracy:.1f}", ha="center", va="bottom", fontsize=9, fontweight="bold",
                     bbox={"boxstyle": "round,pad=0.12", "facecolor": "white", "alpha": 0.85, "linewidth": 0})
     galaxies = [n for n, _ in counts[methods[0]]]
