@@ -42,17 +42,19 @@ def data_config(data_dir: Path | None, results_dir: Path, **settings) -> DataCon
 
 def prepare(data_dir: Path | None = None, out: Path | None = None, *, results_dir: Path = layout.RESULTS_DIR,
             task: str | None = None, min_vote: float | None = None, image_size_px: int | None = None,
-            crop_px: int | None = None, seed: int | None = None, skip_bad: bool = False) -> Prepared:
+            crop_px: int | None = None, seed: int | None = None, skip_bad: bool = False,
+            workers: int | None = None) -> Prepared:
     """Validate the data, write the split manifest and build the pixel cache."""
     config = data_config(data_dir, results_dir, task=task, min_vote=min_vote, image_size_px=image_size_px,
-                         crop_px=crop_px, seed=seed, skip_bad=skip_bad)
+                         crop_px=crop_px, seed=seed, skip_bad=skip_bad, workers=workers)
     return _prepare(config, Path(out) if out else prepared_folder(results_dir, config))
 
 
 def search(method: str, data_dir: Path | None = None, *, results_dir: Path = layout.RESULTS_DIR,
            name: str | None = None, space: Path | None = None, num_samples: int | None = None,
            max_epochs: int | None = None, image_size_px: int | None = None, crop_px: int | None = None,
-           task: str | None = None, min_vote: float | None = None, skip_bad: bool = False, model: str | None = None,
+           task: str | None = None, min_vote: float | None = None, skip_bad: bool = False, workers: int | None = None,
+           model: str | None = None,
            cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, device: str | None = None,
            max_concurrent: int | None = None, address: str | None = None, seed: int | None = None,
            max_failures: int | None = None, checkpoint_every_s: float | None = None, resume: bool = False,
@@ -69,7 +71,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     else:
         demo = {"num_samples": DEMO["num_samples"], "max_epochs": DEMO["max_epochs"]} if data_dir is None else {}
         config = data_config(data_dir, results_dir, task=task, min_vote=min_vote, image_size_px=image_size_px,
-                             crop_px=crop_px, seed=seed, skip_bad=skip_bad)
+                             crop_px=crop_px, seed=seed, skip_bad=skip_bad, workers=workers)
         options = SearchOptions(method, config, results_dir=Path(results_dir), augment=augment, **{**demo, **given(
             name=name, space=space, num_samples=num_samples, max_epochs=max_epochs, model=model,
             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, device=device, max_concurrent=max_concurrent,
@@ -82,7 +84,8 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
 def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path] | None = None,
             methods: list[str] | None = None, seeds: int | None = None, max_epochs: int | None = None,
             data_dir: Path | None = None, image_size_px: int | None = None, crop_px: int | None = None,
-            task: str | None = None, min_vote: float | None = None, skip_bad: bool = False, seed: int | None = None,
+            task: str | None = None, min_vote: float | None = None, skip_bad: bool = False, workers: int | None = None,
+            seed: int | None = None,
             model: str | None = None, device: str | None = None, augment: bool = True,
             top_k: int | None = None) -> Path:
     """Retrain the best config of each method, test direct / full / LoRA; returns the retrain folder."""
@@ -118,7 +121,7 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path]
             print(f"{method}: best config of {folder}")
     else:
         config = data_config(data_dir, results_dir, task=task, min_vote=min_vote, image_size_px=image_size_px,
-                             crop_px=crop_px, seed=seed, skip_bad=skip_bad)
+                             crop_px=crop_px, seed=seed, skip_bad=skip_bad, workers=workers)
         prepared = _prepare(config, prepared_folder(results_dir, config))
         _, model_name = load_backbone(model, num_labels=len(prepared.class_names))
     on_demo_data = Path(data_summary(prepared)["data_dir"]) == (Path(results_dir) / DEMO_FOLDER).resolve()

@@ -28,7 +28,7 @@ def cmd_prepare(args) -> None:
 
     prepared = api.prepare(args.data_dir, args.out, results_dir=args.results_dir, task=args.task,
                            min_vote=args.min_vote, image_size_px=args.image_size, crop_px=args.crop, seed=args.seed,
-                           skip_bad=args.skip_bad)
+                           skip_bad=args.skip_bad, workers=args.workers)
     counts = class_counts(prepared)
     print(f"prepared {prepared.folder} (task {prepared.task}, cache {prepared.cache_path.name})")
     print(f"{'split':<6} " + " ".join(f"{name:>9}" for name in prepared.class_names) + f" {'total':>7}")
@@ -41,7 +41,8 @@ def cmd_search(args) -> None:
 
     api.search(args.method, args.data_dir, results_dir=args.results_dir, name=args.name, space=args.space,
                num_samples=args.num_samples, max_epochs=args.max_epochs, image_size_px=args.image_size,
-               crop_px=args.crop, task=args.task, min_vote=args.min_vote, skip_bad=args.skip_bad, model=args.model,
+               crop_px=args.crop, task=args.task, min_vote=args.min_vote, skip_bad=args.skip_bad, workers=args.workers,
+               model=args.model,
                cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, device=args.device,
                max_concurrent=args.max_concurrent, address=args.address,
                seed=args.seed, max_failures=args.max_failures, checkpoint_every_s=args.checkpoint_every,
@@ -53,7 +54,8 @@ def cmd_retrain(args) -> None:
 
     api.retrain(args.results_dir, args.from_experiments, args.methods, seeds=args.seeds, max_epochs=args.max_epochs,
                 data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop, task=args.task,
-                min_vote=args.min_vote, skip_bad=args.skip_bad, seed=args.seed, model=args.model, device=args.device,
+                min_vote=args.min_vote, skip_bad=args.skip_bad, workers=args.workers, seed=args.seed, model=args.model,
+                device=args.device,
                 top_k=args.top_k, augment=not args.no_augment)
 
 
@@ -108,6 +110,13 @@ def cmd_bench_gpu(args) -> None:
     save_if_asked(args, bench_gpu(args.results_dir, dry_run=args.dry_run))
 
 
+def cmd_bench_prepare(args) -> None:
+    from .bench.preparing import bench_prepare
+
+    save_if_asked(args, bench_prepare(args.data_dir, args.results_dir, image_size_px=args.image_size,
+                                      crop_px=args.crop, rounds=args.rounds, workers=args.workers))
+
+
 def save_if_asked(args, figures: dict) -> None:
     """Write the figures to --json FILE when given."""
     if args.json:
@@ -138,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, help="split seed, and the search's training seed (default 0)")
         p.add_argument("--min-vote", type=float, help="smooth-featured: least winning vote fraction (default 0.8)")
         p.add_argument("--skip-bad", action="store_true", help="drop missing or unreadable images instead of failing")
+        p.add_argument("--workers", type=int, help="processes decoding images into the pixel cache "
+                       "(default: one per core; 1: in this process)")
         results_flag(p)
 
     p = commands.add_parser("demo-data", help="write a synthetic data set in the Kaggle layout")
@@ -220,6 +231,13 @@ def add_bench_parser(commands) -> None:
         p.add_argument("--crop", type=int, default=crop, help="centre-crop the 424 px frame first "
                        f"(default: {crop or 'none'})")
         p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+
+    p = kinds.add_parser("prepare", help="images/s of prepare with 1 decoding process vs one per core, in turns")
+    common(p, 224, None)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of each, in turns, each into a fresh folder "
+                   "(default 3)")
+    p.add_argument("--workers", type=int, help="processes to compare with 1 (default: one per core)")
+    p.set_defaults(run=cmd_bench_prepare)
 
     p = kinds.add_parser("loader", help="images/s of galaxy_tune's data path vs the reference PIL DataLoader")
     common(p, 224, None)

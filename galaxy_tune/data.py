@@ -4,6 +4,10 @@
 every pixel cache), `prepare.json` (task, class names, counts, seed) and `cache/<size>px-crop<c>-chw.npy`, a uint8
 (N, 3, H, W) array decoded once and memory-mapped by every trial, so one copy in the page cache serves them all.
 `galaxy_tune.loader` turns a split of that cache into normalised, augmented tensors on the training device.
+
+Decoding runs on every core: a process pool whose workers write their rows straight into the memory-mapped
+temporary cache and send back only the rows that failed. When the split is made, that one decoding pass is also the
+check of every image (no separate scan): the bad ones are listed together, or dropped with --skip-bad.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from tqdm import tqdm
 
 from .errors import GalaxyTuneError
 from .kaggle import CLASS_COLUMNS, CSV_NAME, IMAGE_SIZE_PX, IMAGES_DIR
+from .layout import write_atomically
+from .pixels import decode_rows, finish_cache, image_path, keep_rows, source_fingerprint, temporary_cache
 
 TASKS = {  # task: class names in label order (0, 1)
     "seed-top2": ("Class6.2", "Class1.2"),  # the arg-max of all 37 answers is one of these
@@ -43,6 +47,7 @@ class DataConfig:
     image_size_px: int = 224
     crop_px: int | None = None  # centre crop of the 424 px frame before resizing; None keeps the frame
     skip_bad: bool = False  # drop missing or unreadable images instead of failing (not part of the split's identity)
+    workers: int | None = None  # decoding processes; None: one per core (neither is part of the split's identity)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -56,6 +61,8 @@ class DataConfig:
             raise GalaxyTuneError(f"--min-vote {self.min_vote:g} must be a vote fraction between 0 and 1")
         if self.seed < 0:
             raise GalaxyTuneError(f"--seed {self.seed} must be 0 or more")
+        if self.workers is not None and self.workers < 1:
+            raise GalaxyTuneError(f"--workers {self.workers} must be 1 or more (default: one per core)")
 
 
 @dataclass(frozen=True)
@@ -175,91 +182,40 @@ def split_manifest(labels: pd.Series, seed: int, val_fraction: float, test_fract
     return pd.DataFrame({"GalaxyID": ids, "label": y, "split": split.to_numpy()})
 
 
-# ---------------------------------------------------------------- pixels
+def cache_meta(prepared: Prepared, data_dir: Path, ids: np.ndarray) -> dict:
+    """What a cache was made from: it is reused while this stays the same."""
+    return {"fingerprint": source_fingerprint(data_dir, ids), "count": len(ids),
+            "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px}
 
 
-def decode(path: Path, image_size_px: int, crop_px: int | None) -> np.ndarray:
-    """One galaxy JPEG as (3, size, size) uint8: centre-crop, then resize, as the reference's transforms do.
-
-    Channels first, as the model reads them: a batch then converts to float without transposing.
-    """
-    with Image.open(path) as image:
-        if image.format != "JPEG" or image.mode != "RGB" or image.size != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
-            raise ValueError(f"not a {IMAGE_SIZE_PX}x{IMAGE_SIZE_PX} RGB JPEG ({image.format} {image.mode} "
-                             f"{image.size[0]}x{image.size[1]})")
-        crop = crop_px or IMAGE_SIZE_PX
-        # Let libjpeg decode at a reduced scale when the output is small: same pixels, several times faster.
-        image.draft("RGB", (IMAGE_SIZE_PX * image_size_px // crop,) * 2)
-        scale = image.size[0] / IMAGE_SIZE_PX
-        lo, hi = (IMAGE_SIZE_PX - crop) / 2 * scale, (IMAGE_SIZE_PX + crop) / 2 * scale
-        image = image.resize((image_size_px, image_size_px), Image.Resampling.BILINEAR, box=(lo, lo, hi, hi))
-        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+def cache_is_current(prepared: Prepared, meta: dict) -> bool:
+    meta_path = prepared.cache_path.with_suffix(".json")
+    return prepared.cache_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta
 
 
-def source_fingerprint(data_dir: Path, ids: np.ndarray) -> str:
-    """Changes when the CSV or any listed image file changes (size or modification time)."""
-    digest = hashlib.sha256()
-    for path in [Path(data_dir) / CSV_NAME, *(image_path(data_dir, i) for i in ids)]:
-        try:
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-        except FileNotFoundError:
-            digest.update(f"{path.name}:missing;".encode())
-    return digest.hexdigest()[:16]
-
-
-def image_path(data_dir: Path, galaxy_id: int) -> Path:
-    return Path(data_dir) / IMAGES_DIR / f"{galaxy_id}.jpg"
-
-
-def check_images(data_dir: Path, ids: np.ndarray) -> dict[int, str]:
-    """GalaxyID -> what is wrong, for every image that is missing, unreadable, truncated or of the wrong shape."""
-    bad = {}
-    for galaxy_id in tqdm(ids, desc="checking images", unit="img", leave=False, disable=len(ids) < 2000):
-        path = image_path(data_dir, galaxy_id)
-        if not path.is_file():
-            bad[int(galaxy_id)] = "missing"
-            continue
-        try:
-            with Image.open(path) as image:
-                if image.format != "JPEG" or image.mode != "RGB" or image.size != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
-                    bad[int(galaxy_id)] = f"not a {IMAGE_SIZE_PX}x{IMAGE_SIZE_PX} RGB JPEG"
-                    continue
-                image.draft("RGB", (IMAGE_SIZE_PX // 8,) * 2)  # a full scan of the entropy data, cheaply
-                image.load()
-        except (OSError, SyntaxError, ValueError) as err:
-            bad[int(galaxy_id)] = f"unreadable ({err})"
-    return bad
-
-
-def build_cache(prepared: Prepared, data_dir: Path) -> Path:
+def build_cache(prepared: Prepared, data_dir: Path, workers: int | None = None) -> Path:
     """Decode every image of the manifest once into the uint8 cache; reuse it when it matches its source."""
     path = prepared.cache_path
     ids = prepared.manifest()["GalaxyID"].to_numpy()
-    meta = {"fingerprint": source_fingerprint(data_dir, ids), "count": len(ids),
-            "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px}
-    meta_path = path.with_suffix(".json")
-    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+    meta = cache_meta(prepared, data_dir, ids)
+    if cache_is_current(prepared, meta):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    size = prepared.image_size_px
-    try:
-        pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), 3, size, size))
-        for row, galaxy_id in enumerate(tqdm(ids, desc=f"caching {size}px pixels", unit="img", leave=False)):
-            try:
-                pixels[row] = decode(image_path(data_dir, galaxy_id), size, prepared.crop_px)
-            except (OSError, SyntaxError, ValueError) as err:
-                raise GalaxyTuneError(f"{image_path(data_dir, galaxy_id)} changed since the split was made and is "
-                                      f"now unreadable ({err}): restore it, or delete {prepared.folder} to re-split "
-                                      "(searches made on the old split keep their results)") from None
-        pixels.flush()
-        del pixels
-        os.replace(tmp, path)  # atomic: concurrent readers see the old cache or the whole new one
-    finally:
-        tmp.unlink(missing_ok=True)  # a half-written cache never outlives an error or Ctrl-C
-    write_atomically(meta_path, json.dumps(meta))
+    with temporary_cache(path, len(ids), prepared.image_size_px) as tmp:
+        bad = decode_rows(tmp, data_dir, ids, prepared.image_size_px, prepared.crop_px, workers,
+                          desc=f"caching {prepared.image_size_px}px pixels")
+        if bad:
+            raise GalaxyTuneError(f"{bad_listing(data_dir, bad, 'image(s) changed since the split was made')}; "
+                                  f"restore them, or delete {prepared.folder} to re-split (searches made on the old "
+                                  "split keep their results)")
+        finish_cache(tmp, path, meta)
     return path
+
+
+def bad_listing(data_dir: Path, bad: dict[int, str], what: str = "image(s)") -> str:
+    """`3 bad image(s) in <dir>: a.jpg: missing; ...`, naming the first 20."""
+    listing = "; ".join(f"{image_path(data_dir, i).name}: {why}" for i, why in list(bad.items())[:20])
+    more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
+    return f"{len(bad)} {what} in {data_dir / IMAGES_DIR}: {listing}{more}"
 
 
 # ---------------------------------------------------------------- prepare
@@ -286,34 +242,49 @@ def prepare(config: DataConfig, out_dir: Path) -> Prepared:
     info_path = out_dir / "prepare.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     fingerprint = source_fingerprint(data_dir, np.array([], dtype=np.int64))  # the CSV alone
+    prepared = Prepared(out_dir, config.task, TASKS[config.task], config.image_size_px, config.crop_px)
     if info.get("settings") != split_settings or info.get("csv_fingerprint") != fingerprint:
-        bad = check_images(data_dir, labels.index.to_numpy())
-        if bad and not config.skip_bad:
-            listing = "; ".join(f"{image_path(data_dir, i).name}: {why}" for i, why in list(bad.items())[:20])
-            more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
-            raise GalaxyTuneError(f"{len(bad)} bad image(s) in {data_dir / IMAGES_DIR}: {listing}{more}; "
-                                  "replace them or pass --skip-bad to drop them")
-        if bad:
-            print(f"skipping {len(bad)} bad image(s) (--skip-bad)")
-        manifest = split_manifest(labels.drop(index=list(bad)), config.seed, config.val_fraction,
-                                  config.test_fraction)
-        write_atomically(out_dir / "splits.csv", manifest.to_csv(index=False))
-        counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
-        info = {"task": config.task, "class_names": list(TASKS[config.task]), "seed": config.seed,
-                "counts": {s: [int(counts.loc[s].get(c, 0)) for c in (0, 1)] for s in SPLITS},
-                "skipped_bad_images": len(bad), "settings": split_settings, "csv_fingerprint": fingerprint}
-    prepared = Prepared(out_dir, config.task, tuple(info["class_names"]), config.image_size_px, config.crop_px)
-    build_cache(prepared, data_dir)
+        info = make_split(prepared, data_dir, labels, config, split_settings, fingerprint)
+    else:
+        build_cache(prepared, data_dir, config.workers)
     caches = sorted(set(info.get("caches", [])) | {prepared.cache_path.name})
     write_atomically(info_path, json.dumps({**info, "image_size_px": config.image_size_px,
                                             "crop_px": config.crop_px, "caches": caches}, indent=2))
     return prepared
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def make_split(prepared: Prepared, data_dir: Path, labels: pd.Series, config: DataConfig, split_settings: dict,
+               fingerprint: str) -> dict:
+    """Split the task's galaxies and cache their pixels in one decoding pass, which is also the check of every image.
+
+    Every galaxy the task keeps is decoded into the cache, row i for row i of the manifest; the bad images are then
+    listed together (nothing is written), or with --skip-bad dropped from the split and their rows from the cache.
+    Returns the prepare.json fields of the split.
+    """
+    ids = labels.index.to_numpy()
+    manifest = split_manifest(labels, config.seed, config.val_fraction, config.test_fraction)  # refused up front
+    meta = cache_meta(prepared, data_dir, ids)
+    bad: dict[int, str] = {}
+    with temporary_cache(prepared.cache_path, len(ids), config.image_size_px) as tmp:
+        if not cache_is_current(prepared, meta):  # the split is remade, but the images it caches are the same
+            bad = decode_rows(tmp, data_dir, ids, config.image_size_px, config.crop_px, config.workers,
+                              desc=f"checking and caching {config.image_size_px}px pixels")
+        if bad and not config.skip_bad:
+            raise GalaxyTuneError(f"{bad_listing(data_dir, bad, 'bad image(s)')}; "
+                                  "replace them or pass --skip-bad to drop them")
+        if bad:
+            print(f"skipping {len(bad)} bad image(s) (--skip-bad)")
+            manifest = split_manifest(labels.drop(index=list(bad)), config.seed, config.val_fraction,
+                                      config.test_fraction)
+            keep_rows(tmp, np.flatnonzero(~np.isin(ids, list(bad))))
+            meta = cache_meta(prepared, data_dir, manifest["GalaxyID"].to_numpy())
+        write_atomically(prepared.folder / "splits.csv", manifest.to_csv(index=False))
+        if not cache_is_current(prepared, meta):
+            finish_cache(tmp, prepared.cache_path, meta)
+    counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
+    return {"task": config.task, "class_names": list(TASKS[config.task]), "seed": config.seed,
+            "counts": {s: [int(counts.loc[s].get(c, 0)) for c in (0, 1)] for s in SPLITS},
+            "skipped_bad_images": len(bad), "settings": split_settings, "csv_fingerprint": fingerprint}
 
 
 def load_prepared(folder: Path, image_size_px: int, crop_px: int | None) -> Prepared:

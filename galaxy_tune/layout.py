@@ -6,6 +6,7 @@ A leaf module (no torch, Ray or Optuna), so a reader such as `report` never impo
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 RESULTS_DIR = Path("results")  # the default --results-dir
@@ -39,3 +40,13 @@ def trial_reports(trial_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return reports
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` at once: a reader (or a killed writer) sees the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)

@@ -170,7 +170,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 def _fold_legacy_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold ConvLoRA deltas ((out·k, r·k) @ (r·k, in·k), of rank up to r·k) into the base convs; return the rest."""
+    """Fold ConvLoRA deltas ((out·k, r·k) @ (r·k, in·k), rank up to r·k) into the base convs; return the rest."""
     state = dict(state)
     for name, module in model.named_modules():
         if not isinstance(module, LoraConv2d):

@@ -31,22 +31,13 @@ from optuna.trial import FrozenTrial, TrialState
 from ray import tune
 
 from . import layout
+from .layout import write_atomically
 from .space import SearchSpace
 from .train import TrainConfig
 
 METRIC = "val_accuracy"
 KEPT = ("epoch", METRIC, "epoch_seconds", "node_id")  # what the tables and the study need of a report
 FINISHED = ("COMPLETED", "STOPPED")  # trials.csv statuses of trials that ran to their end
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` at once: a reader (or a killed writer) sees the old file or the new one."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 def by_epoch(reports: list[dict]) -> list[dict]:

@@ -2,7 +2,7 @@
 
 The model is a Hugging Face folder written by `retrain` (`<method>-seed<S>/hf/`). Its `galaxy_tune.json`
 carries what training used and the model cannot know: the image size and centre crop. Pixels go through the
-very functions training used (`data.decode`, then `train.predict_logits`, which normalises as `data.batches`
+very functions training used (`pixels.decode`, then `train.predict_logits`, which normalises as `loader.batches`
 does), so a galaxy gets the same probabilities here as in the retrain's test.
 """
 
@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .data import decode
+from .pixels import decode
 
 from .errors import GalaxyTuneError
 from .export import load_exported
@@ -79,7 +79,7 @@ def galaxy_ids(paths: list[Path]) -> pd.Series:
 
 
 def decode_or_explain(path: Path, image_size_px: int, crop_px: int | None) -> np.ndarray:
-    """`data.decode`, with an unreadable file turned into an error naming it."""
+    """`pixels.decode`, with an unreadable file turned into an error naming it."""
     try:
         return decode(path, image_size_px, crop_px)
     except (OSError, SyntaxError, ValueError) as err:

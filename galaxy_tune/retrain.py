@@ -30,7 +30,8 @@ from .export import save_exported
 from .loader import open_split
 from .model import build_model, count_parameters, describe_weights
 from .provenance import library_versions
-from .train import REFERENCE_CONFIGS, TrainConfig, fit, load_trainable_state, make_model, pick_device, place, predict_logits
+from .train import (REFERENCE_CONFIGS, TrainConfig, fit, load_trainable_state, make_model, pick_device, place,
+                    predict_logits)
 
 ALL_METHODS = ("direct", "full", "lora")
 SEEDS = 3  # retrained per method by default
@@ -108,7 +109,8 @@ def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | 
         if method == "direct":
             continue
         if method in experiments:
-            ranked = [(config, str(experiments[method]), val) for config, val in top_configs(experiments[method], top_k)]
+            top = top_configs(experiments[method], top_k)
+            ranked = [(config, str(experiments[method]), val) for config, val in top]
         else:
             ranked = [(REFERENCE_CONFIGS[method], "reference recipe", None)]
             print(f"{method}: no search found, retraining the reference recipe")

@@ -21,7 +21,8 @@ from torch import nn
 
 from .loader import ImageSplit, batches, empty_batch, orient
 from .errors import GalaxyTuneError
-from .lora import BATCHNORM_MODES, LORA_TARGETS, SCALINGS, add_lora, adapter_state_dict, is_legacy_adapter_state, load_adapter_state
+from .lora import (BATCHNORM_MODES, LORA_TARGETS, SCALINGS, add_lora, adapter_state_dict, is_legacy_adapter_state,
+                   load_adapter_state)
 from .model import STAGES, build_model, freeze_stages, param_groups
 
 METHODS = ("full", "lora")

@@ -1,6 +1,7 @@
 """Data: labels of both tasks, CSV validation, stratified reproducible splits, the pixel cache and batches."""
 
 import dataclasses
+import json
 import re
 import shutil
 
@@ -127,6 +128,93 @@ def test_bad_images_are_listed_and_can_be_skipped(demo_dir, tmp_path, capsys):
     assert "skipping 3 bad image(s)" in capsys.readouterr().out
     # The split made with --skip-bad stays valid for later runs without the flag (search, retrain).
     assert prepare(config, tmp_path / "out").manifest().equals(prepared.manifest())
+
+
+def test_workers_decode_the_same_cache_bytes_and_manifest_as_one(demo_dir, tmp_path):
+    one = prepare(DataConfig(demo_dir, image_size_px=16, workers=1), tmp_path / "one")
+    two = prepare(DataConfig(demo_dir, image_size_px=16, workers=2), tmp_path / "two")
+    assert one.cache_path.read_bytes() == two.cache_path.read_bytes()
+    assert (one.folder / "splits.csv").read_bytes() == (two.folder / "splits.csv").read_bytes()
+    # A cache of another size for the split made above: decoded by build_cache, still the same bytes.
+    sizes = [prepare(DataConfig(demo_dir, image_size_px=24, crop_px=200, workers=w), tmp_path / f"w{w}")
+             for w in (1, 2)]
+    assert sizes[0].cache_path.read_bytes() == sizes[1].cache_path.read_bytes()
+    assert not list(tmp_path.rglob("*.tmp"))  # no temporary cache outlives a prepare
+    info = json.loads((two.folder / "prepare.json").read_text())
+    assert "workers" not in info["settings"]  # not part of the split: workers=1 reuses what workers=2 made
+    stamp = two.cache_path.stat().st_mtime_ns
+    assert prepare(DataConfig(demo_dir, image_size_px=16, workers=1), tmp_path / "two").cache_path.stat(
+        ).st_mtime_ns == stamp
+
+
+def test_bad_images_are_all_listed_and_skipped_with_two_workers(demo_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    kept = task_labels(read_votes(data), "seed-top2").index
+    # Spread over the decoding chunks, first and last rows included.
+    culprits = [data / IMAGES_DIR / f"{kept[i]}.jpg" for i in (0, 40, 41, len(kept) - 1)]
+    culprits[0].unlink()
+    culprits[1].write_bytes(culprits[1].read_bytes()[:2000])
+    Image.new("RGB", (100, 100)).save(culprits[2])
+    culprits[3].write_bytes(b"not a JPEG")
+    config = DataConfig(data, image_size_px=16, workers=2)
+    with pytest.raises(GalaxyTuneError) as err:
+        prepare(config, tmp_path / "out")
+    message = str(err.value)
+    assert "4 bad image(s)" in message and "--skip-bad" in message
+    for path, why in zip(culprits, ("missing", "unreadable", "not a 424x424 RGB JPEG", "unreadable")):
+        assert f"{path.name}: {why}" in message
+    assert not (tmp_path / "out" / "splits.csv").exists()  # nothing written
+    assert not list((tmp_path / "out").rglob("*.npy*"))
+
+    skipped = prepare(dataclasses.replace(config, skip_bad=True), tmp_path / "out")
+    assert "skipping 4 bad image(s)" in capsys.readouterr().out
+    manifest = skipped.manifest()
+    assert len(manifest) == len(kept) - 4 and not set(manifest["GalaxyID"]) & {int(p.stem) for p in culprits}
+    # The rows of the dropped images are gone from the cache: row i is still the image of manifest row i.
+    pixels = np.load(skipped.cache_path)
+    assert pixels.shape == (len(manifest), 3, 16, 16)
+    reference = prepare(DataConfig(demo_dir, image_size_px=16, workers=1), tmp_path / "whole")
+    whole = np.load(reference.cache_path)
+    rows = reference.manifest().reset_index().set_index("GalaxyID").loc[manifest["GalaxyID"], "index"]
+    assert np.array_equal(pixels, whole[rows.to_numpy()])
+    # One process gives the same split and cache.
+    alone = prepare(dataclasses.replace(config, skip_bad=True, workers=1), tmp_path / "alone")
+    assert alone.manifest().equals(manifest)
+    assert alone.cache_path.read_bytes() == skipped.cache_path.read_bytes()
+
+
+def test_an_image_broken_after_the_split_is_named_with_every_other(demo_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    first = prepare(DataConfig(data, image_size_px=16), tmp_path / "out")
+    broken = [data / IMAGES_DIR / f"{i}.jpg" for i in first.manifest()["GalaxyID"].iloc[[3, 70]]]
+    for path in broken:
+        path.write_bytes(b"broken")
+    with pytest.raises(GalaxyTuneError, match="2 image.s. changed since the split") as err:
+        prepare(DataConfig(data, image_size_px=24, workers=2), tmp_path / "out")
+    assert all(path.name in str(err.value) for path in broken)
+    assert not list((tmp_path / "out" / "cache").glob("24px*")) and not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("workers", [0, -2])
+def test_workers_below_one_are_refused(demo_dir, workers):
+    with pytest.raises(GalaxyTuneError, match=f"--workers {workers} must be 1 or more"):
+        DataConfig(demo_dir, workers=workers)
+
+
+def test_bench_prepare_compares_one_worker_with_two_in_turns(demo_dir, tmp_path, capsys):
+    from galaxy_tune.bench.preparing import bench_prepare
+
+    figures = bench_prepare(demo_dir, tmp_path, image_size_px=16, rounds=2, workers=2)
+    assert [len(rounds) for rounds in figures["rounds"].values()] == [2, 2]
+    assert figures["settings"]["images"] == len(task_labels(read_votes(demo_dir), "seed-top2"))
+    assert figures["one_worker_images_per_s"] > 0 and figures["all_workers_images_per_s"] > 0
+    assert len(figures["speedup_per_round"]) == 2
+    assert figures["speedup_range"][0] <= figures["speedup"] <= figures["speedup_range"][1]
+    out = capsys.readouterr().out
+    assert "1 worker" in out and "2 workers" in out and "speed-up" in out
+    assert not list((tmp_path / "bench").iterdir())  # every round's folder is removed
 
 
 def test_batches_normalise_shuffle_reproducibly_and_augment_with_the_dihedral_group(prepared):

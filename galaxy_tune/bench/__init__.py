@@ -15,7 +15,7 @@ loads Ray.
 from importlib import import_module
 
 _HOMES = {"bench_loader": "loader", "bench_train": "training", "bench_search": "searching", "bench_gpu": "gpu",
-          "write_json": "measure"}
+          "bench_prepare": "preparing", "write_json": "measure"}
 __all__ = list(_HOMES)
 
 

@@ -27,11 +27,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import layout
-from ..data import DataConfig, image_path
+from ..data import DataConfig
 from ..demo_data import DEMO, DEMO_FOLDER, write_demo_data
 from ..errors import GalaxyTuneError
 from ..export import HF_FOLDER, MODEL_INFO
 from ..lora import LoraConv2d
+from ..pixels import image_path
 from .measure import bench_dir, environment, full_precision, write_json
 from .training import bench_train
 

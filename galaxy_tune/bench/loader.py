@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from ..data import DataConfig, image_path, prepare
-
-from ..loader import IMAGENET_MEAN, IMAGENET_STD, ImageSplit, batches, open_split
+from ..data import DataConfig, prepare
 from ..errors import GalaxyTuneError
+from ..loader import IMAGENET_MEAN, IMAGENET_STD, ImageSplit, batches, open_split
+from ..pixels import image_path
 from ..train import pick_device
 from .measure import (MB, bench_dir, cache_mapping_fields, environment, fmt_spread, interleaved, print_table,
                       private_bytes, proc_fields, rate, ratio_spread, reset_peak_rss, resolve_data_dir, synchronize,

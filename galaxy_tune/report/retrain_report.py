@@ -21,7 +21,8 @@ from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from .. import layout
-from ..data import image_path, load_prepared
+from ..data import load_prepared
+from ..pixels import image_path
 from ..errors import GalaxyTuneError
 from ..kaggle import IMAGE_SIZE_PX
 from .evaluation import evaluation_sections, full_vs_lora, selection_section
