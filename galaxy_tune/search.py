@@ -219,7 +219,7 @@ class PruneCheckpoints(tune.Callback):
         return max((p.stat().st_mtime for p in self.experiment.glob("experiment_state-*.json")), default=0.0)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.waiting[trial.trial_id] = (Path(trial.local_path), self.snapshot_time(), 0)
+        self.waiting[trial.trial_id] = (Path(trial.path), self.snapshot_time(), 0)  # not local_path: staging
 
     def on_step_end(self, iteration, trials, **info):
         now = self.snapshot_time()
