@@ -21,7 +21,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         return 1.0
     found = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))), bounds=(-4.0, 4.0),
                             method="bounded", options={"xatol": 1e-4})
-    return float(np.exp(found.x)) if nll(logits, labels, float(np.exp(found.x))) <= nll(logits, labels) else 1.0
+    return float(np.exp(found.x)) if found.fun <= nll(logits, labels) else 1.0
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

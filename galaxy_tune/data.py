@@ -156,6 +156,11 @@ def task_consensus(votes: pd.DataFrame, task: str) -> pd.Series:
     return votes[["Class1.1", "Class1.2", "Class1.3"]].max(axis=1).rename("consensus")
 
 
+def read_consensus(data_dir: Path, task: str) -> pd.Series:
+    """`task_consensus` of the vote table in `data_dir`."""
+    return task_consensus(read_votes(data_dir), task)
+
+
 def split_manifest(labels: pd.Series, seed: int, val_fraction: float, test_fraction: float) -> pd.DataFrame:
     """Seeded, stratified train/val/test split: a frame with GalaxyID, label, split in GalaxyID order."""
     ids, y = labels.index.to_numpy(), labels.to_numpy()
@@ -266,7 +271,8 @@ def make_split(prepared: Prepared, data_dir: Path, labels: pd.Series, config: Da
     meta = cache_meta(prepared, data_dir, ids)
     bad: dict[int, str] = {}
     with temporary_cache(prepared.cache_path, len(ids), config.image_size_px) as tmp:
-        if not cache_is_current(prepared, meta):  # the split is remade, but the images it caches are the same
+        current = cache_is_current(prepared, meta)
+        if not current:  # the split is remade, but the images it caches are the same
             bad = decode_rows(tmp, data_dir, ids, config.image_size_px, config.crop_px, config.workers,
                               desc=f"checking and caching {config.image_size_px}px pixels")
         if bad and not config.skip_bad:
@@ -279,7 +285,7 @@ def make_split(prepared: Prepared, data_dir: Path, labels: pd.Series, config: Da
             keep_rows(tmp, np.flatnonzero(~np.isin(ids, list(bad))))
             meta = cache_meta(prepared, data_dir, manifest["GalaxyID"].to_numpy())
         write_atomically(prepared.folder / "splits.csv", manifest.to_csv(index=False))
-        if not cache_is_current(prepared, meta):
+        if not current:
             finish_cache(tmp, prepared.cache_path, meta)
     counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
     return {"task": config.task, "class_names": list(TASKS[config.task]), "seed": config.seed,

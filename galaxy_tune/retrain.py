@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from . import layout
 from .calibration import fit_temperature, nll, probabilities
-from .data import Prepared, class_counts, data_summary, majority_share, read_votes, task_consensus
+from .data import Prepared, class_counts, data_summary, majority_share, read_consensus
 from .errors import GalaxyTuneError
 from .export import save_exported
 from .loader import open_split
@@ -180,12 +180,13 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     results = pd.DataFrame([row for _, row in tested])
     results["selected"] = select_configs(results)
     results.to_csv(out_dir / layout.TEST_RESULTS, index=False)
+    summary = data_summary(prepared)
     predictions = pd.concat([predictions for predictions, _ in tested])
-    predictions.merge(consensus_of(prepared), on="GalaxyID", how="left").to_csv(
+    predictions.merge(consensus_of(Path(summary["data_dir"]), prepared.task), on="GalaxyID", how="left").to_csv(
         out_dir / layout.TEST_PREDICTIONS, index=False)
     selected = results[results["selected"]].drop_duplicates("method").set_index("method")["rank"]
     (out_dir / layout.RETRAIN).write_text(json.dumps({
-        "data": data_summary(prepared), "model": model_name, "seeds": seeds, "methods": list(methods),
+        "data": summary, "model": model_name, "seeds": seeds, "methods": list(methods),
         "top_k": top_k, "selected_rank": {m: int(r) for m, r in selected.items()},
         "recipes": {r.folder: {"method": r.method, "rank": r.rank, "source": r.source, "config": r.config.to_dict(),
                                "search_val_accuracy": r.search_val_accuracy} for r in plans},
@@ -193,13 +194,12 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     return results
 
 
-def consensus_of(prepared: Prepared) -> pd.DataFrame:
+def consensus_of(data_dir: Path, task: str) -> pd.DataFrame:
     """GalaxyID and the winning answer's vote fraction for the task (empty if the data folder has moved)."""
     try:
-        votes = read_votes(Path(data_summary(prepared)["data_dir"]))
+        return read_consensus(data_dir, task).reset_index()
     except GalaxyTuneError:
         return pd.DataFrame({"GalaxyID": pd.Series(dtype=np.int64), "consensus": pd.Series(dtype=float)})
-    return task_consensus(votes, prepared.task).reset_index()
 
 
 def test_model(recipe: Recipe, seed: int, model, splits, device, model_name: str, train_seconds: float,

@@ -28,13 +28,13 @@ from .cluster import check_resources, start_ray
 from .data import DataConfig, Prepared, data_summary, prepare, prepared_folder
 from .errors import GalaxyTuneError
 from .model import describe_weights, load_backbone
-from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
+from .monitor import METRIC, finish_study, study_trial, trial_row, watchers, write_tables
 from .provenance import library_versions
 from .space import SearchSpace, default_space_path, load_space
 from .trainable import train_trial
 from .train import DEVICES, METHODS, TrainConfig
 
-METRIC, MODE = "val_accuracy", "max"
+MODE = "max"  # of METRIC, val accuracy
 
 
 @dataclass(frozen=True)
@@ -111,17 +111,18 @@ def run_search(options: SearchOptions) -> Path:
             {**asdict(options), "model": model_name, "prepared": str(prepared.folder)}, indent=2, default=str))
 
     started = time.time()
-    grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment).fit()
+    about = about_search(options, model_name, prepared, experiment)  # what best.json says of the search
+    grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about).fit()
     for result in grid:
         if result.error is None and result.path:
             prune_checkpoints(Path(result.path))
-    write_results(grid, options, space, experiment, prepared, model_name,
+    write_results(grid, options, space, experiment, about,
                   {"wall_seconds": round(time.time() - started, 1), "concurrency": max_concurrent})
     return experiment
 
 
 def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, model_name: str,
-               max_concurrent: int, experiment: Path) -> tune.Tuner:
+               max_concurrent: int, experiment: Path, about: dict) -> tune.Tuner:
     """A new Tuner (Optuna TPE proposing, ASHA stopping), or the interrupted one of `experiment` on --resume."""
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=prepared.image_size_px,
@@ -152,20 +153,19 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order=MODE),
             callbacks=[PruneCheckpoints(experiment),  # then optuna.db, trials.csv and best.json as trials run
-                       *watchers(experiment, options.name, space,
-                                 about_search(options, model_name, prepared, experiment), max_concurrent)],
+                       *watchers(experiment, options.name, space, about, max_concurrent)],
             failure_config=tune.FailureConfig(max_failures=options.max_failures)))
 
 
 def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSpace, experiment: Path,
-                  prepared: Prepared, model_name: str, run: dict) -> None:
+                  about: dict, run: dict) -> None:
     """trials.csv and best.json, final (`"running": false`); for a search that ran to its end (`"complete": true`)
     the Optuna study too, made equal to what Ray ran; prints the ranking."""
     trials = trials_table(grid, experiment)
     if trials.empty:
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
     complete = len(grid) >= options.num_samples and grid.num_terminated + grid.num_errors >= len(grid)
-    best = write_tables(experiment, trials, about_search(options, model_name, prepared, experiment), run,
+    best = write_tables(experiment, trials, about, run,
                         running=False, complete=complete)
     if not complete:
         raise GalaxyTuneError(f"the search was interrupted after {grid.num_terminated} finished trial(s), all "

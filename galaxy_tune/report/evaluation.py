@@ -16,7 +16,7 @@ import pandas as pd
 
 from .. import layout
 from ..calibration import nll, probabilities, reliability
-from ..data import read_votes, task_consensus
+from ..data import read_consensus
 from ..errors import GalaxyTuneError
 from .evaluation_figures import (plot_consensus, plot_coverage, plot_frontier, plot_reliability,
                                  plot_winners_curse)
@@ -51,7 +51,7 @@ def consensus_by_galaxy(predictions: pd.DataFrame, data: dict) -> pd.Series:
     if "consensus" in predictions and predictions["consensus"].notna().any():
         return predictions.drop_duplicates("GalaxyID").set_index("GalaxyID")["consensus"]
     try:
-        return task_consensus(read_votes(Path(data["data_dir"])), data["task"])
+        return read_consensus(Path(data["data_dir"]), data["task"])
     except GalaxyTuneError as why:
         raise FigureSkipped(f"the retrain recorded no vote fractions and the Kaggle CSV is unreadable: {why}"
                             ) from None
