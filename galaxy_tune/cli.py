@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import GalaxyTuneError
 
 DEFAULT_RESULTS = Path("results")
+TASK_NAMES = ("seed-top2", "smooth-featured", "kaggle-votes")  # tasks.TASKS, without importing pandas for --help
 
 
 def cmd_demo_data(args) -> None:
@@ -25,13 +26,15 @@ def cmd_demo_data(args) -> None:
 def cmd_prepare(args) -> None:
     from . import api
     from .data import class_counts
+    from .tasks import get_task
 
     prepared = api.prepare(args.data_dir, args.out, results_dir=args.results_dir, task=args.task,
                            min_vote=args.min_vote, image_size_px=args.image_size, crop_px=args.crop, seed=args.seed,
                            skip_bad=args.skip_bad, workers=args.workers)
     counts = class_counts(prepared)
     print(f"prepared {prepared.folder} (task {prepared.task}, cache {prepared.cache_path.name})")
-    print(f"{'split':<6} " + " ".join(f"{name:>9}" for name in prepared.class_names) + f" {'total':>7}")
+    strata = get_task(prepared.task).strata_names  # the classes, or kaggle-votes' Q1 answers
+    print(f"{'split':<6} " + " ".join(f"{name:>9}" for name in strata) + f" {'total':>7}")
     for split, row in counts.items():
         print(f"{split:<6} " + " ".join(f"{n:>9}" for n in row) + f" {sum(row):>7}")
 
@@ -64,7 +67,8 @@ def cmd_predict(args) -> None:
 
     table = api.predict(args.model, args.images, args.out, tta=args.tta, image_size_px=args.image_size,
                         crop_px=args.crop, device=args.device)
-    print(f"wrote {len(table)} predictions to {args.out}")
+    kaggle = " (Kaggle's submission format)" if len(table.columns) == 38 else ""
+    print(f"wrote {len(table)} predictions to {args.out}{kaggle}")
 
 
 def cmd_report(args) -> None:
@@ -141,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     def data_flags(p):
         p.add_argument("--data-dir", type=Path, help="Kaggle folder (training_solutions_rev1.csv, "
                        "images_training_rev1/); default: the built-in demo data")
-        p.add_argument("--task", choices=["seed-top2", "smooth-featured"], help="default seed-top2")
+        p.add_argument("--task", choices=TASK_NAMES, help="seed-top2 (default; the reference study's binary task), "
+                       "smooth-featured (Q1, binary) or kaggle-votes (the Kaggle challenge: 37 vote fractions, RMSE)")
         p.add_argument("--image-size", type=int, help="pixels per side fed to the model (default 224; demo 64)")
         p.add_argument("--crop", type=int, help="centre-crop the 424 px frame to this many px first (demo: 256)")
         p.add_argument("--seed", type=int, help="split seed, and the search's training seed (default 0)")
@@ -199,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     p.set_defaults(run=cmd_retrain)
 
-    p = commands.add_parser("predict", help="classify a folder of galaxy JPEGs with a retrained model")
+    p = commands.add_parser("predict", help="classify a folder of galaxy JPEGs with a retrained model (a "
+                                 "kaggle-votes model writes a Kaggle submission)")
     p.add_argument("--model", type=Path, required=True, help="a retrain's <method>-seed<S>/hf folder")
     p.add_argument("--images", type=Path, required=True, help="folder of galaxy JPEGs, e.g. images_test_rev1")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"))

@@ -1,7 +1,9 @@
-"""Galaxy Zoo data: validate the Kaggle layout, label a binary task, split it once, cache decoded pixels.
+"""Galaxy Zoo data: validate the Kaggle layout, make a task's targets, split it once, cache decoded pixels.
 
-`prepare` turns `<data-dir>` into a prepared folder: `splits.csv` (GalaxyID, label, split; row i is row i of
-every pixel cache), `prepare.json` (task, class names, counts, seed) and `cache/<size>px-crop<c>-chw.npy`, a uint8
+`prepare` turns `<data-dir>` into a prepared folder: `splits.csv` (GalaxyID, label, split, and for `kaggle-votes`
+the 37 target fractions; row i is row i of every pixel cache; `label` is the class of a binary task, and the
+stratum, the Q1 answer, of `kaggle-votes`), `prepare.json` (task, outputs, counts per stratum, seed) and
+`cache/<size>px-crop<c>-chw.npy`, a uint8
 (N, 3, H, W) array decoded once and memory-mapped by every trial, so one copy in the page cache serves them all.
 `galaxy_tune.loader` turns a split of that cache into normalised, augmented tensors on the training device.
 
@@ -25,11 +27,7 @@ from .errors import GalaxyTuneError
 from .kaggle import CLASS_COLUMNS, CSV_NAME, IMAGE_SIZE_PX, IMAGES_DIR
 from .layout import write_atomically
 from .pixels import decode_rows, finish_cache, image_path, keep_rows, source_fingerprint, temporary_cache
-
-TASKS = {  # task: class names in label order (0, 1)
-    "seed-top2": ("Class6.2", "Class1.2"),  # the arg-max of all 37 answers is one of these
-    "smooth-featured": ("Class1.1", "Class1.2"),  # Q1 smooth vs features/disk, with a confident vote
-}
+from .tasks import DEFAULT_TASK, Task, get_task
 SPLITS = ("train", "val", "test")
 VOTE_TOLERANCE = 1e-4  # published fractions are rounded; allow tiny excursions outside [0, 1]
 
@@ -39,7 +37,7 @@ class DataConfig:
     """Which data, which task, which split, which pixels."""
 
     data_dir: Path
-    task: str = "seed-top2"
+    task: str = DEFAULT_TASK
     min_vote: float = 0.8
     seed: int = 0
     val_fraction: float = 0.1
@@ -50,8 +48,7 @@ class DataConfig:
     workers: int | None = None  # decoding processes; None: one per core (neither is part of the split's identity)
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise GalaxyTuneError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
+        get_task(self.task)
         if self.crop_px is not None and not 8 <= self.crop_px <= IMAGE_SIZE_PX:
             raise GalaxyTuneError(f"--crop {self.crop_px} must be between 8 and {IMAGE_SIZE_PX} px")
         if not 8 <= self.image_size_px <= 4096:
@@ -67,7 +64,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A prepared folder: the split manifest, the task's class names and the pixel cache of one image size."""
+    """A prepared folder: the split manifest, the task's outputs (class names, or the 37 columns) and the pixel
+    cache of one image size."""
 
     folder: Path
     task: str
@@ -135,25 +133,17 @@ def read_votes(data_dir: Path) -> pd.DataFrame:
 
 
 def task_labels(votes: pd.DataFrame, task: str, min_vote: float = 0.8) -> pd.Series:
-    """Binary labels (0/1) of the galaxies a task keeps, indexed by GalaxyID."""
-    if task not in TASKS:
-        raise GalaxyTuneError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    negative, positive = TASKS[task]
-    if task == "seed-top2":
-        # idxmax takes the first of equal columns, as numpy argmax does: Class1.2 beats its Class2.x ties.
-        winner = votes[CLASS_COLUMNS].idxmax(axis=1)
-    else:
-        q1 = votes[["Class1.1", "Class1.2", "Class1.3"]]
-        winner = q1.idxmax(axis=1).where(q1.max(axis=1) >= min_vote)
-    kept = winner[winner.isin([negative, positive])]
-    return (kept == positive).astype(np.int64).rename("label")
+    """The label (0/1) of each galaxy a binary task keeps, or its stratum (kaggle-votes: its Q1 answer), by GalaxyID."""
+    return strata(get_task(task), get_task(task).targets(votes, min_vote))
+
+
+def strata(task: Task, targets: pd.DataFrame) -> pd.Series:
+    return pd.Series(task.strata(targets), index=targets.index, name="label")
 
 
 def task_consensus(votes: pd.DataFrame, task: str) -> pd.Series:
     """How decisive the volunteers were, per GalaxyID: the vote fraction of the answer that decided the label."""
-    if task == "seed-top2":
-        return votes[CLASS_COLUMNS].max(axis=1).rename("consensus")
-    return votes[["Class1.1", "Class1.2", "Class1.3"]].max(axis=1).rename("consensus")
+    return get_task(task).consensus(votes)
 
 
 def read_consensus(data_dir: Path, task: str) -> pd.Series:
@@ -161,30 +151,38 @@ def read_consensus(data_dir: Path, task: str) -> pd.Series:
     return task_consensus(read_votes(data_dir), task)
 
 
-def split_manifest(labels: pd.Series, seed: int, val_fraction: float, test_fraction: float) -> pd.DataFrame:
-    """Seeded, stratified train/val/test split: a frame with GalaxyID, label, split in GalaxyID order."""
+def split_manifest(labels: pd.Series, seed: int, val_fraction: float, test_fraction: float,
+                   every_class: bool = True) -> pd.DataFrame:
+    """Seeded, stratified train/val/test split: a frame with GalaxyID, label, split in GalaxyID order.
+
+    With `every_class` (binary tasks) both classes must be in every split. Without it (`labels` are strata, as
+    for kaggle-votes), a stratum too small to be split joins the largest one for the split's sake.
+    """
     ids, y = labels.index.to_numpy(), labels.to_numpy()
     held = val_fraction + test_fraction
     if not (0 < val_fraction and 0 < test_fraction and held < 1):
         raise GalaxyTuneError(f"val/test fractions {val_fraction}/{test_fraction} must be > 0 and sum below 1")
     counts = np.bincount(y, minlength=2)
-    if counts.min() == 0:
+    if every_class and counts.min() == 0:
         raise GalaxyTuneError(f"the task leaves class {int(np.argmin(counts))} empty ({len(y)} galaxies kept): "
                               "choose another --task or a lower --min-vote")
+    if not every_class:
+        y = np.where(counts[y] < 10, int(np.argmax(counts)), y)
     from sklearn.model_selection import train_test_split  # here: trial workers never split, and it costs 0.7 s
 
     try:
         train_ids, rest_ids, _, rest_y = train_test_split(ids, y, test_size=held, stratify=y, random_state=seed)
         val_ids, test_ids = train_test_split(rest_ids, test_size=test_fraction / held, stratify=rest_y,
                                              random_state=seed)
-        if min(np.bincount(rest_y[np.isin(rest_ids, part)], minlength=2).min() for part in (val_ids, test_ids)) == 0:
+        if every_class and min(np.bincount(rest_y[np.isin(rest_ids, part)], minlength=2).min()
+                               for part in (val_ids, test_ids)) == 0:
             raise ValueError("a held-out split lacks a class")
     except ValueError:
         raise GalaxyTuneError(f"too few images for a stratified split: class counts {counts.tolist()}; "
                               "each class needs several images per split: add data or choose another task") from None
     split = pd.Series("train", index=ids)
     split[val_ids], split[test_ids] = "val", "test"
-    return pd.DataFrame({"GalaxyID": ids, "label": y, "split": split.to_numpy()})
+    return pd.DataFrame({"GalaxyID": ids, "label": labels.to_numpy(), "split": split.to_numpy()})
 
 
 def cache_meta(prepared: Prepared, data_dir: Path, ids: np.ndarray) -> dict:
@@ -238,7 +236,8 @@ def prepare(config: DataConfig, out_dir: Path) -> Prepared:
         raise GalaxyTuneError(f"cannot write to {out_dir} ({err.strerror}): "
                               "choose a writable --out/--results-dir") from None
     data_dir = Path(config.data_dir).resolve()
-    labels = task_labels(read_votes(data_dir), config.task, config.min_vote)
+    task = get_task(config.task)
+    targets = task.targets(read_votes(data_dir), config.min_vote)
     # What decides the split. --skip-bad is not part of it: a split made with it stays valid without it.
     split_settings = {"data_dir": str(data_dir), "task": config.task,
                       "min_vote": config.min_vote if config.task == "smooth-featured" else None,
@@ -247,9 +246,9 @@ def prepare(config: DataConfig, out_dir: Path) -> Prepared:
     info_path = out_dir / "prepare.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     fingerprint = source_fingerprint(data_dir, np.array([], dtype=np.int64))  # the CSV alone
-    prepared = Prepared(out_dir, config.task, TASKS[config.task], config.image_size_px, config.crop_px)
+    prepared = Prepared(out_dir, config.task, task.outputs, config.image_size_px, config.crop_px)
     if info.get("settings") != split_settings or info.get("csv_fingerprint") != fingerprint:
-        info = make_split(prepared, data_dir, labels, config, split_settings, fingerprint)
+        info = make_split(prepared, data_dir, targets, config, split_settings, fingerprint)
     else:
         build_cache(prepared, data_dir, config.workers)
     caches = sorted(set(info.get("caches", [])) | {prepared.cache_path.name})
@@ -258,7 +257,7 @@ def prepare(config: DataConfig, out_dir: Path) -> Prepared:
     return prepared
 
 
-def make_split(prepared: Prepared, data_dir: Path, labels: pd.Series, config: DataConfig, split_settings: dict,
+def make_split(prepared: Prepared, data_dir: Path, targets: pd.DataFrame, config: DataConfig, split_settings: dict,
                fingerprint: str) -> dict:
     """Split the task's galaxies and cache their pixels in one decoding pass, which is also the check of every image.
 
@@ -266,8 +265,11 @@ def make_split(prepared: Prepared, data_dir: Path, labels: pd.Series, config: Da
     listed together (nothing is written), or with --skip-bad dropped from the split and their rows from the cache.
     Returns the prepare.json fields of the split.
     """
+    task = get_task(config.task)
+    labels = strata(task, targets)
     ids = labels.index.to_numpy()
-    manifest = split_manifest(labels, config.seed, config.val_fraction, config.test_fraction)  # refused up front
+    manifest = split_manifest(labels, config.seed, config.val_fraction, config.test_fraction,
+                              not task.regression)  # refused up front
     meta = cache_meta(prepared, data_dir, ids)
     bad: dict[int, str] = {}
     with temporary_cache(prepared.cache_path, len(ids), config.image_size_px) as tmp:
@@ -281,15 +283,18 @@ def make_split(prepared: Prepared, data_dir: Path, labels: pd.Series, config: Da
         if bad:
             print(f"skipping {len(bad)} bad image(s) (--skip-bad)")
             manifest = split_manifest(labels.drop(index=list(bad)), config.seed, config.val_fraction,
-                                      config.test_fraction)
+                                      config.test_fraction, not task.regression)
             keep_rows(tmp, np.flatnonzero(~np.isin(ids, list(bad))))
             meta = cache_meta(prepared, data_dir, manifest["GalaxyID"].to_numpy())
+        if task.regression:  # the 37 fractions ride along with each galaxy
+            manifest = manifest.join(targets, on="GalaxyID")
         write_atomically(prepared.folder / "splits.csv", manifest.to_csv(index=False))
         if not current:
             finish_cache(tmp, prepared.cache_path, meta)
     counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
-    return {"task": config.task, "class_names": list(TASKS[config.task]), "seed": config.seed,
-            "counts": {s: [int(counts.loc[s].get(c, 0)) for c in (0, 1)] for s in SPLITS},
+    return {"task": config.task, "class_names": list(task.outputs), "strata": list(task.strata_names),
+            "seed": config.seed,
+            "counts": {s: [int(counts.loc[s].get(c, 0)) for c in range(len(task.strata_names))] for s in SPLITS},
             "skipped_bad_images": len(bad), "settings": split_settings, "csv_fingerprint": fingerprint}
 
 

@@ -2,7 +2,9 @@
 
 `<method>-seed<S>/hf/` holds `config.json` + weights (LoRA merged in), the image processor that feeds the model
 the pixels it was trained on, and `galaxy_tune.json` (image size, crop, class names, task): what `predict`
-needs and the model cannot know. `<method>-seed<S>/adapters.safetensors` holds a LoRA result's adapters alone.
+needs and the model cannot know. A `kaggle-votes` model's 37 logits become vote fractions through
+`galaxy_tune.tasks.per_question_softmax` (a plain softmax over all 37 would be wrong).
+`<method>-seed<S>/adapters.safetensors` holds a LoRA result's adapters alone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .errors import GalaxyTuneError
 from .kaggle import IMAGE_SIZE_PX
 from .loader import IMAGENET_MEAN, IMAGENET_STD
 from .lora import save_adapters, to_plain_model
+from .tasks import DEFAULT_TASK
 
 MODEL_INFO = "galaxy_tune.json"  # beside config.json: {"image_size_px", "crop_px", "class_names", "task"}
 HF_FOLDER = "hf"
@@ -67,9 +70,9 @@ def image_processor(image_size_px: int, crop_px: int | None) -> ConvNextImagePro
                                   image_std=list(IMAGENET_STD))
 
 
-def load_exported(model_dir: Path, image_size_px: int | None = None,
-                  crop_px: int | None = None) -> tuple[ResNetForImageClassification, list[str], int, int | None]:
-    """(model, class names in label order, image size, crop) of an exported model folder.
+def load_exported(model_dir: Path, image_size_px: int | None = None, crop_px: int | None = None
+                  ) -> tuple[ResNetForImageClassification, list[str], int, int | None, str]:
+    """(model, output names in order, image size, crop, task) of an exported model folder.
 
     `image_size_px` / `crop_px` are needed only for a model without galaxy_tune.json (a plain HF ResNet).
     """
@@ -101,4 +104,4 @@ def load_exported(model_dir: Path, image_size_px: int | None = None,
     class_names = [labels[i] for i in sorted(labels)]
     if class_names == [f"LABEL_{i}" for i in range(len(class_names))] and "class_names" in info:
         class_names = list(info["class_names"])
-    return model, class_names, image_size_px, crop_px
+    return model, class_names, image_size_px, crop_px, info.get("task", DEFAULT_TASK)

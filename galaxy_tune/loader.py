@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .data import Prepared
+from .tasks import DEFAULT_TASK, get_task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,12 +22,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class ImageSplit:
-    """One split of the cache: memory-mapped pixels (no copy) and their labels."""
+    """One split of the cache: memory-mapped pixels (no copy) and their targets (labels, or vote fractions)."""
 
     pixels: np.ndarray  # (N_all, 3, H, W) uint8 memmap
     rows: np.ndarray  # rows of this split
-    labels: np.ndarray
+    labels: np.ndarray  # (N,) class labels, or (N, outputs) targets of a regression task
     galaxy_ids: np.ndarray
+    task: str = DEFAULT_TASK
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -36,7 +38,8 @@ def open_split(prepared: Prepared, split: str) -> ImageSplit:
     manifest = prepared.manifest()
     rows = np.flatnonzero(manifest["split"].to_numpy() == split)
     pixels = np.load(prepared.cache_path, mmap_mode="r")
-    return ImageSplit(pixels, rows, manifest["label"].to_numpy()[rows], manifest["GalaxyID"].to_numpy()[rows])
+    labels = get_task(prepared.task).labels(manifest)[rows]
+    return ImageSplit(pixels, rows, labels, manifest["GalaxyID"].to_numpy()[rows], prepared.task)
 
 
 def batches(split: ImageSplit, batch_size: int, device: torch.device, *, shuffle: bool = False,

@@ -3,11 +3,12 @@
 Ray's OptunaSearch keeps its own study in memory: a live sqlite storage in the searcher would be newer than
 the searcher state Ray saves, and `Tuner.restore` would break. The study users open (`optuna-dashboard`,
 `optuna.load_study`) is therefore a separate one, mirrored trial by trial by `StudyMirror`, a Ray Tune callback
-in the driver: a trial appears with its parameters as RUNNING when it starts, gains each epoch's val accuracy
-as an intermediate value, and ends COMPLETE (every epoch), PRUNED (stopped early by ASHA) or FAIL. Each write
-is one sqlite transaction, so a driver killed mid-write leaves a readable database. A resumed driver
-recognises the trials it mirrored (user attribute `ray_trial_id`), finishes or adds the ones Ray ran while
-the mirror was not looking, and marks FAIL those Ray lost with the kill (started after its last snapshot).
+in the driver: a trial appears with its parameters as RUNNING when it starts, gains each epoch's val metric
+(the task's: accuracy, or RMSE) as an intermediate value, and ends COMPLETE (every epoch), PRUNED (stopped
+early by ASHA) or FAIL. Each write is one sqlite transaction, so a driver killed mid-write leaves a readable
+database. A resumed driver recognises the trials it mirrored (user attribute `ray_trial_id`), finishes or adds
+the ones Ray ran while the mirror was not looking, and marks FAIL those Ray lost with the kill (started after its
+last snapshot).
 When the search ends `finish_study` makes the study equal to what Ray ran, one trial per Ray trial: in place
 when the mirror agrees with Ray's results, else by rebuilding it in a new file swapped in atomically.
 
@@ -33,81 +34,87 @@ from ray import tune
 from . import layout
 from .layout import write_atomically
 from .space import SearchSpace
+from .tasks import TASKS, Task
 from .train import TrainConfig
 
-METRIC = "val_accuracy"
-KEPT = ("epoch", METRIC, "epoch_seconds", "node_id")  # what the tables and the study need of a report
+METRICS = tuple(dict.fromkeys(task.val_metric for task in TASKS.values()))  # val_accuracy, val_rmse
+KEPT = ("epoch", *METRICS, "epoch_seconds", "node_id")  # what the tables and the study need of a report
 FINISHED = ("COMPLETED", "STOPPED")  # trials.csv statuses of trials that ran to their end
 
 
-def by_epoch(reports: list[dict]) -> list[dict]:
+def by_epoch(reports: list[dict], metric: str) -> list[dict]:
     """One report per epoch, in epoch order: the last of each (a trial resumed after a crash may repeat one)."""
     latest = {}
     for report in reports:
-        if report.get("epoch") is not None and report.get(METRIC) is not None:
+        if report.get("epoch") is not None and report.get(metric) is not None:
             latest[int(report["epoch"])] = report
     return [latest[epoch] for epoch in sorted(latest)]
 
 
-def trial_row(trial_id: str, config: dict, reports: list[dict], state: str, path: str | None) -> dict:
-    """A trials.csv row from a trial's reports in arrival order.
+def trial_row(trial_id: str, config: dict, reports: list[dict], state: str, path: str | None, task: Task) -> dict:
+    """A trials.csv row from a trial's reports in arrival order: best_, last_ and the curve of the task's val
+    metric (best_val_accuracy, or best_val_rmse, ...).
 
     `state` is Ray's: TERMINATED becomes COMPLETED (every epoch) or STOPPED (early, by ASHA); any other
     (ERROR, UNFINISHED, RUNNING, PENDING) is the row's status as it is.
     """
-    history = by_epoch(reports)
+    metric = task.val_metric
+    history = by_epoch(reports, metric)
     train_config = TrainConfig.from_dict(config)
     epochs = int(history[-1]["epoch"]) if history else 0
     status = state if state != "TERMINATED" else "COMPLETED" if epochs >= train_config.epochs else "STOPPED"
-    values = np.array([float(r[METRIC]) for r in history])
+    values = np.array([float(r[metric]) for r in history])
     curve = values.round(6).tolist()
+    best = int(values.argmax() if task.mode == "max" else values.argmin()) if curve else None
     return {"trial_id": trial_id, "status": status, "epochs": epochs,
-            "best_val_accuracy": max(curve, default=float("nan")),
-            "best_epoch": int(history[int(values.argmax())]["epoch"]) if curve else 0,
-            "last_val_accuracy": curve[-1] if curve else float("nan"),
+            f"best_{metric}": curve[best] if curve else float("nan"),
+            "best_epoch": int(history[best]["epoch"]) if curve else 0,
+            f"last_{metric}": curve[-1] if curve else float("nan"),
             "train_seconds": round(float(np.sum([float(r.get("epoch_seconds", 0.0)) for r in history])), 2)
             if curve else 0.0,
             "node_id": reports[-1].get("node_id") if reports else None,
             **{k: v for k, v in train_config.searched().items() if k != "epochs"},  # epochs: run, above
             "config": json.dumps(train_config.to_dict()),
-            "val_accuracy_curve": json.dumps(curve), "path": path}
+            f"{metric}_curve": json.dumps(curve), "path": path}
 
 
-def best_record(trials: pd.DataFrame, about: dict, run: dict, *, running: bool, complete: bool) -> dict | None:
-    """best.json: the best finished trial (by best val accuracy, then epochs) with the search's facts; None
+def best_record(trials: pd.DataFrame, about: dict, run: dict, task: Task, *, running: bool,
+                complete: bool) -> dict | None:
+    """best.json: the best finished trial (by its best val metric, then epochs) with the search's facts; None
     while no trial has finished. `running`: the driver is still at work; `complete`: every trial ran."""
     finished = trials[trials["status"].isin(FINISHED)]
     if finished.empty:
         return None
-    best = finished.sort_values(["best_val_accuracy", "epochs"], ascending=False).iloc[0]
+    best = task.rank(finished).iloc[0]
     return {"method": about["method"], "config": TrainConfig.from_dict(json.loads(best["config"])).to_dict(),
-            "val_accuracy": float(best["best_val_accuracy"]), "epoch": int(best["best_epoch"]),
+            "metric": task.val_metric, "mode": task.mode,
+            task.val_metric: float(best[f"best_{task.val_metric}"]), "epoch": int(best["best_epoch"]),
             "trial_id": best["trial_id"], **{k: v for k, v in about.items() if k not in ("method", "versions")},
             **run, "versions": about["versions"], "running": running, "complete": complete,
             "finished_trials": len(finished), "updated": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def write_tables(experiment: Path, trials: pd.DataFrame, about: dict, run: dict, *, running: bool,
+def write_tables(experiment: Path, trials: pd.DataFrame, about: dict, run: dict, task: Task, *, running: bool,
                  complete: bool) -> dict | None:
     """trials.csv, and best.json once a trial finished, each replaced atomically; returns best.json's content."""
     write_atomically(experiment / layout.TRIALS, trials.to_csv(index=False))
-    best = best_record(trials, about, run, running=running, complete=complete)
+    best = best_record(trials, about, run, task, running=running, complete=complete)
     if best is not None:
         write_atomically(experiment / layout.BEST, json.dumps(best, indent=2))
     return best
 
 
-def study_trial(space: SearchSpace, config: dict, reports: list[dict], *, failed: bool, ray_trial_id: str,
-                path: str | None) -> FrozenTrial:
+def study_trial(space: SearchSpace, config: dict, reports: list[dict], task: Task, *, failed: bool,
+                ray_trial_id: str, path: str | None) -> FrozenTrial:
     """A finished trial as the study holds it: FAIL (an error, or no epoch), PRUNED (stopped before its last
-    epoch) or COMPLETE (valued by its best val accuracy), each epoch's val accuracy an intermediate value."""
-    curve = {int(r["epoch"]): float(r[METRIC]) for r in by_epoch(reports)}
+    epoch) or COMPLETE (valued by its best val metric), each epoch's val metric an intermediate value."""
+    curve = {int(r["epoch"]): float(r[task.val_metric]) for r in by_epoch(reports, task.val_metric)}
     stopped = bool(curve) and max(curve) < int(config.get("epochs", 0))
     state = (TrialState.FAIL if failed or not curve else TrialState.PRUNED if stopped else TrialState.COMPLETE)
     searched = space.distributions(config)
     return optuna.trial.create_trial(
         params={k: config[k] for k in searched}, distributions=searched, intermediate_values=curve, state=state,
-        value=max(curve.values()) if state == TrialState.COMPLETE else None,
+        value=task.best(list(curve.values())) if state == TrialState.COMPLETE else None,
         user_attrs={"ray_trial_id": ray_trial_id, "ray_trial_path": path, "epochs": len(curve)})
 
 
@@ -143,7 +150,7 @@ def same_trial(a: FrozenTrial, b: FrozenTrial) -> bool:
         (b.state, b.values, b.params, b.intermediate_values, b.user_attrs)
 
 
-def finish_study(path: Path, name: str, final: list[FrozenTrial]) -> str:
+def finish_study(path: Path, name: str, final: list[FrozenTrial], direction: str) -> str:
     """Make the study at `path` hold exactly `final` (one finished trial per Ray trial, Ray's order for new ones).
 
     In place ("updated") when every mirrored trial is one of `final` and the finished ones already equal it:
@@ -164,7 +171,7 @@ def finish_study(path: Path, name: str, final: list[FrozenTrial]) -> str:
     rebuilt = path.with_name(f".{path.name}.new")
     rebuilt.unlink(missing_ok=True)
     storage = open_storage(rebuilt)
-    optuna.create_study(study_name=name, storage=storage, direction="maximize").add_trials(final)
+    optuna.create_study(study_name=name, storage=storage, direction=direction).add_trials(final)
     storage.engine.dispose()
     os.replace(rebuilt, path)
     return "rebuilt"
@@ -221,9 +228,9 @@ class TrialWatcher(tune.Callback):
 class StudyMirror(TrialWatcher):
     """Mirror every Ray trial into the Optuna study at `path` as it runs (see the module's docstring)."""
 
-    def __init__(self, path: Path, name: str, space: SearchSpace):
+    def __init__(self, path: Path, name: str, space: SearchSpace, task: Task):
         super().__init__()
-        self.path, self.name, self.space = Path(path), name, space
+        self.path, self.name, self.space, self.task = Path(path), name, space, task
         self.storage = None
 
     def __getstate__(self):  # Ray pickles the callbacks with the Tuner; a resumed driver opens its own storage
@@ -241,7 +248,8 @@ class StudyMirror(TrialWatcher):
     def open(self) -> None:
         if self.storage is None:
             storage = open_storage(self.path)
-            optuna.create_study(study_name=self.name, storage=storage, direction="maximize", load_if_exists=True)
+            optuna.create_study(study_name=self.name, storage=storage, direction=self.task.direction,
+                                load_if_exists=True)
             self.storage = storage
 
     def guarded(self, trials, action) -> None:
@@ -277,8 +285,8 @@ class StudyMirror(TrialWatcher):
 
     def start(self, trial) -> None:
         """A RUNNING trial with the trial's parameters and the epochs it reported so far (once)."""
-        final = study_trial(self.space, trial.config, self.seen(trial), failed=False, ray_trial_id=trial.trial_id,
-                            path=trial_path(trial))
+        final = study_trial(self.space, trial.config, self.seen(trial), self.task, failed=False,
+                            ray_trial_id=trial.trial_id, path=trial_path(trial))
         if trial.trial_id not in self.mirrored:
             running = optuna.trial.create_trial(
                 state=TrialState.RUNNING, params=final.params, distributions=final.distributions,
@@ -298,8 +306,8 @@ class StudyMirror(TrialWatcher):
         """The trial's final state (if the mirror has not recorded one already)."""
         if trial.trial_id in self.mirrored and self.mirrored[trial.trial_id][1].state.is_finished():
             return
-        final = study_trial(self.space, trial.config, self.seen(trial), failed=failed, ray_trial_id=trial.trial_id,
-                            path=trial_path(trial))
+        final = study_trial(self.space, trial.config, self.seen(trial), self.task, failed=failed,
+                            ray_trial_id=trial.trial_id, path=trial_path(trial))
         if trial.trial_id not in self.mirrored:
             self.mirrored[trial.trial_id] = (self.storage.create_new_trial(self.study_id, template_trial=final),
                                              final)
@@ -333,9 +341,9 @@ class LiveTables(TrialWatcher):
     Rows follow Ray's trial order; a trial not finished yet has status RUNNING or PENDING.
     """
 
-    def __init__(self, experiment: Path, about: dict, concurrency: int):
+    def __init__(self, experiment: Path, about: dict, concurrency: int, task: Task):
         super().__init__()
-        self.experiment, self.about, self.concurrency = Path(experiment), about, concurrency
+        self.experiment, self.about, self.concurrency, self.task = Path(experiment), about, concurrency, task
         self.started = time.time()
 
     def setup(self, **info):
@@ -349,14 +357,15 @@ class LiveTables(TrialWatcher):
                 continue
             state = (finished_state if trial is just_finished
                      else trial.status if trial.status in ("TERMINATED", "ERROR", "RUNNING") else "PENDING")
-            rows.append(trial_row(trial.trial_id, trial.config, self.seen(trial), state, trial_path(trial)))
+            rows.append(trial_row(trial.trial_id, trial.config, self.seen(trial), state, trial_path(trial),
+                                  self.task))
         return pd.DataFrame(rows)
 
     def write(self, trials, trial, state: str) -> None:
         try:
             run = {"wall_seconds": round(time.time() - self.started, 1), "concurrency": self.concurrency}
-            write_tables(self.experiment, self.table(trials, trial, state), self.about, run, running=True,
-                         complete=False)
+            write_tables(self.experiment, self.table(trials, trial, state), self.about, run, self.task,
+                         running=True, complete=False)
         except Exception as err:  # the tables are written again at the next trial's end, and at the end
             print(f"galaxy_tune: could not update {self.experiment}/{layout.TRIALS} ({type(err).__name__}: "
                   f"{err})", file=sys.stderr)
@@ -368,6 +377,8 @@ class LiveTables(TrialWatcher):
         self.write(trials, trial, "ERROR")
 
 
-def watchers(experiment: Path, name: str, space: SearchSpace, about: dict, concurrency: int) -> list[tune.Callback]:
+def watchers(experiment: Path, name: str, space: SearchSpace, about: dict, concurrency: int,
+             task: Task) -> list[tune.Callback]:
     """The callbacks that keep optuna.db, trials.csv and best.json current while a search runs."""
-    return [StudyMirror(experiment / layout.STUDY, name, space), LiveTables(experiment, about, concurrency)]
+    return [StudyMirror(experiment / layout.STUDY, name, space, task),
+            LiveTables(experiment, about, concurrency, task)]

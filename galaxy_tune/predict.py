@@ -1,4 +1,8 @@
-"""Classify a folder of galaxy JPEGs with an exported model: GalaxyID + one probability column per class.
+"""Predict a folder of galaxy JPEGs with an exported model: GalaxyID + one column per output.
+
+A classifier gives one probability column per class. A `kaggle-votes` model gives the 37 vote fractions in the
+competition's column order, consistent with the decision tree: run on Kaggle's `images_test_rev1`, the CSV is a
+submission file for the challenge's late-submission page.
 
 The model is a Hugging Face folder written by `retrain` (`<method>-seed<S>/hf/`). Its `galaxy_tune.json`
 carries what training used and the model cannot know: the image size and centre crop. Pixels go through the
@@ -14,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from .pixels import decode
@@ -22,6 +25,7 @@ from .pixels import decode
 from .errors import GalaxyTuneError
 from .export import load_exported
 from .loader import ImageSplit
+from .tasks import get_task
 from .train import pick_device, place, predict_logits
 
 IMAGES_PER_CHUNK = 2048  # decoded at a time, so a folder of 80,000 galaxies never sits in memory at once
@@ -30,7 +34,8 @@ IMAGES_PER_CHUNK = 2048  # decoded at a time, so a folder of 80,000 galaxies nev
 def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool = False,
                    image_size_px: int | None = None, crop_px: int | None = None,
                    batch_size: int = 64, device: str | None = None) -> pd.DataFrame:
-    """Class probabilities of every JPEG in `images_dir` (GalaxyID = file name stem), also written to `out_csv`.
+    """The outputs (class probabilities, or kaggle-votes' 37 fractions) of every JPEG in `images_dir` (GalaxyID =
+    file name stem), also written to `out_csv`.
 
     `tta` averages the logits over the 8 flips and 90° rotations of each image. The image size and crop come
     from the model's galaxy_tune.json; `image_size_px` / `crop_px` are needed only for a model without one.
@@ -38,11 +43,12 @@ def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool =
     for flag, value, low in (("--image-size", image_size_px, 8), ("--crop", crop_px, 8), ("batch_size", batch_size, 1)):
         if value is not None and value < low:
             raise GalaxyTuneError(f"{flag} {value} must be {low} or more")
-    model, class_names, size, crop = load_exported(Path(model_dir), image_size_px, crop_px)
+    model, class_names, size, crop, task = load_exported(Path(model_dir), image_size_px, crop_px)
+    task = get_task(task)
     paths = list_jpegs(Path(images_dir))
     device = pick_device(device)
     place(model, device)
-    probabilities = []
+    outputs = []
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, \
             tqdm(total=len(paths), desc="classifying", unit="img", disable=len(paths) < 1000) as progress:
         for start in range(0, len(paths), IMAGES_PER_CHUNK):
@@ -50,10 +56,9 @@ def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool =
             pixels = np.stack(list(pool.map(lambda path: decode_or_explain(path, size, crop), chunk)))
             split = ImageSplit(pixels, np.arange(len(chunk)), np.zeros(len(chunk), dtype=np.int64),
                                np.arange(len(chunk)))
-            logits = torch.from_numpy(predict_logits(model, split, device, batch_size, tta=tta))
-            probabilities.append(torch.softmax(logits, dim=1).numpy())
+            outputs.append(task.predictions(predict_logits(model, split, device, batch_size, tta=tta)))
             progress.update(len(chunk))
-    table = pd.DataFrame(np.concatenate(probabilities), columns=class_names)
+    table = pd.DataFrame(np.concatenate(outputs), columns=class_names)
     table.insert(0, "GalaxyID", galaxy_ids(paths))
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,12 @@
 """The retrain: train the top configs of each method's search from scratch over seeds, keep each run's best-val
 checkpoint, pick each method's config on validation data alone, and test.
 
-Methods: `direct` (the backbone with a fresh 2-class head, no training, as the reference study evaluated it),
+Methods: `direct` (the backbone with a fresh head, no training, as the reference study evaluated it),
 `full` and `lora` (the `top_k` best configs of the latest search of that method, or the reference recipe when
-there is none). The config a method reports is the one with the best mean *val* accuracy over the seeds, chosen
-before any test number is looked at; the others show how much of the search's best was luck. Every model gets a
-temperature fitted on the val split (calibration). Writes `results/retrain-<timestamp>/` with
+there is none). The config a method reports is the one with the best mean *val* metric (the task's: accuracy, or
+RMSE) over the seeds, chosen before any test number is looked at; the others show how much of the search's best
+was luck. Every classifier gets a temperature fitted on the val split (calibration). Writes
+`results/retrain-<timestamp>/` with
 `test_results.csv`, `test_predictions.csv`, the trained models and `report.md`.
 """
 
@@ -24,12 +25,13 @@ from transformers.utils import logging as hf_logging
 
 from . import layout
 from .calibration import fit_temperature, nll, probabilities
-from .data import Prepared, class_counts, data_summary, majority_share, read_consensus
+from .data import Prepared, data_summary, read_consensus
 from .errors import GalaxyTuneError
 from .export import save_exported
 from .loader import open_split
 from .model import build_model, count_parameters, describe_weights
 from .provenance import library_versions
+from .tasks import Task, get_task
 from .train import (REFERENCE_CONFIGS, TrainConfig, fit, load_trainable_state, make_model, pick_device, place,
                     predict_logits)
 
@@ -45,7 +47,7 @@ class Recipe:
     method: str
     config: TrainConfig
     source: str  # the experiment folder, or "reference recipe"
-    search_val_accuracy: float | None
+    search_val: float | None  # the search's best val metric of the config
     rank: int = 1  # 1: the search's best config, k: its k-th best
 
     @property
@@ -82,34 +84,39 @@ def read_best(experiment: Path) -> dict:
                           "one with `search ... --resume --name NAME`)")
 
 
-def top_configs(experiment: Path, k: int) -> list[tuple[TrainConfig, float]]:
-    """The k best distinct configs of a finished search, ranked as best.json ranks them (best val accuracy)."""
+def top_configs(experiment: Path, k: int, task: Task) -> list[tuple[TrainConfig, float]]:
+    """The k best distinct configs of a finished search, ranked as best.json ranks them (best val metric)."""
     best = read_best(experiment)
+    if best.get("metric", "val_accuracy") != task.val_metric:
+        raise GalaxyTuneError(f"{experiment} searched for {best.get('metric', 'val_accuracy')}, not this task's "
+                              f"{task.val_metric}: retrain with the search's --task, or pass --from a search of "
+                              f"task {task.name}")
     trials_path = Path(experiment) / layout.TRIALS
     if k == 1 or not trials_path.is_file():
-        return [(TrainConfig.from_dict(best["config"]), best["val_accuracy"])]
+        return [(TrainConfig.from_dict(best["config"]), best[task.val_metric])]
     trials = pd.read_csv(trials_path)
     trials = trials[trials["status"].isin(["COMPLETED", "STOPPED"])]
     out, seen = [], set()
-    for _, trial in trials.sort_values(["best_val_accuracy", "epochs"], ascending=False).iterrows():
+    for _, trial in task.rank(trials).iterrows():
         config = TrainConfig.from_dict(json.loads(trial["config"]))
         key = json.dumps({name: v for name, v in config.to_dict().items() if name != "seed"}, sort_keys=True)
         if key not in seen:
             seen.add(key)
-            out.append((config, float(trial["best_val_accuracy"])))
+            out.append((config, float(trial[f"best_{task.val_metric}"])))
         if len(out) == k:
             break
     return out
 
 
-def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | None, top_k: int = 1) -> list[Recipe]:
+def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | None, task: Task,
+            top_k: int = 1) -> list[Recipe]:
     """The configs to retrain for each trained method (the top_k of its search, else the reference recipe)."""
     out = []
     for method in methods:
         if method == "direct":
             continue
         if method in experiments:
-            top = top_configs(experiments[method], top_k)
+            top = top_configs(experiments[method], top_k, task)
             ranked = [(config, str(experiments[method]), val) for config, val in top]
         else:
             ranked = [(REFERENCE_CONFIGS[method], "reference recipe", None)]
@@ -122,11 +129,12 @@ def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | 
     return out
 
 
-def select_configs(results: pd.DataFrame) -> pd.Series:
-    """Each method's reported config: the rank with the best mean val accuracy over seeds (ties: the search's
-    better one). Test accuracy plays no part. Returns a bool per row of `results`."""
-    mean_val = results.groupby(["method", "rank"])["val_accuracy"].mean().reset_index()
-    chosen = mean_val.sort_values(["val_accuracy", "rank"], ascending=[False, True]).drop_duplicates("method")
+def select_configs(results: pd.DataFrame, task: Task) -> pd.Series:
+    """Each method's reported config: the rank with the best mean val metric over seeds (ties: the search's
+    better one). Test numbers play no part. Returns a bool per row of `results`."""
+    mean_val = results.groupby(["method", "rank"])[task.val_metric].mean().reset_index()
+    mean_val["score"] = mean_val[task.val_metric] if task.mode == "max" else -mean_val[task.val_metric]
+    chosen = mean_val.sort_values(["score", "rank"], ascending=[False, True]).drop_duplicates("method")
     return results.set_index(["method", "rank"]).index.isin(chosen.set_index(["method", "rank"]).index)
 
 
@@ -135,7 +143,8 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
                 device: str | None = None, augment: bool = True, top_k: int = TOP_K) -> pd.DataFrame:
     """Retrain and test every method's top configs with `seeds` seeds; writes test_results.csv (one row per
     method, config rank and seed, `selected` marking each method's val-chosen config), test_predictions.csv (per
-    test image: label, logits, probability of class 1 without and with TTA, vote consensus) and the models."""
+    test image: label, logits, probability of class 1 without and with TTA, vote consensus; for kaggle-votes the
+    squared errors and the 37 predicted fractions) and the models."""
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
         raise GalaxyTuneError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(ALL_METHODS)}")
@@ -143,8 +152,9 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
         raise GalaxyTuneError(f"--seeds {seeds} and --top-k {top_k} must be at least 1")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device)
+    task = get_task(prepared.task)
     splits = {name: open_split(prepared, name) for name in ("train", "val", "test")}
-    plans = recipes(experiments, methods, max_epochs, top_k)
+    plans = recipes(experiments, methods, max_epochs, task, top_k)
     tested = []
     progress = tqdm(total=seeds * sum(r.config.epochs for r in plans), desc="retrain", unit="epoch")
     hf_logging.disable_progress_bar()  # one bar: the models' "Writing model shards" would break ours
@@ -152,33 +162,33 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
         if "direct" in methods:
             model = place(build_model(model_name, num_labels=len(prepared.class_names), seed=seed), device)
             tested.append(test_model(Recipe("direct", None, "no training", None), seed, model, splits, device,
-                                     model_name, train_seconds=0.0, images_seen=0))
+                                     model_name, task, train_seconds=0.0, images_seen=0))
         for recipe in plans:
             config = dataclasses.replace(recipe.config, seed=seed, augment=augment and recipe.config.augment)
             model = make_model(config, model_name, num_labels=len(prepared.class_names))
-            best: dict = {"val_accuracy": -1.0}
+            best: dict = {}
 
             def keep_best(metrics: dict, state) -> None:
+                value = metrics[task.val_metric]
                 progress.update()
                 progress.set_postfix_str(f"{recipe.folder} seed {seed} epoch {metrics['epoch']}/{config.epochs} "
-                                         f"val acc {metrics['val_accuracy']:.3f}")
-                if metrics["val_accuracy"] > best["val_accuracy"]:
-                    best.update(val_accuracy=metrics["val_accuracy"], epoch=metrics["epoch"],
-                                state=state(with_optimizer=False))
+                                         f"{task.metric_label} {value:.3f}")
+                if not best or task.better(value, best["value"]):
+                    best.update(value=value, epoch=metrics["epoch"], state=state(with_optimizer=False))
 
             started = time.perf_counter()
             history = fit(model, config, splits["train"], splits["val"], device, on_epoch=keep_best)
             seconds = time.perf_counter() - started
             load_trainable_state(model, config, best["state"]["model"])
             predictions, row = test_model(dataclasses.replace(recipe, config=config), seed, model, splits, device,
-                                          model_name, train_seconds=seconds,
+                                          model_name, task, train_seconds=seconds,
                                           images_seen=history[-1]["images_seen"], best_epoch=best["epoch"])
             tested.append((predictions, row))
             save_exported(model, config.to_dict(), recipe.method, prepared, out_dir / f"{recipe.folder}-seed{seed}",
                           temperature=row["temperature"])
     progress.close()
     results = pd.DataFrame([row for _, row in tested])
-    results["selected"] = select_configs(results)
+    results["selected"] = select_configs(results, task)
     results.to_csv(out_dir / layout.TEST_RESULTS, index=False)
     summary = data_summary(prepared)
     predictions = pd.concat([predictions for predictions, _ in tested])
@@ -189,8 +199,13 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
         "data": summary, "model": model_name, "seeds": seeds, "methods": list(methods),
         "top_k": top_k, "selected_rank": {m: int(r) for m, r in selected.items()},
         "recipes": {r.folder: {"method": r.method, "rank": r.rank, "source": r.source, "config": r.config.to_dict(),
-                               "search_val_accuracy": r.search_val_accuracy} for r in plans},
-        "majority_share": majority_share(class_counts(prepared), "test"), "versions": library_versions()}, indent=2))
+                               f"search_{task.val_metric}": r.search_val} for r in plans},
+        "metric": task.metric, "mode": task.mode,
+        # The baseline: the majority class's accuracy, or the constant predictor's RMSE, on the test split.
+        f"baseline_test_{task.metric}": task.baseline(splits["train"].labels, splits["test"].labels),
+        **({} if task.regression else {"majority_share": task.baseline(splits["train"].labels,
+                                                                       splits["test"].labels)}),
+        "versions": library_versions()}, indent=2))
     return results
 
 
@@ -202,31 +217,39 @@ def consensus_of(data_dir: Path, task: str) -> pd.DataFrame:
         return pd.DataFrame({"GalaxyID": pd.Series(dtype=np.int64), "consensus": pd.Series(dtype=float)})
 
 
-def test_model(recipe: Recipe, seed: int, model, splits, device, model_name: str, train_seconds: float,
+def test_model(recipe: Recipe, seed: int, model, splits, device, model_name: str, task: Task, train_seconds: float,
                images_seen: int, best_epoch: int = 0) -> tuple[pd.DataFrame, dict]:
     """One line of test_results.csv and the model's per-image test predictions (with and without TTA).
 
-    The temperature is fitted on the val split's logits; the test logits are saved uncalibrated beside it.
+    A classifier's temperature is fitted on the val split's logits; its test logits are saved uncalibrated.
     """
     config = recipe.config
     trainable, total = count_parameters(model) if config is not None else (0, count_parameters(model)[1])
     val, test = splits["val"], splits["test"]
     val_logits = predict_logits(model, val, device)
-    temperature = fit_temperature(val_logits, val.labels)
     logits = {name: predict_logits(model, test, device, tta=tta) for name, tta in (("plain", False), ("tta", True))}
-    probs = {name: probabilities(v) for name, v in logits.items()}
-    predictions = pd.DataFrame({"GalaxyID": test.galaxy_ids, "label": test.labels, "method": recipe.method,
-                                "rank": recipe.rank, "seed": seed,
-                                **{f"logit_{i}": logits["plain"][:, i] for i in range(logits["plain"].shape[1])},
-                                "prob_1": probs["plain"][:, 1], "prob_1_tta": probs["tta"][:, 1]})
+    metric = task.metric
+    ids = {"GalaxyID": test.galaxy_ids, "method": recipe.method, "rank": recipe.rank, "seed": seed}
+    if task.regression:
+        predicted = {name: task.predictions(v) for name, v in logits.items()}
+        predictions = pd.DataFrame({**ids, **{f"sq_error{suffix}": np.square(predicted[name] - test.labels).mean(1)
+                                              for name, suffix in (("plain", ""), ("tta", "_tta"))},
+                                    **{f"pred_{c}": predicted["tta"][:, i] for i, c in enumerate(task.outputs)}})
+        calibration = {"temperature": 1.0}
+    else:
+        temperature = fit_temperature(val_logits, val.labels)
+        probs = {name: probabilities(v) for name, v in logits.items()}
+        predictions = pd.DataFrame({**ids, "label": test.labels,
+                                    **{f"logit_{i}": logits["plain"][:, i] for i in range(logits["plain"].shape[1])},
+                                    "prob_1": probs["plain"][:, 1], "prob_1_tta": probs["tta"][:, 1]})
+        calibration = {"temperature": temperature, "val_nll": nll(val_logits, val.labels),
+                       "val_nll_calibrated": nll(val_logits, val.labels, temperature)}
     return predictions, {
         "method": recipe.method, "rank": recipe.rank, "seed": seed,
-        "search_val_accuracy": recipe.search_val_accuracy,
-        "val_accuracy": float((val_logits.argmax(1) == val.labels).mean()),
-        "test_accuracy": float((probs["plain"].argmax(1) == test.labels).mean()),
-        "test_accuracy_tta": float((probs["tta"].argmax(1) == test.labels).mean()),
-        "temperature": temperature, "val_nll": nll(val_logits, val.labels),
-        "val_nll_calibrated": nll(val_logits, val.labels, temperature),
+        f"search_val_{metric}": recipe.search_val,
+        f"val_{metric}": task.score(val_logits, val.labels),
+        f"test_{metric}": task.score(logits["plain"], test.labels),
+        f"test_{metric}_tta": task.score(logits["tta"], test.labels), **calibration,
         "trainable_params": trainable, "total_params": total, "epochs": config.epochs if config else 0,
         "best_epoch": best_epoch, "train_seconds": round(train_seconds, 1), "images_seen": images_seen,
         "model": model_name, "weights": describe_weights(model_name, seed), "source": recipe.source,

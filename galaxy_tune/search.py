@@ -1,5 +1,8 @@
 """The search: Ray Tune runs trials of `trainable.train_trial`, Optuna's TPE proposes configs, ASHA stops weak ones.
 
+Every part optimises the task's val metric in its direction (`tasks.Task`: val_accuracy, higher is better, or
+kaggle-votes' val_rmse, lower is better): the searcher, ASHA, the checkpoints kept, the tables and the study.
+
 An experiment folder `results/<name>/` holds Ray Tune's own results (open it with `tune.ExperimentAnalysis` or
 `Tuner.restore`), `optuna.db` (the study, for `optuna-dashboard` / `optuna.load_study`), `trials.csv`,
 `best.json` and `search.json` (what the search was asked to do). The study, trials.csv and best.json grow while
@@ -28,14 +31,12 @@ from .cluster import check_resources, start_ray
 from .data import DataConfig, Prepared, data_summary, prepare, prepared_folder
 from .errors import GalaxyTuneError
 from .model import describe_weights, load_backbone
-from .monitor import METRIC, finish_study, study_trial, trial_row, watchers, write_tables
+from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from .provenance import library_versions
 from .space import SearchSpace, default_space_path, load_space
+from .tasks import Task, get_task
 from .trainable import train_trial
 from .train import DEVICES, METHODS, TrainConfig
-
-MODE = "max"  # of METRIC, val accuracy
-
 
 @dataclass(frozen=True)
 class SearchOptions:
@@ -115,7 +116,7 @@ def run_search(options: SearchOptions) -> Path:
     grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about).fit()
     for result in grid:
         if result.error is None and result.path:
-            prune_checkpoints(Path(result.path))
+            prune_checkpoints(Path(result.path), get_task(prepared.task))
     write_results(grid, options, space, experiment, about,
                   {"wall_seconds": round(time.time() - started, 1), "concurrency": max_concurrent})
     return experiment
@@ -135,13 +136,15 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
         # study would be newer than that state and break the restore), so TPE keeps every finished trial.
         return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
     max_epochs = int(space.fixed.get("epochs", TrainConfig().epochs))
+    task = get_task(prepared.task)
+    metric, mode = task.val_metric, task.mode
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=OptunaSearch(space.suggest, metric=METRIC, mode=MODE,
+            search_alg=OptunaSearch(space.suggest, metric=metric, mode=mode,
                                     points_to_evaluate=list(space.points_to_evaluate),
                                     sampler=make_sampler(options.sampler, options.data.seed, options.num_samples)),
-            scheduler=ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE,
+            scheduler=ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
                                     max_t=max_epochs, grace_period=1, reduction_factor=2)
             if options.early_stopping else FIFOScheduler(),
             num_samples=options.num_samples, max_concurrent_trials=max_concurrent,
@@ -149,11 +152,10 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=options.name, storage_path=str(experiment.parent), verbose=1,
-            progress_reporter=progress_table(options.method),
-            checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC,
-                                                    checkpoint_score_order=MODE),
-            callbacks=[PruneCheckpoints(experiment),  # then optuna.db, trials.csv and best.json as trials run
-                       *watchers(experiment, options.name, space, about, max_concurrent)],
+            progress_reporter=progress_table(options.method, task),
+            checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=metric, checkpoint_score_order=mode),
+            callbacks=[PruneCheckpoints(experiment, task),  # then optuna.db, trials.csv and best.json as trials run
+                       *watchers(experiment, options.name, space, about, max_concurrent, task)],
             failure_config=tune.FailureConfig(max_failures=options.max_failures)))
 
 
@@ -161,22 +163,22 @@ def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSp
                   about: dict, run: dict) -> None:
     """trials.csv and best.json, final (`"running": false`); for a search that ran to its end (`"complete": true`)
     the Optuna study too, made equal to what Ray ran; prints the ranking."""
-    trials = trials_table(grid, experiment)
+    task = get_task(options.data.task)
+    trials = trials_table(grid, experiment, task)
     if trials.empty:
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
     complete = len(grid) >= options.num_samples and grid.num_terminated + grid.num_errors >= len(grid)
-    best = write_tables(experiment, trials, about, run,
-                        running=False, complete=complete)
+    best = write_tables(experiment, trials, about, run, task, running=False, complete=complete)
     if not complete:
         raise GalaxyTuneError(f"the search was interrupted after {grid.num_terminated} finished trial(s), all "
                               f"kept in {experiment}: continue it with `python -m galaxy_tune search "
                               f"{options.method} --resume --name {options.name} --results-dir {experiment.parent}`")
-    save_study(experiment / layout.STUDY, options.name, space, grid)
+    save_study(experiment / layout.STUDY, options.name, space, grid, task)
     if best is None:
         first = next(str(r.error).strip().splitlines()[-1] for r in grid if r.error is not None)
         raise GalaxyTuneError(f"every trial of {experiment} failed, the first with: {first} "
                               f"(all errors: {experiment}/*/error.txt)")
-    print_ranked(trials, options.method, experiment)
+    print_ranked(trials, options.method, experiment, task)
 
 
 def about_search(options: SearchOptions, model_name: str, prepared: Prepared, experiment: Path) -> dict:
@@ -211,8 +213,8 @@ class PruneCheckpoints(tune.Callback):
     finished are on disk (they record it as finished, so it is never resumed).
     """
 
-    def __init__(self, experiment: Path):
-        self.experiment = experiment
+    def __init__(self, experiment: Path, task: Task):
+        self.experiment, self.task = experiment, task
         self.waiting: dict[str, tuple[Path, float, int]] = {}  # trial id -> (folder, snapshot time, changes)
 
     def snapshot_time(self) -> float:
@@ -227,19 +229,20 @@ class PruneCheckpoints(tune.Callback):
             if now > seen:
                 seen, changes = now, changes + 1
             if changes >= 2:
-                prune_checkpoints(folder)
+                prune_checkpoints(folder, self.task)
                 del self.waiting[trial_id]
             else:
                 self.waiting[trial_id] = (folder, seen, changes)
 
 
-def prune_checkpoints(trial_folder: Path) -> None:
-    """Delete a finished trial's checkpoints but its best (by val accuracy) and its latest."""
+def prune_checkpoints(trial_folder: Path, task: Task) -> None:
+    """Delete a finished trial's checkpoints but its best (by the task's val metric) and its latest."""
     checkpoints = sorted(trial_folder.glob("checkpoint_*"))
-    reports = [r for r in layout.trial_reports(trial_folder) if METRIC in r and r.get("checkpoint_dir_name")]
+    metric = task.val_metric
+    reports = [r for r in layout.trial_reports(trial_folder) if metric in r and r.get("checkpoint_dir_name")]
     if len(checkpoints) <= 2 or not reports:
         return
-    best = max(reports, key=lambda r: r[METRIC])["checkpoint_dir_name"]
+    best = task.at_best(reports, key=lambda r: r[metric])["checkpoint_dir_name"]
     for checkpoint in checkpoints[:-1]:
         if checkpoint.name != best:
             shutil.rmtree(checkpoint, ignore_errors=True)
@@ -257,16 +260,17 @@ def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.Base
     raise GalaxyTuneError(f"unknown sampler {name!r}: choose tpe or random")
 
 
-def progress_table(method: str) -> tune.CLIReporter:
+def progress_table(method: str, task: Task) -> tune.CLIReporter:
     """Ray Tune's progress table, reduced to the columns that tell trials apart."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores custom reporters
     params = ["method", "lr"] + (["lora_rank"] if method == "lora" else ["weight_decay"]) + ["scheduler"]
-    return tune.CLIReporter(metric_columns={"epoch": "epoch", METRIC: "val acc"}, parameter_columns=params,
-                            max_report_frequency=30, metric=METRIC, mode=MODE, sort_by_metric=True)
+    return tune.CLIReporter(metric_columns={"epoch": "epoch", task.val_metric: task.metric_label},
+                            parameter_columns=params, max_report_frequency=30, metric=task.val_metric, mode=task.mode,
+                            sort_by_metric=True)
 
 
-def trials_table(grid: tune.ResultGrid, experiment: Path) -> pd.DataFrame:
-    """One row per trial: id, status, epochs run, best and last val accuracy, per-epoch curve and config.
+def trials_table(grid: tune.ResultGrid, experiment: Path, task: Task) -> pd.DataFrame:
+    """One row per trial: id, status, epochs run, best and last val metric, per-epoch curve and config.
 
     Status: COMPLETED (every epoch), STOPPED (early, by ASHA), ERROR, or UNFINISHED (the search was interrupted).
     """
@@ -278,7 +282,7 @@ def trials_table(grid: tune.ResultGrid, experiment: Path) -> pd.DataFrame:
         trial_id = Path(result.path).name.removeprefix("trial_")
         state = "ERROR" if result.error is not None else \
             "TERMINATED" if ray_status.get(trial_id) == "TERMINATED" else "UNFINISHED"
-        rows.append(trial_row(trial_id, result.config, reports(result), state, result.path))
+        rows.append(trial_row(trial_id, result.config, reports(result), state, result.path, task))
     return pd.DataFrame(rows)
 
 
@@ -288,7 +292,7 @@ def reports(result: tune.Result) -> list[dict]:
     return [] if history is None or history.empty else history.to_dict("records")
 
 
-def save_study(path: Path, name: str, space: SearchSpace, grid: tune.ResultGrid) -> str:
+def save_study(path: Path, name: str, space: SearchSpace, grid: tune.ResultGrid, task: Task) -> str:
     """Make the Optuna study in sqlite equal to the finished search (ASHA-stopped trials as pruned).
 
     The searcher keeps its study in memory while Ray runs (an sqlite study breaks `Tuner.restore`); the study
@@ -296,16 +300,16 @@ def save_study(path: Path, name: str, space: SearchSpace, grid: tune.ResultGrid)
     results, one trial per Ray trial, resumed or not. Returns "updated" (in place) or "rebuilt".
     """
     return finish_study(path, name, [
-        study_trial(space, result.config, reports(result), failed=result.error is not None,
+        study_trial(space, result.config, reports(result), task, failed=result.error is not None,
                     ray_trial_id=Path(result.path).name.removeprefix("trial_"), path=result.path)
-        for result in grid])
+        for result in grid], task.direction)
 
 
-def print_ranked(trials: pd.DataFrame, method: str, experiment: Path, top: int = 10) -> None:
+def print_ranked(trials: pd.DataFrame, method: str, experiment: Path, task: Task, top: int = 10) -> None:
     """A short ranked table of the best trials."""
-    columns = ["trial_id", "status", "epochs", "best_val_accuracy", "lr", "scheduler", "optimizer"]
+    columns = ["trial_id", "status", "epochs", f"best_{task.val_metric}", "lr", "scheduler", "optimizer"]
     columns += ["lora_rank", "lora_alpha"] if method == "lora" else ["weight_decay"]
-    ranked = trials.sort_values("best_val_accuracy", ascending=False)[[c for c in columns if c in trials]].head(top)
-    print(f"\n{method} search: {len(trials)} trials, ranked by best val accuracy ({experiment})")
-    print(ranked.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    table = task.rank(trials)[[c for c in columns if c in trials]].head(top)
+    print(f"\n{method} search: {len(trials)} trials, ranked by best {task.metric_label} ({experiment})")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     sys.stdout.flush()

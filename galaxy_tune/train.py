@@ -24,6 +24,7 @@ from .errors import GalaxyTuneError
 from .lora import (BATCHNORM_MODES, LORA_TARGETS, SCALINGS, add_lora, adapter_state_dict, is_legacy_adapter_state,
                    load_adapter_state)
 from .model import STAGES, build_model, freeze_stages, param_groups
+from .tasks import DEFAULT_TASK, Task, get_task
 
 METHODS = ("full", "lora")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -225,7 +226,7 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: ImageSplit, device: torch.device, batch_size: int = 64,
                    tta: bool = False) -> np.ndarray:
-    """(N, classes) float logits of a split, in the split's order, in eval mode.
+    """(N, outputs) float logits of a split, in the split's order, in eval mode.
 
     With `tta`, the logits are averaged over the 8 flips/rotations of each image (galaxies have no orientation):
     the views of batch_size / 8 images go through one forward of batch_size, channels_last. The logits stay on
@@ -244,23 +245,23 @@ def predict_logits(model: nn.Module, split: ImageSplit, device: torch.device, ba
             logits = model(pixel_values=x).logits.float()
         out.append(logits.view(views, -1, logits.shape[1]).mean(0))
     if not out:
-        return np.zeros((0, 2), dtype=np.float32)
+        return np.zeros((0, model.config.num_labels), dtype=np.float32)
     return torch.cat(out).cpu().numpy()
 
 
 def evaluate(model: nn.Module, split: ImageSplit, device: torch.device, batch_size: int = 64) -> dict[str, float]:
-    """Loss and accuracy of the model on a split."""
+    """Loss and the task's metric (accuracy, or RMSE) of the model on a split."""
+    task = get_task(split.task)
     logits = predict_logits(model, split, device, batch_size)
-    labels = torch.from_numpy(split.labels)
-    loss = nn.functional.cross_entropy(torch.from_numpy(logits), labels).item()
-    return {"loss": loss, "accuracy": float((logits.argmax(1) == split.labels).mean())}
+    loss = task.loss(torch.from_numpy(logits), torch.from_numpy(split.labels)).item()
+    return {"loss": loss, task.metric: task.score(logits, split.labels)}
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               device: torch.device, label_smoothing: float = 0.0) -> torch.Tensor:
-    """One optimisation step on a batch (mixed precision on CUDA); returns the loss."""
+               device: torch.device, label_smoothing: float = 0.0, task: Task = get_task(DEFAULT_TASK)) -> torch.Tensor:
+    """One optimisation step on a batch (mixed precision on CUDA) with the task's loss; returns the loss."""
     with autocast(device):
-        loss = nn.functional.cross_entropy(model(pixel_values=x).logits.float(), y, label_smoothing=label_smoothing)
+        loss = task.loss(model(pixel_values=x).logits.float(), y, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -268,8 +269,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
-                stream: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+                stream: Iterable[tuple[torch.Tensor, torch.Tensor]], label_smoothing: float = 0.0,
+                task: Task = get_task(DEFAULT_TASK)) -> tuple[torch.Tensor, int]:
     """Train on every batch of `stream`, stepping the scheduler per batch: fit's epoch, and what `bench` times.
 
     Returns the summed loss, still on the device (no sync per step), and the number of images.
@@ -277,7 +278,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, d
     model.train()
     loss_sum, seen = torch.zeros((), device=device), 0
     for x, y in stream:
-        loss = train_step(model, optimizer, x, y, device, label_smoothing)
+        loss = train_step(model, optimizer, x, y, device, label_smoothing, task)
         scheduler.step()
         loss_sum += loss.detach() * len(y)
         seen += len(y)
@@ -289,7 +290,8 @@ EpochCallback = Callable[[dict, Callable[[], dict]], None]
 
 def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSplit, device: torch.device, *,
         start: dict | None = None, on_epoch: EpochCallback | None = None) -> list[dict]:
-    """Train `model` for `config.epochs`, evaluating on `val` after each epoch; returns the per-epoch metrics.
+    """Train `model` for `config.epochs` on the splits' task, evaluating on `val` after each epoch; returns the
+    per-epoch metrics (val_loss and val_<metric>: val_accuracy, or val_rmse).
 
     `on_epoch(metrics, state)` is called after every epoch; `state()` returns the checkpoint (weights,
     optimizer, scheduler, epoch) that `start` accepts to resume after that epoch.
@@ -321,13 +323,14 @@ def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSpli
         started = time.perf_counter()
         loss_sum, seen = train_steps(model, optimizer, scheduler, device, batches(
             train, config.batch_size, device, shuffle=True, augment=config.augment,
-            seed=config.seed * 100_003 + epoch, reuse=True), config.label_smoothing)
+            seed=config.seed * 100_003 + epoch, reuse=True), config.label_smoothing, get_task(train.task))
         total_loss = loss_sum.item()  # the epoch's one wait for the device
         if not math.isfinite(total_loss):
             raise GalaxyTuneError(f"training diverged at epoch {epoch} (loss {total_loss}): lower lr={config.lr}")
         val_metrics = evaluate(model, val, device)
         metrics = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "val_loss": val_metrics["loss"],
-                   "val_accuracy": val_metrics["accuracy"], "lr": optimizer.param_groups[0]["lr"],
+                   **{f"val_{k}": v for k, v in val_metrics.items() if k != "loss"},
+                   "lr": optimizer.param_groups[0]["lr"],
                    "epoch_seconds": time.perf_counter() - started, "images_seen": seen * epoch}
         history.append(metrics)
         if on_epoch is not None:

@@ -15,9 +15,11 @@ from conftest import CROP_PX, IMAGE_SIZE_PX
 from galaxy_tune import monitor
 from galaxy_tune.cli import main
 from galaxy_tune.space import default_space_path, load_space
+from galaxy_tune.tasks import get_task
 
 SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
 search = importlib.import_module("galaxy_tune.search")  # the module (galaxy_tune.search is also the API call)
+TASK = get_task("seed-top2")
 LORA = load_space(default_space_path("lora"), {"method": "lora", "seed": 0, "augment": True, "epochs": 2})
 
 
@@ -48,7 +50,7 @@ def by_ray_id(trials):
 
 def test_the_mirror_follows_trials_live_and_a_resumed_driver_continues_it_without_duplicates(tmp_path):
     db = tmp_path / "optuna.db"
-    mirror = monitor.StudyMirror(db, "s", LORA)
+    mirror = monitor.StudyMirror(db, "s", LORA, TASK)
     saved = pickle.dumps(mirror)  # as Ray keeps it in tuner.pkl, before the search starts
     a, b, lost = (ray_trial(tmp_path, i, lr) for i, lr in (("a", 1e-3), ("b", 2e-3), ("lost", 3e-3)))
     trials = [a, b, lost]
@@ -89,29 +91,30 @@ def test_the_mirror_follows_trials_live_and_a_resumed_driver_continues_it_withou
     assert len(study(db).trials) == 4
 
     # At the end the study is what Ray ran: the lost trial goes (so the file is rebuilt), each trial once.
-    final = [monitor.study_trial(LORA, t.config, [report(e, v) for e, v in curve], failed=False,
+    final = [monitor.study_trial(LORA, t.config, [report(e, v) for e, v in curve], TASK, failed=False,
                                  ray_trial_id=t.trial_id, path=t.path)
              for t, curve in ((a, [(1, 0.6), (2, 0.7)]), (b, [(1, 0.5), (1, 0.55), (2, 0.8)]), (c, [(1, 0.4)]))]
-    assert monitor.finish_study(db, "s", final) == "rebuilt"
+    assert monitor.finish_study(db, "s", final, "maximize") == "rebuilt"
     done = study(db).trials
     assert [t.user_attrs["ray_trial_id"] for t in done] == ["a", "b", "c"]
     assert [t.state for t in done] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
     assert done[1].intermediate_values == {1: 0.55, 2: 0.8} and done[1].value == 0.8
     assert not [*tmp_path.glob(".*.tmp"), *tmp_path.glob(".*.new")]  # no temporary file left
-    assert monitor.finish_study(db, "s", final) == "updated"  # a second pass changes nothing
+    assert monitor.finish_study(db, "s", final, "maximize") == "updated"  # a second pass changes nothing
     assert len(study(db).trials) == 3
 
 
 def test_the_final_pass_completes_the_mirror_in_place_when_it_agrees_with_ray(tmp_path):
     db = tmp_path / "optuna.db"
     a, b = ray_trial(tmp_path, "a", 1e-3), ray_trial(tmp_path, "b", 2e-3)
-    mirror = monitor.StudyMirror(db, "s", LORA)
+    mirror = monitor.StudyMirror(db, "s", LORA, TASK)
     mirror.setup()
     mirror.on_trial_start(0, [a, b], a)
     mirror.on_trial_result(0, [a, b], a, report(1, 0.6))  # then Ctrl-C; Ray finishes a and b on --resume
-    final = [monitor.study_trial(LORA, t.config, [report(1, 0.6), report(2, v)], failed=False,
+    final = [monitor.study_trial(LORA, t.config, [report(1, 0.6), report(2, v)], TASK,
+                                 failed=False,
                                  ray_trial_id=t.trial_id, path=t.path) for t, v in ((a, 0.7), (b, 0.9))]
-    assert monitor.finish_study(db, "s", final) == "updated"
+    assert monitor.finish_study(db, "s", final, "maximize") == "updated"
     done = study(db).trials
     assert [(t.number, t.user_attrs["ray_trial_id"], t.state, t.value, t.user_attrs["epochs"]) for t in done] == [
         (0, "a", TrialState.COMPLETE, 0.7, 2), (1, "b", TrialState.COMPLETE, 0.9, 2)]
@@ -121,7 +124,7 @@ def test_the_final_pass_completes_the_mirror_in_place_when_it_agrees_with_ray(tm
 def test_a_failed_mirror_write_warns_once_and_does_not_stop_the_search(tmp_path, monkeypatch, capsys):
     db = tmp_path / "optuna.db"
     a = ray_trial(tmp_path, "a", 1e-3)
-    mirror = monitor.StudyMirror(db, "s", LORA)
+    mirror = monitor.StudyMirror(db, "s", LORA, TASK)
     mirror.setup()
     mirror.on_trial_start(0, [a], a)
     real = optuna.storages.RDBStorage.set_trial_intermediate_value
@@ -141,11 +144,11 @@ def test_a_failed_mirror_write_warns_once_and_does_not_stop_the_search(tmp_path,
 
 def test_trial_rows_keep_the_last_report_of_a_repeated_epoch():
     reports = [report(1, 0.61), report(1, 0.6), report(2, 0.55)]  # 2 epochs, the config's budget
-    row = monitor.trial_row("x", config(1e-3), reports, "TERMINATED", "/r/trial_x")
+    row = monitor.trial_row("x", config(1e-3), reports, "TERMINATED", "/r/trial_x", TASK)
     assert (row["status"], row["epochs"], row["best_epoch"], row["train_seconds"]) == ("COMPLETED", 2, 1, 3.0)
     assert json.loads(row["val_accuracy_curve"]) == [0.6, 0.55] and row["best_val_accuracy"] == 0.6
-    assert monitor.trial_row("x", config(1e-3), reports[:1], "TERMINATED", "/r/trial_x")["status"] == "STOPPED"
-    assert monitor.trial_row("y", config(1e-3), [], "RUNNING", None)["status"] == "RUNNING"
+    assert monitor.trial_row("x", config(1e-3), reports[:1], "TERMINATED", "/r/trial_x", TASK)["status"] == "STOPPED"
+    assert monitor.trial_row("y", config(1e-3), [], "RUNNING", None, TASK)["status"] == "RUNNING"
 
 
 class Probe(tune.Callback):

@@ -20,7 +20,10 @@ from galaxy_tune.report import write_report
 from galaxy_tune.layout import EVALUATION
 from galaxy_tune.report.evaluation import run_metrics
 from galaxy_tune.report.figure import FigureSkipped
+from galaxy_tune.report.figure import Metric
 from galaxy_tune.report.search_report import plot_param_importances
+
+ACCURACY = Metric("val_accuracy", "max")
 from galaxy_tune.report.stats import (coverage_curve, fmt_interval, largest_coverage, mcnemar_exact,
                                       paired_bootstrap, t_interval, wilson_interval)
 
@@ -225,11 +228,11 @@ def test_importances_are_drawn_once_enough_trials_completed():
         params = {"lr": 10 ** (-4 + i / 4), "optimizer": ["adam", "sgd"][i % 2]}
         study.add_trial(optuna.trial.create_trial(params=params, distributions={"lr": lr, "optimizer": optimizer},
                                                   value=0.5 + i / 20))
-    assert len(plot_param_importances(study, "toy").axes[0].patches) == 2
+    assert len(plot_param_importances(study, "toy", ACCURACY).axes[0].patches) == 2
     one = optuna.create_study(direction="maximize")
     one.add_trial(study.trials[0])
     with pytest.raises(FigureSkipped, match="only 1 trial"):
-        plot_param_importances(one, "toy")
+        plot_param_importances(one, "toy", ACCURACY)
 
 
 def test_interval_and_test_statistics_match_textbook_values():

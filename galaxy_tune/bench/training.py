@@ -246,8 +246,8 @@ def table_rows(figures: dict) -> list[tuple[str, str]]:
 
 def repeated(split: ImageSplit, count: int) -> ImageSplit:
     """`count` images of the split, its rows over again as often as needed."""
-    return ImageSplit(split.pixels, np.resize(split.rows, count), np.resize(split.labels, count),
-                      np.resize(split.galaxy_ids, count))
+    picked = np.resize(np.arange(len(split)), count)
+    return ImageSplit(split.pixels, split.rows[picked], split.labels[picked], split.galaxy_ids[picked], split.task)
 
 
 def endless_batches(split: ImageSplit, batch_size: int, device: torch.device, *,

@@ -6,8 +6,10 @@ Figures use matplotlib's object API (no pyplot), so writing a report never touch
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 METHOD_ORDER = ("direct", "full", "lora")
@@ -52,3 +54,53 @@ def padded_limits(values_percent: list[float]) -> tuple[float, float]:
     low, high = min(values_percent), max(values_percent)
     margin = max(2.0, (high - low) * 0.08)
     return max(0.0, low - margin), min(102.0, high + margin)  # 102: a 100 % point stays whole
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a report shows a search's val metric: accuracy in % (higher is better), or RMSE as it is (lower is)."""
+
+    name: str  # the report key: val_accuracy or val_rmse
+    mode: str  # max or min
+
+    @classmethod
+    def of(cls, best: dict) -> "Metric":
+        """The metric a best.json was ranked by (files before kaggle-votes: val accuracy)."""
+        return cls(best.get("metric", "val_accuracy"), best.get("mode", "max"))
+
+    @property
+    def percent(self) -> bool:
+        return self.name.endswith("accuracy")
+
+    @property
+    def title(self) -> str:
+        return "validation accuracy" if self.percent else "validation RMSE"
+
+    @property
+    def label(self) -> str:
+        return "validation accuracy (%)" if self.percent else "validation RMSE (lower is better)"
+
+    def shown(self, values) -> np.ndarray:
+        return np.asarray(values, dtype=float) * (100 if self.percent else 1)
+
+    def so_far(self, values: np.ndarray) -> np.ndarray:
+        """The best so far at each position (NaN: nothing yet)."""
+        values = np.asarray(values, dtype=float)
+        if self.mode == "max":
+            return np.fmax.accumulate(np.nan_to_num(values, nan=-np.inf))
+        return np.fmin.accumulate(np.nan_to_num(values, nan=np.inf))
+
+    def arg_best(self, values) -> int:
+        values = np.asarray(values, dtype=float)
+        return int(np.nanargmax(values) if self.mode == "max" else np.nanargmin(values))
+
+    def axis(self, ax, values) -> None:
+        """The y axis of shown values: 0-100 % padded around them, or a padded RMSE range."""
+        if self.percent:
+            percent_axis(ax, self.label, *padded_limits(list(values)))
+            return
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        margin = max((high - low) * 0.08, 0.005)
+        ax.set_ylabel(self.label)
+        ax.set_ylim(max(0.0, low - margin), high + margin)
+        ax.grid(axis="y", alpha=0.3)

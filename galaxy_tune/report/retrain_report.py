@@ -29,6 +29,7 @@ from .evaluation import evaluation_sections, full_vs_lora, selection_section
 from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, class_label, embed, percent_axis
 from .runs import predicted_class, seed_predictions, selected_runs
 from .stats import fmt_interval, mean_and_sd, t_interval, wilson_interval
+from .votes_report import votes_sections
 
 # Test accuracy (%) of the reference study (ResNet-50 pretrained on ImageNet, real Galaxy Zoo data).
 REFERENCE_TEST_ACCURACY = {"direct": 68.94, "full": 88.52, "lora": 73.93}
@@ -48,13 +49,44 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
     seeds = sorted(set(results["seed"]))
     test_images = sum(data["counts"]["test"])
     reference = REFERENCE_TEST_ACCURACY if data["task"] == "seed-top2" else {}  # the study's task only
+    votes = info.get("metric") == "rmse"  # kaggle-votes: the 37 fractions, scored by RMSE
     lines = [
         f"# galaxy_tune retrain: {folder.name}",
         "",
-        (f"Task `{data['task']}` ({' vs '.join(data['class_names'])}) on `{data['data_dir']}`, "
-         f"{data['image_size_px']} px images (crop {data['crop_px'] or 'none'}), split seed {data['seed']}; "
-         f"test split {test_images} images. Each method was retrained with {len(seeds)} seed(s)."),
+        (f"Task `{data['task']}` ({'37 vote fractions' if votes else ' vs '.join(data['class_names'])}) on "
+         f"`{data['data_dir']}`, {data['image_size_px']} px images (crop {data['crop_px'] or 'none'}), split seed "
+         f"{data['seed']}; test split {test_images} images. Each method was retrained with {len(seeds)} seed(s)."),
         f"Backbone: {base_weights(results['weights'].iloc[0])} (`{info['model']}`).",
+    ]
+    if votes:
+        lines += votes_sections(out, results, predictions, info)
+    else:
+        lines += classification_sections(out, results, predictions, all_results, all_predictions, info,
+                                         reference)
+    lines += [
+        "## Cost and provenance",
+        "",
+        cost_table(results).to_markdown(index=False),
+        "",
+        "## Recipes",
+        "",
+    ]
+    for method, recipe in info["recipes"].items():
+        lines.append(f"- **{method}** from {recipe['source']}: `{json.dumps(recipe['config'])}`")
+    lines += ["", f"Library versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}.", ""]
+    path = out / layout.REPORT
+    path.write_text("\n".join(lines))
+    return path
+
+
+def classification_sections(out: Path, results: pd.DataFrame, predictions: pd.DataFrame,
+                            all_results: pd.DataFrame, all_predictions: pd.DataFrame, info: dict,
+                            reference: dict[str, float]) -> list[str]:
+    """The report.md lines of a binary task's retrain (after the common heading)."""
+    data = info["data"]
+    seeds = sorted(set(results["seed"]))
+    test_images = sum(data["counts"]["test"])
+    return [
         (f"Majority-class share of the test split: {info['majority_share'] * 100:.2f} % "
          "(what a model answering the larger class scores)."),
         "",
@@ -79,10 +111,6 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
         "",
         *full_vs_lora(predictions),
         *evaluation_sections(out, all_results, all_predictions, info),
-        "## Cost and provenance",
-        "",
-        cost_table(results).to_markdown(index=False),
-        "",
         "## Errors",
         "",
         *embed(out, "confusion_matrices.png", f"Confusion matrices on the test split (seed {seeds[0]}): counts "
@@ -90,15 +118,7 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
         *embed(out, "misclassified.png", f"Test galaxies each method gets wrong (seed {seeds[0]}, most confident "
                "mistakes first), as the model sees them before resizing",
                lambda: plot_misclassified(predictions, data)),
-        "## Recipes",
-        "",
     ]
-    for method, recipe in info["recipes"].items():
-        lines.append(f"- **{method}** from {recipe['source']}: `{json.dumps(recipe['config'])}`")
-    lines += ["", f"Library versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}.", ""]
-    path = out / layout.REPORT
-    path.write_text("\n".join(lines))
-    return path
 
 
 def base_weights(weights: str) -> str:

@@ -20,7 +20,8 @@ from matplotlib.ticker import NullFormatter
 
 from .. import layout
 from ..data import majority_share
-from .figure import FigureSkipped, embed, padded_limits, percent_axis
+from ..tasks import get_task
+from .figure import FigureSkipped, Metric, embed
 
 if TYPE_CHECKING:
     import optuna
@@ -41,31 +42,35 @@ def write_search_report(experiment: Path, out_dir: Path | None = None) -> Path:
     trials = pd.read_csv(experiment / layout.TRIALS)
     best = json.loads((experiment / layout.BEST).read_text())
     study = load_study(experiment)
-    shown = [c for c in trials.columns if c not in ("config", "val_accuracy_curve", "path", "node_id")]
-    ranked = trials.sort_values("best_val_accuracy", ascending=False)[shown]
-    val_majority = majority_share(best["data"]["counts"], "val")
+    metric = Metric.of(best)
+    shown = [c for c in trials.columns if c not in ("config", f"{metric.name}_curve", "path", "node_id")]
+    ranked = get_task(best["data"]["task"]).rank(trials)[shown]
+    baseline = val_baseline(best)
+    value = metric.shown(best[metric.name])
     lines = [
         f"# galaxy_tune search: {experiment.name}",
         "",
         (f"Method `{best['method']}`, {len(trials)} trials "
          f"({', '.join(f'{n} {s.lower()}' for s, n in trials['status'].value_counts().items())}), "
          f"backbone {best['weights']}, task `{best['data']['task']}` at {best['data']['image_size_px']} px."),
-        (f"Best val accuracy {best['val_accuracy'] * 100:.2f} % (trial {best['trial_id']}, epoch {best['epoch']}) "
-         f"with `{json.dumps(best['config'])}`."),
-        f"Majority-class share of the val split: {val_majority * 100:.2f} %.",
+        (f"Best {metric.title} {value:.2f} % " if metric.percent else f"Best {metric.title} {value:.4f} ")
+        + f"(trial {best['trial_id']}, epoch {best['epoch']}) with `{json.dumps(best['config'])}`.",
+        *([f"{baseline[0]} on the val split: {metric.shown(baseline[1]):.4g}{' %' if metric.percent else ''}."]
+          if baseline else []),
         "",
         "## Figures",
         "",
-        *embed(out, "val_curves.png", "Validation accuracy after each epoch, one line per trial; ASHA-stopped "
-               "trials end early (dashed, ×)", lambda: plot_val_curves(trials, val_majority, experiment.name)),
-        *embed(out, "best_vs_trial.png", "Best validation accuracy so far against the number of trials run",
-               lambda: plot_best_vs_trial(trials, experiment.name)),
-        *embed(out, "best_vs_time.png", "Best validation accuracy so far against wall-clock time",
-               lambda: plot_best_vs_time(epoch_timeline(experiment, trials), experiment.name)),
+        *embed(out, "val_curves.png", f"{metric.title[:1].upper()}{metric.title[1:]} after each epoch, one line "
+               "per trial; ASHA-stopped trials end early (dashed, ×)",
+               lambda: plot_val_curves(trials, baseline, experiment.name, metric)),
+        *embed(out, "best_vs_trial.png", f"Best {metric.title} so far against the number of trials run",
+               lambda: plot_best_vs_trial(trials, experiment.name, metric)),
+        *embed(out, "best_vs_time.png", f"Best {metric.title} so far against wall-clock time",
+               lambda: plot_best_vs_time(epoch_timeline(experiment, trials, metric), experiment.name, metric)),
         *embed(out, "param_importances.png", "Optuna's hyperparameter importances (PED-ANOVA) over the trials "
-               "that ran every epoch", lambda: plot_param_importances(study, experiment.name)),
-        *embed(out, "param_slices.png", "Each searched hyperparameter against the best validation accuracy of "
-               "each trial", lambda: plot_param_slices(study, experiment.name)),
+               "that ran every epoch", lambda: plot_param_importances(study, experiment.name, metric)),
+        *embed(out, "param_slices.png", f"Each searched hyperparameter against the best {metric.title} of "
+               "each trial", lambda: plot_param_slices(study, experiment.name, metric)),
         "## Trials",
         "",
         ranked.to_markdown(index=False, floatfmt=".4g"),
@@ -87,19 +92,34 @@ def load_study(experiment: Path) -> optuna.Study | None:
     return optuna.load_study(study_name=names[0], storage=storage) if names else None
 
 
-def trial_curves(trials: pd.DataFrame) -> list[list[float]]:
-    """Val accuracy after each epoch of each trial, in %."""
-    return [[v * 100 for v in json.loads(curve)] for curve in trials["val_accuracy_curve"]]
+def val_baseline(best: dict) -> tuple[str, float] | None:
+    """What a model that learned nothing scores on the val split: the majority class's share, or the constant
+    predictor's RMSE (from the prepared split, when it is still there)."""
+    data = best["data"]
+    task = get_task(data["task"])
+    if not task.regression:
+        return "Majority-class share", majority_share(data["counts"], "val")
+    manifest = Path(data["prepared"]) / "splits.csv"
+    if not manifest.is_file():
+        return None
+    manifest = pd.read_csv(manifest)
+    labels, split = task.labels(manifest), manifest["split"].to_numpy()
+    return "Constant predictor (training mean) RMSE", task.baseline(labels[split == "train"], labels[split == "val"])
 
 
-def plot_val_curves(trials: pd.DataFrame, val_majority: float, name: str) -> Figure:
-    """Val accuracy vs epoch for every trial; stopped ones grey and dashed with an × where ASHA stopped them."""
-    curves = trial_curves(trials)
+def trial_curves(trials: pd.DataFrame, metric: Metric) -> list[list[float]]:
+    """The val metric after each epoch of each trial, as shown (accuracy in %)."""
+    return [list(metric.shown(json.loads(curve))) for curve in trials[f"{metric.name}_curve"]]
+
+
+def plot_val_curves(trials: pd.DataFrame, baseline: tuple[str, float] | None, name: str, metric: Metric) -> Figure:
+    """The val metric vs epoch for every trial; stopped ones grey and dashed with an × where ASHA stopped them."""
+    curves = trial_curves(trials, metric)
     if not any(curves):
         raise FigureSkipped("no trial finished an epoch")
     figure = Figure(figsize=(8, 4.8), layout="constrained")
     ax = figure.subplots()
-    best_row = int(trials["best_val_accuracy"].fillna(-1).to_numpy().argmax())
+    best_row = metric.arg_best(trials[f"best_{metric.name}"])
     for row, (status, curve) in enumerate(zip(trials["status"], curves)):
         if row == best_row or not curve:
             continue
@@ -111,26 +131,30 @@ def plot_val_curves(trials: pd.DataFrame, val_majority: float, name: str) -> Fig
     best_curve = curves[best_row]
     ax.plot(np.arange(1, len(best_curve) + 1), best_curve, color="#d62728", linewidth=2.6, marker="o",
             markersize=4, zorder=5)
-    ax.axhline(val_majority * 100, color="black", linestyle=":", linewidth=1.2)
+    if baseline:
+        ax.axhline(metric.shown(baseline[1]), color="black", linestyle=":", linewidth=1.2)
     counts = trials["status"].value_counts()
     handles = [Line2D([], [], **STATUS_STYLE[s][0], marker="x" if s != "COMPLETED" else None,
                       label=f"{STATUS_STYLE[s][1]} ({counts[s]})") for s in STATUS_STYLE if s in counts]
     handles += [Line2D([], [], color="#d62728", linewidth=2.6, marker="o", markersize=4,
-                       label=f"best trial {trials['trial_id'].iloc[best_row]}"),
-                Line2D([], [], color="black", linestyle=":", label=f"majority class ({val_majority * 100:.1f} %)")]
+                       label=f"best trial {trials['trial_id'].iloc[best_row]}")]
+    if baseline:
+        handles.append(Line2D([], [], color="black", linestyle=":", label=(
+            f"majority class ({metric.shown(baseline[1]):.1f} %)" if metric.percent
+            else f"constant predictor ({baseline[1]:.3f})")))
     figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9, frameon=False)
     longest = max(len(c) for c in curves)
     ax.set_xticks(range(1, longest + 1) if longest <= 20 else np.linspace(1, longest, 10, dtype=int))
     ax.set_xlim(0.8, longest + 0.2)
     ax.set_xlabel("epoch")
-    percent_axis(ax, "validation accuracy (%)", *padded_limits([v for c in curves for v in c] + [val_majority * 100]))
-    ax.set_title(f"{name}: validation accuracy of every trial ({len(trials)} trials)")
+    metric.axis(ax, [v for c in curves for v in c] + ([metric.shown(baseline[1])] if baseline else []))
+    ax.set_title(f"{name}: {metric.title} of every trial ({len(trials)} trials)")
     return figure
 
 
-def plot_best_vs_trial(trials: pd.DataFrame, name: str) -> Figure:
-    """Each trial's best val accuracy in the order trials were proposed, and the best so far as a step line."""
-    scores = trials["best_val_accuracy"].to_numpy() * 100
+def plot_best_vs_trial(trials: pd.DataFrame, name: str, metric: Metric) -> Figure:
+    """Each trial's best val metric in the order trials were proposed, and the best so far as a step line."""
+    scores = metric.shown(trials[f"best_{metric.name}"])
     if np.isnan(scores).all():
         raise FigureSkipped("no trial finished an epoch")
     number = np.arange(1, len(trials) + 1)
@@ -141,66 +165,67 @@ def plot_best_vs_trial(trials: pd.DataFrame, name: str) -> Figure:
         if picked.any():
             ax.scatter(number[picked], scores[picked], color=style["color"], marker="o" if status == "COMPLETED"
                        else "x", s=36, zorder=3, label=f"{label} (its best epoch)")
-    running = np.fmax.accumulate(np.nan_to_num(scores, nan=-np.inf))
+    running = metric.so_far(scores)
     shown = np.isfinite(running)
     ax.step(number[shown], running[shown], where="post", color="#d62728", linewidth=2, label="best so far")
     ax.set_xlabel("trial number (order proposed by the sampler)")
     ax.set_xticks(number if len(number) <= 25 else np.linspace(1, len(number), 12, dtype=int))
-    percent_axis(ax, "validation accuracy (%)", *padded_limits(list(scores[~np.isnan(scores)])))
+    metric.axis(ax, scores[~np.isnan(scores)])
     figure.legend(loc="outside lower center", ncols=3, fontsize=9, frameon=False)
-    ax.set_title(f"{name}: best validation accuracy so far, by trial")
+    ax.set_title(f"{name}: best {metric.title} so far, by trial")
     return figure
 
 
-def epoch_timeline(experiment: Path, trials: pd.DataFrame) -> pd.DataFrame:
+def epoch_timeline(experiment: Path, trials: pd.DataFrame, metric: Metric) -> pd.DataFrame:
     """Every epoch report of every trial from Ray's result.json files: minutes since the search started and
-    val accuracy (%), in time order."""
+    the val metric as shown (column `value`), in time order."""
     rows = []
     for trial_path in trials["path"].dropna():
         # When the experiment folder was moved, look beside trials.csv.
         reports = pd.DataFrame(layout.trial_reports(Path(trial_path))
                                or layout.trial_reports(experiment / Path(trial_path).name))
-        if {"timestamp", "time_total_s", "val_accuracy"} <= set(reports.columns):
-            rows.append(reports[["timestamp", "time_total_s", "val_accuracy"]])
+        if {"timestamp", "time_total_s", metric.name} <= set(reports.columns):
+            rows.append(reports[["timestamp", "time_total_s", metric.name]])
     if not rows:
-        return pd.DataFrame(columns=["minutes", "val_accuracy"])
+        return pd.DataFrame(columns=["minutes", "value"])
     reports = pd.concat(rows)
     # timestamp is when Ray received the report; timestamp - time_total_s is when that trial started.
     started = (reports["timestamp"] - reports["time_total_s"]).min()
     return pd.DataFrame({"minutes": (reports["timestamp"] - started) / 60,
-                         "val_accuracy": reports["val_accuracy"] * 100}).sort_values("minutes")
+                         "value": metric.shown(reports[metric.name])}).sort_values("minutes")
 
 
-def plot_best_vs_time(timeline: pd.DataFrame, name: str) -> Figure:
-    """Val accuracy of every epoch report over wall time, and the best so far as a step line."""
+def plot_best_vs_time(timeline: pd.DataFrame, name: str, metric: Metric) -> Figure:
+    """The val metric of every epoch report over wall time, and the best so far as a step line."""
     if timeline.empty:
         raise FigureSkipped("no result.json with per-epoch timestamps was found in the trial folders")
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     ax = figure.subplots()
-    ax.scatter(timeline["minutes"], timeline["val_accuracy"], s=14, color="#9a9a9a", alpha=0.7,
+    ax.scatter(timeline["minutes"], timeline["value"], s=14, color="#9a9a9a", alpha=0.7,
                label="an epoch of some trial")
     # Ray's timestamps are whole seconds: reports of the same second count as one, or a false step appears.
-    best_at = timeline.groupby("minutes")["val_accuracy"].max()
-    running = np.maximum.accumulate(best_at.to_numpy())
+    best_at = timeline.groupby("minutes")["value"].agg(metric.mode)
+    running = metric.so_far(best_at.to_numpy())
     ax.step(np.append(best_at.index, best_at.index.max() * 1.02), np.append(running, running[-1]),
             where="post", color="#d62728", linewidth=2, label="best so far")
     ax.set_xlabel("wall-clock time since the search started (minutes)")
     ax.set_xlim(0, None)
-    percent_axis(ax, "validation accuracy (%)", *padded_limits(list(timeline["val_accuracy"])))
+    metric.axis(ax, timeline["value"])
     figure.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
-    ax.set_title(f"{name}: best validation accuracy so far, by wall time "
+    ax.set_title(f"{name}: best {metric.title} so far, by wall time "
                  f"({timeline['minutes'].max():.1f} min in all)")
     return figure
 
 
-def trial_score(trial: optuna.trial.FrozenTrial) -> float | None:
-    """A trial's best val accuracy: its value, or for a pruned trial the best of its epochs."""
+def trial_score(trial: optuna.trial.FrozenTrial, metric: Metric) -> float | None:
+    """A trial's best val metric: its value, or for a pruned trial the best of its epochs."""
     if trial.value is not None:
         return trial.value
-    return max(trial.intermediate_values.values(), default=None)
+    values = list(trial.intermediate_values.values())
+    return values[metric.arg_best(values)] if values else None
 
 
-def plot_param_importances(study: optuna.Study | None, name: str) -> Figure:
+def plot_param_importances(study: optuna.Study | None, name: str, metric: Metric) -> Figure:
     """Horizontal bars of Optuna's importance of each searched hyperparameter (they sum to 1)."""
     if study is None:
         raise FigureSkipped(f"no Optuna study ({layout.STUDY}) in the experiment")
@@ -211,7 +236,7 @@ def plot_param_importances(study: optuna.Study | None, name: str) -> Figure:
         raise FigureSkipped(f"only {len(completed)} trial(s) ran every epoch and importances need at least "
                             f"{MIN_TRIALS_FOR_IMPORTANCE} (ASHA-stopped trials are not used): run more --num-samples")
     if len({t.value for t in completed}) == 1:
-        raise FigureSkipped("every completed trial reached the same val accuracy, so no parameter explains it")
+        raise FigureSkipped(f"every completed trial reached the same {metric.title}, so no parameter explains it")
     with warnings.catch_warnings():  # PED-ANOVA warns about sparse regimes, which is the nature of small searches
         warnings.simplefilter("ignore")
         importances = optuna.importance.get_param_importances(study)
@@ -221,7 +246,7 @@ def plot_param_importances(study: optuna.Study | None, name: str) -> Figure:
     bars = ax.barh(names, values, color="#1f77b4")
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3, fontsize=9)
     ax.set_xlim(0, max(values) * 1.15 + 1e-9)
-    ax.set_xlabel("importance for validation accuracy (share of explained variation, sums to 1)")
+    ax.set_xlabel(f"importance for {metric.title} (share of explained variation, sums to 1)")
     ax.set_title(f"{name}: hyperparameter importances ({len(completed)} completed trials)")
     return figure
 
@@ -237,8 +262,8 @@ def set_range_axis(ax, distribution) -> None:
         ax.set_xlim(low - (high - low) * 0.05, high + (high - low) * 0.05)
 
 
-def plot_param_slices(study: optuna.Study | None, name: str) -> Figure:
-    """One panel per searched hyperparameter: its value in each trial against that trial's best val accuracy.
+def plot_param_slices(study: optuna.Study | None, name: str, metric: Metric) -> Figure:
+    """One panel per searched hyperparameter: its value in each trial against that trial's best val metric.
 
     Like optuna's plot_slice, but in a grid that stays readable with many parameters, log axes for
     log-sampled ones, and ASHA-stopped trials shown (grey ×, at the best epoch they reached).
@@ -247,7 +272,7 @@ def plot_param_slices(study: optuna.Study | None, name: str) -> Figure:
         raise FigureSkipped(f"no Optuna study ({layout.STUDY}) in the experiment")
     import optuna
 
-    trials = [t for t in study.get_trials(deepcopy=False) if trial_score(t) is not None]
+    trials = [t for t in study.get_trials(deepcopy=False) if trial_score(t, metric) is not None]
     params = list(dict.fromkeys(p for t in trials for p in t.params))
     if not params:
         raise FigureSkipped("the study has no searched parameter")
@@ -256,7 +281,7 @@ def plot_param_slices(study: optuna.Study | None, name: str) -> Figure:
     figure = Figure(figsize=(4.2 * columns + 1, 3.1 * rows + 0.6), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False, sharey=True)
     jitter = np.random.default_rng(0)
-    scores = [trial_score(t) * 100 for t in trials]
+    scores = list(metric.shown([trial_score(t, metric) for t in trials]))
     for ax, param in zip(axes.flat, params):
         having = [(t, s) for t, s in zip(trials, scores) if param in t.params]
         distribution = having[0][0].distributions[param]
@@ -280,7 +305,7 @@ def plot_param_slices(study: optuna.Study | None, name: str) -> Figure:
     for ax in axes.flat[len(params):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
-        ax.set_ylabel("best val accuracy (%)")
+        ax.set_ylabel(f"best {metric.label}")
     figure.colorbar(points, ax=axes, label="trial number (completed trials)", shrink=min(0.8, 2.5 / rows))
-    figure.suptitle(f"{name}: searched hyperparameters vs validation accuracy (grey ×: stopped by ASHA)")
+    figure.suptitle(f"{name}: searched hyperparameters vs {metric.title} (grey ×: stopped by ASHA)")
     return figure

@@ -50,19 +50,31 @@ def mcnemar_exact(a_correct: np.ndarray, b_correct: np.ndarray) -> tuple[int, in
     return only_a, only_b, float(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
+def bootstrap(statistic, *samples: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+              confidence: float = CONFIDENCE) -> tuple[float, tuple[float, float]]:
+    """(statistic of the samples, its percentile bootstrap interval over test images).
+
+    Paired: each resample draws test images with replacement and takes the same images from every sample (one
+    per model), so the interval reflects how much the statistic depends on which images happened to be in the
+    test split. `statistic(*samples)` reduces along the last axis.
+    """
+    samples = tuple(np.asarray(s, dtype=float) for s in samples)
+    draws = np.random.default_rng(seed).integers(0, len(samples[0]), size=(resamples, len(samples[0])))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(statistic(*(s[draws] for s in samples)), [tail, 100 - tail])
+    return float(statistic(*samples)), (float(low), float(high))
+
+
 def paired_bootstrap(a_correct: np.ndarray, b_correct: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
                      seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> tuple[float, tuple[float, float]]:
-    """(accuracy of A - accuracy of B, percentile bootstrap interval of that difference).
+    """(accuracy of A - accuracy of B, paired percentile bootstrap interval of that difference)."""
+    return bootstrap(lambda a, b: a.mean(-1) - b.mean(-1), a_correct, b_correct, resamples=resamples, seed=seed,
+                     confidence=confidence)
 
-    Paired: each resample draws test images with replacement and scores both models on the same draw, so the
-    interval reflects how much the difference depends on which images happened to be in the test split.
-    """
-    difference = np.asarray(a_correct, dtype=float) - np.asarray(b_correct, dtype=float)
-    draws = np.random.default_rng(seed).integers(0, len(difference), size=(resamples, len(difference)))
-    means = difference[draws].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(difference.mean()), (float(low), float(high))
+
+def root_mean(squared_errors: np.ndarray) -> np.ndarray:
+    """RMSE from per-image mean squared errors, along the last axis."""
+    return np.sqrt(np.mean(squared_errors, axis=-1))
 
 
 def coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,5 +102,5 @@ def fmt_interval(interval: tuple[float, float] | None) -> str:
     return f"[{low:.1f}, {high:.1f}]"
 
 
-def mean_and_sd(values: pd.Series) -> str:
-    return f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
+def mean_and_sd(values: pd.Series, digits: int = 2) -> str:
+    return f"{values.mean():.{digits}f}" + (f" ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else "")

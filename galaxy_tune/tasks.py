@@ -1,0 +1,206 @@
+"""What a task asks of the vote table, and everything that follows from it: targets, outputs, loss, metric.
+
+Two kinds of task:
+- **Classification** (`seed-top2`, the reference study's, and `smooth-featured`): a binary label per kept galaxy,
+  cross-entropy, scored by accuracy (higher is better), the majority class as the baseline.
+- **Vote regression** (`kaggle-votes`, the Kaggle challenge's own task): all 37 vote fractions of every galaxy,
+  scored by the competition's metric, the RMSE over all 37 outputs of all galaxies (lower is better), the
+  training set's mean fractions as the baseline (the constant predictor).
+
+The 37 outputs respect the decision tree by construction (`per_question_softmax`): the logits of each question's
+answers go through a softmax, scaled by the fraction that reached the question, its parent answer
+(`kaggle.PARENT_ANSWER`). Class1's and Class6's answers sum to 1 (everyone is asked), Class2's to Class1.2, Class7's
+to Class1.1, and so on; questions are computed in order, so every parent is ready before its children. The loss is
+the mean squared error of those outputs, the square of the metric (as the winning solution trained).
+
+This module imports no torch at import time (`data` and the reports use it); the loss and the output mapping import
+it when called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .errors import GalaxyTuneError
+from .kaggle import ANSWERS_PER_QUESTION, CLASS_COLUMNS, PARENT_ANSWER, question_columns
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task: its outputs (class names or the 37 columns), metric and direction, and what each needs."""
+
+    name: str
+    outputs: tuple[str, ...]
+    metric: str  # "accuracy" or "rmse": reported as val_<metric> and test_<metric>
+    mode: str  # "max" or "min": the better direction of the metric
+    about: str
+
+    @property
+    def val_metric(self) -> str:
+        return f"val_{self.metric}"
+
+    @property
+    def direction(self) -> str:
+        """Optuna's name for the mode."""
+        return "maximize" if self.mode == "max" else "minimize"
+
+    @property
+    def regression(self) -> bool:
+        return self.metric == "rmse"
+
+    @property
+    def metric_label(self) -> str:
+        return "val RMSE" if self.regression else "val accuracy"
+
+    def best(self, values) -> float:
+        """The best of some metric values."""
+        return float(np.nanmax(values) if self.mode == "max" else np.nanmin(values))
+
+    def at_best(self, items: list, key):
+        """The item whose key(item) is best."""
+        return (max if self.mode == "max" else min)(items, key=key)
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether `a` is strictly better than `b`."""
+        return a > b if self.mode == "max" else a < b
+
+    def rank(self, trials: pd.DataFrame) -> pd.DataFrame:
+        """trials.csv rows best first: by best_<val metric> in the task's direction, then by epochs run."""
+        key = trials[f"best_{self.val_metric}"]
+        return trials.assign(_key=key if self.mode == "max" else -key).sort_values(
+            ["_key", "epochs"], ascending=False, kind="stable").drop(columns="_key")
+
+
+@dataclass(frozen=True)
+class Classification(Task):
+    """Binary: label 1 for `outputs[1]`, 0 for `outputs[0]`, for the galaxies whose deciding answer is one of them."""
+
+    def targets(self, votes: pd.DataFrame, min_vote: float) -> pd.DataFrame:
+        """The label of each galaxy the task keeps, indexed by GalaxyID."""
+        negative, positive = self.outputs
+        if self.name == "seed-top2":
+            # idxmax takes the first of equal columns, as numpy argmax does: Class1.2 beats its Class2.x ties.
+            winner = votes[CLASS_COLUMNS].idxmax(axis=1)
+        else:
+            q1 = votes[question_columns(1)]
+            winner = q1.idxmax(axis=1).where(q1.max(axis=1) >= min_vote)
+        kept = winner[winner.isin([negative, positive])]
+        return (kept == positive).astype(np.int64).rename("label").to_frame()
+
+    def strata(self, targets: pd.DataFrame) -> np.ndarray:
+        return targets["label"].to_numpy()
+
+    def labels(self, manifest: pd.DataFrame) -> np.ndarray:
+        """The training targets of a split manifest's rows: (N,) int labels."""
+        return manifest["label"].to_numpy()
+
+    @property
+    def strata_names(self) -> tuple[str, ...]:
+        return self.outputs
+
+    def consensus(self, votes: pd.DataFrame) -> pd.Series:
+        """How decisive the volunteers were: the vote fraction of the answer that decided the label."""
+        columns = CLASS_COLUMNS if self.name == "seed-top2" else question_columns(1)
+        return votes[columns].max(axis=1).rename("consensus")
+
+    def loss(self, logits, targets, label_smoothing: float = 0.0):
+        from torch.nn import functional
+
+        return functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+    def score(self, logits: np.ndarray, targets: np.ndarray) -> float:
+        return float((logits.argmax(1) == targets).mean())
+
+    def predictions(self, logits: np.ndarray) -> np.ndarray:
+        """Class probabilities."""
+        from .calibration import probabilities
+
+        return probabilities(logits)
+
+    def baseline(self, train: np.ndarray, test: np.ndarray) -> float:
+        """Accuracy of always answering the training split's larger class."""
+        return float((test == np.bincount(train, minlength=2).argmax()).mean())
+
+
+@dataclass(frozen=True)
+class VoteRegression(Task):
+    """The 37 vote fractions, consistent with the decision tree (see the module's docstring)."""
+
+    def targets(self, votes: pd.DataFrame, min_vote: float) -> pd.DataFrame:
+        return votes[CLASS_COLUMNS].clip(0.0, 1.0).astype(np.float32)
+
+    def strata(self, targets: pd.DataFrame) -> np.ndarray:
+        """The split is stratified by each galaxy's Q1 answer (smooth, features/disk, star/artifact)."""
+        return targets[question_columns(1)].to_numpy().argmax(1)
+
+    def labels(self, manifest: pd.DataFrame) -> np.ndarray:
+        """(N, 37) float32 vote fractions."""
+        return manifest[CLASS_COLUMNS].to_numpy(np.float32)
+
+    @property
+    def strata_names(self) -> tuple[str, ...]:
+        return tuple(question_columns(1))
+
+    def consensus(self, votes: pd.DataFrame) -> pd.Series:
+        return votes[question_columns(1)].max(axis=1).rename("consensus")
+
+    def loss(self, logits, targets, label_smoothing: float = 0.0):
+        """Mean squared error of the tree-consistent outputs (label smoothing has no meaning here)."""
+        return (per_question_softmax(logits) - targets).square().mean()
+
+    def score(self, logits: np.ndarray, targets: np.ndarray) -> float:
+        """The competition's RMSE over all outputs of all galaxies."""
+        return rmse(self.predictions(logits), targets)
+
+    def predictions(self, logits: np.ndarray) -> np.ndarray:
+        """The 37 vote fractions."""
+        import torch
+
+        return per_question_softmax(torch.from_numpy(logits).double()).numpy()
+
+    def baseline(self, train: np.ndarray, test: np.ndarray) -> float:
+        """RMSE of the constant predictor: every test galaxy gets the training split's mean fractions."""
+        return rmse(np.broadcast_to(train.mean(0), test.shape), test)
+
+
+def rmse(predicted: np.ndarray, targets: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(np.asarray(predicted, np.float64) - targets))))
+
+
+def per_question_softmax(logits):
+    """(N, 37) logits -> (N, 37) vote fractions: a softmax over each question's answers, times its parent's
+    fraction, in CSV column order. Works on torch tensors (differentiable)."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    for question, answers in ANSWERS_PER_QUESTION.items():
+        shares = torch.softmax(logits[:, start:start + answers], dim=1)
+        parent = PARENT_ANSWER[question]
+        fractions = shares if parent is None else shares * out[parent].unsqueeze(1)
+        out.update(zip(question_columns(question), fractions.unbind(1)))
+        start += answers
+    return torch.stack([out[column] for column in CLASS_COLUMNS], dim=1)
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (
+    Classification("seed-top2", ("Class6.2", "Class1.2"), "accuracy", "max",
+                   "the reference study's: the arg-max of all 37 answers is Class6.2 (nothing odd, 0) or Class1.2 "
+                   "(features or disk, 1)"),
+    Classification("smooth-featured", ("Class1.1", "Class1.2"), "accuracy", "max",
+                   "Q1 smooth (0) vs features or disk (1), with a confident vote (--min-vote)"),
+    VoteRegression("kaggle-votes", tuple(CLASS_COLUMNS), "rmse", "min",
+                   "the Kaggle challenge's: all 37 vote fractions, tree-consistent, scored by RMSE"),
+)}
+
+
+DEFAULT_TASK = "seed-top2"
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise GalaxyTuneError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+    return TASKS[name]
