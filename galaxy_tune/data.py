@@ -83,7 +83,7 @@ class Prepared:
 
 def prepared_folder(results_dir: Path, config: DataConfig) -> Path:
     """Where the manifest and pixel caches of one (data set, task, split seed) live, shared by all runs."""
-    vote = f"-vote{config.min_vote:g}" if config.task == "smooth-featured" else ""
+    vote = f"-vote{config.min_vote:g}" if get_task(config.task).confident else ""
     tag = f"{Path(config.data_dir).resolve().name}-{config.task}{vote}-seed{config.seed}"
     return Path(results_dir).resolve() / "prepared" / tag
 
@@ -240,7 +240,7 @@ def prepare(config: DataConfig, out_dir: Path) -> Prepared:
     targets = task.targets(read_votes(data_dir), config.min_vote)
     # What decides the split. --skip-bad is not part of it: a split made with it stays valid without it.
     split_settings = {"data_dir": str(data_dir), "task": config.task,
-                      "min_vote": config.min_vote if config.task == "smooth-featured" else None,
+                      "min_vote": config.min_vote if task.confident else None,
                       "seed": config.seed, "val_fraction": config.val_fraction,
                       "test_fraction": config.test_fraction}
     info_path = out_dir / "prepare.json"

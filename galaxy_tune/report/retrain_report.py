@@ -25,14 +25,13 @@ from ..data import load_prepared
 from ..pixels import image_path
 from ..errors import GalaxyTuneError
 from ..kaggle import IMAGE_SIZE_PX
+from ..tasks import get_task
 from .evaluation import evaluation_sections, full_vs_lora, selection_section
 from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, class_label, embed, percent_axis
 from .runs import predicted_class, seed_predictions, selected_runs
 from .stats import fmt_interval, mean_and_sd, t_interval, wilson_interval
 from .votes_report import votes_sections
 
-# Test accuracy (%) of the reference study (ResNet-50 pretrained on ImageNet, real Galaxy Zoo data).
-REFERENCE_TEST_ACCURACY = {"direct": 68.94, "full": 88.52, "lora": 73.93}
 GALLERY_PER_METHOD = 6
 
 
@@ -48,7 +47,7 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
     data = info["data"]
     seeds = sorted(set(results["seed"]))
     test_images = sum(data["counts"]["test"])
-    reference = REFERENCE_TEST_ACCURACY if data["task"] == "seed-top2" else {}  # the study's task only
+    reference = dict(get_task(data["task"]).reference)  # the study's task only
     votes = info.get("metric") == "rmse"  # kaggle-votes: the 37 fractions, scored by RMSE
     lines = [
         f"# galaxy_tune retrain: {folder.name}",
@@ -127,7 +126,7 @@ def base_weights(weights: str) -> str:
 
 
 def accuracy_table(results: pd.DataFrame, predictions: pd.DataFrame,
-                   reference: dict[str, float] = REFERENCE_TEST_ACCURACY) -> pd.DataFrame:
+                   reference: dict[str, float]) -> pd.DataFrame:
     """One row per method: test accuracy (mean ± sd, CI over seeds, CI over images, with TTA), val, reference."""
     rows = []
     for method in [m for m in METHOD_ORDER if m in set(results["method"])]:
@@ -168,7 +167,7 @@ def cost_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_test_accuracy(results: pd.DataFrame, majority: float,
-                       reference: dict[str, float] = REFERENCE_TEST_ACCURACY) -> Figure:
+                       reference: dict[str, float]) -> Figure:
     """Bars of mean test accuracy per method, without and with TTA; sd whiskers, seed dots, reference marks."""
     methods = [m for m in METHOD_ORDER if m in set(results["method"])]
     seeds = results["seed"].nunique()
