@@ -149,9 +149,10 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
                              crop_px=prepared.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
                              gpus=options.gpus_per_trial, checkpoint_every_s=options.checkpoint_every_s),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
-    liar = "with constant liar" if uses_constant_liar(options, max_concurrent) else "no constant liar"
-    print(f"{options.num_samples} trials, {max_concurrent} at once; sampler {options.sampler} "
-          f"({liar if options.sampler != 'random' else 'random'}), scheduler {options.scheduler}")
+    liar = "" if options.sampler == "random" else \
+        " (constant liar)" if uses_constant_liar(options, max_concurrent) else " (no constant liar)"
+    print(f"{options.num_samples} trials, {max_concurrent} at once; sampler {options.sampler}{liar}, "
+          f"scheduler {options.scheduler}")
     if options.resume and tune.Tuner.can_restore(str(experiment)):
         print(f"resuming {experiment}: finished trials are kept, unfinished ones continue from their checkpoints")
         # The searcher's in-memory Optuna study is restored from Ray's saved searcher state (a live sqlite

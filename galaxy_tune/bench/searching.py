@@ -110,7 +110,7 @@ def bench_search(data_dir: Path | None = None, results_dir: Path = Path("results
 
 def describe(name: str) -> str:
     sampler, _, scheduler = name.partition("+")
-    return {"random+fifo": "random search, full budget", "tpe+fifo": "TPE, full budget",
+    return {"random+fifo": "random search, full budget", "tpe+fifo": "multivariate TPE, constant liar, full budget",
             "tpe-independent+asha": "TPE one parameter at a time + ASHA (earlier default)",
             "tpe+asha": "multivariate TPE, constant liar + ASHA",
             "tpe+hyperband": "multivariate TPE, constant liar + async HyperBand"}.get(name, f"{sampler} + {scheduler}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from .figure import padded_limits, percent_axis
 from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, t_interval
@@ -122,10 +123,10 @@ def matching_random_curve(experiment: Path, best: dict, max_epochs: int) -> tupl
     no benchmark under the experiment's results folder ran that problem."""
     for path in sorted(experiment.parent.glob(f"bench/search-*/{BENCH_FILE}"), reverse=True):
         figures = json.loads(path.read_text())
-        settings = figures["settings"]
-        same = (settings.get("prepared") == best["data"]["prepared"] and settings["method"] == best["method"]
-                and settings["model"] == best["model"] and settings["max_epochs"] == max_epochs)
-        baseline = figures["strategies"].get(figures["baseline"])
+        settings = figures.get("settings", {})
+        same = (settings.get("prepared") == best["data"]["prepared"] and settings.get("method") == best["method"]
+                and settings.get("model") == best["model"] and settings.get("max_epochs") == max_epochs)
+        baseline = figures.get("strategies", {}).get(figures.get("baseline"))
         if same and baseline:
             return baseline["summary"]["curve"], settings
     return None
@@ -144,22 +145,24 @@ def plot_search_benchmark(figures: dict) -> Figure:
     values = [target]
     for color, (name, strategy) in zip(COLORS, strategies.items()):
         summary = strategy["summary"]
-        for ax, curve, x in ((by_epochs, summary["curve"], "trial_epochs"), (by_time, summary["wall_curve"], "seconds")):
+        for ax, curve, x in ((by_epochs, summary["curve"], "trial_epochs"),
+                             (by_time, summary["wall_curve"], "seconds")):
             mean, low, high = (np.asarray(curve[k]) * 100 for k in ("mean", "low", "high"))
             ax.plot(curve[x], mean, color=color, linewidth=2, drawstyle="steps-post",
                     label=f"{name}: {strategy['about']}")
-            ax.fill_between(curve[x], low, high, color=color, alpha=0.15, linewidth=0, step="post")
+            ax.fill_between(curve[x], np.clip(low, 0, 100), np.clip(high, 0, 100), color=color, alpha=0.12,
+                            linewidth=0, step="post")
             values += list(mean[len(mean) // 10:])
     for ax in (by_epochs, by_time):
         ax.axhline(target, color="black", linestyle="--", linewidth=1.2)
         percent_axis(ax, "best validation accuracy so far (%)", *padded_limits(values))
         ax.set_xlim(0, None)
-    by_epochs.text(0.99, target, f"target: random's best − 1 pt ({target:.1f} %)", transform=by_epochs.get_yaxis_transform(),
-                   ha="right", va="bottom", fontsize=9)
-    for share, label in ((1 / 3, "⅓"), (1 / 2, "½")):
+    by_epochs.text(0.99, target, f"target {target:.1f} %", transform=by_epochs.get_yaxis_transform(), ha="right",
+                   va="bottom", fontsize=9)
+    for share, label, height in ((1 / 3, "⅓", 0.02), (1 / 2, "½", 0.12)):
         by_epochs.axvline(budget * share, color="black", linestyle=":", linewidth=1)
-        by_epochs.text(budget * share, 0.02, f" {label} of random's\n trial-epochs", transform=by_epochs.get_xaxis_transform(),
-                       fontsize=8, va="bottom")
+        by_epochs.text(budget * share, height, f" {label} of random's\n trial-epochs", fontsize=8, va="bottom",
+                       transform=by_epochs.get_xaxis_transform())
     by_epochs.set_xlabel("trial-epochs spent (all trials, in the order they finished)")
     by_epochs.set_title("against compute")
     by_time.set_xlabel(f"seconds since the search started ({settings['concurrency']} trials at once)")
@@ -191,7 +194,8 @@ def plot_search_benchmark(figures: dict) -> Figure:
                          f"{budget:g}; × beyond it: never reached)")
     to_target.set_title("trial-epochs to reach random search's best − 1 point: each repeat (dots), median (black "
                         "bar) and its 95 % bootstrap interval (band)")
-    handles = [Line2D([], [], color="black", linestyle="--", label="target")]
+    handles = [Line2D([], [], color="black", linestyle="--", label="target: random search's mean best − 1 point"),
+               Patch(color="#7f7f7f", alpha=0.3, label="shaded: 95 % t interval of the mean over repeats")]
     figure.legend(handles=by_epochs.get_legend_handles_labels()[0] + handles, loc="outside lower center", ncols=2,
                   fontsize=9, frameon=False)
     figure.suptitle(f"bench search: {settings['method']} fine-tuning, {settings['model']} ResNet, "
