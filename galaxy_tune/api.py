@@ -58,7 +58,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
            cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, device: str | None = None,
            max_concurrent: int | None = None, address: str | None = None, seed: int | None = None,
            max_failures: int | None = None, checkpoint_every_s: float | None = None, resume: bool = False,
-           augment: bool = True) -> Path:
+           augment: bool = True, sampler: str | None = None, scheduler: str | None = None) -> Path:
     """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder."""
     from .report import write_search_report
     from .search import SearchOptions, run_search
@@ -75,7 +75,8 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
         options = SearchOptions(method, config, results_dir=Path(results_dir), augment=augment, **{**demo, **given(
             name=name, space=space, num_samples=num_samples, max_epochs=max_epochs, model=model,
             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, device=device, max_concurrent=max_concurrent,
-            address=address, max_failures=max_failures, checkpoint_every_s=checkpoint_every_s)})
+            address=address, max_failures=max_failures, checkpoint_every_s=checkpoint_every_s, sampler=sampler,
+            scheduler=scheduler)})
     experiment = run_search(options)
     print(f"search results in {experiment}; report: {write_search_report(experiment)}")
     return experiment

@@ -49,7 +49,7 @@ def cmd_search(args) -> None:
                cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, device=args.device,
                max_concurrent=args.max_concurrent, address=args.address,
                seed=args.seed, max_failures=args.max_failures, checkpoint_every_s=args.checkpoint_every,
-               resume=args.resume, augment=not args.no_augment)
+               resume=args.resume, augment=not args.no_augment, sampler=args.sampler, scheduler=args.scheduler)
 
 
 def cmd_retrain(args) -> None:
@@ -105,7 +105,8 @@ def cmd_bench_search(args) -> None:
     save_if_asked(args, bench_search(
         args.data_dir, args.results_dir, method=args.method, num_samples=args.num_samples,
         max_epochs=args.max_epochs, model=args.model, image_size_px=args.image_size, crop_px=args.crop,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, device=args.device, seed=args.seed))
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, device=args.device, seed=args.seed,
+        repeats=args.repeats, **({"strategies": args.strategies} if args.strategies else {})))
 
 
 def cmd_bench_gpu(args) -> None:
@@ -186,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
                    help="a trial checkpoints after an epoch once this long has passed since its last checkpoint, "
                    "and after its last epoch (default 60; 0: every epoch)")
+    p.add_argument("--sampler", help="what proposes configs: tpe (the default: multivariate, constant liar when "
+                   "trials run at once), tpe-independent (one parameter at a time) or random")
+    p.add_argument("--scheduler", help="what stops weak trials: asha (the default), hyperband (asynchronous, 3 "
+                   "brackets) or fifo (none: every trial runs --max-epochs)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     p.set_defaults(run=cmd_search)
@@ -274,17 +279,24 @@ def add_bench_parser(commands) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.set_defaults(run=cmd_bench_train)
 
-    p = kinds.add_parser("search", help="ASHA + TPE vs random search with the full epoch budget, same trials")
-    common(p, 32, 256)
+    p = kinds.add_parser("search", help="search strategies, each run --repeats times, against random search with "
+                         "the full epoch budget: best so far against trial-epochs, with 95 %% bands")
+    common(p, 64, 256)
     p.add_argument("--method", choices=["full", "lora"], default="full")
     p.add_argument("--model", default="tiny", help="backbone of every trial (default: tiny)")
-    p.add_argument("--num-samples", type=int, default=6, help="trials per search (default 6)")
-    p.add_argument("--max-epochs", type=int, default=4, help="epoch budget per trial (default 4)")
+    p.add_argument("--num-samples", type=int, default=12, help="trials per search (default 12)")
+    p.add_argument("--max-epochs", type=int, default=6, help="epoch budget per trial (default 6)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each strategy, sampler seeds --seed, --seed + 1, "
+                   "... (default 3)")
+    p.add_argument("--strategies", nargs="+", metavar="SAMPLER+SCHEDULER",
+                   help="the strategies compared, random+fifo (the baseline) among them (default: random+fifo "
+                   "tpe+fifo tpe-independent+asha tpe+asha tpe+hyperband)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, help="as `search`: fractions share a GPU, e.g. 0.25 (default: "
                    "1 when the cluster has a GPU, else 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where trials train, as `search` (default auto)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the split's and trials' training seed, and the first "
+                   "repeat's sampler seed (default 0)")
     p.set_defaults(run=cmd_bench_search)
 
     p = kinds.add_parser("gpu", help="check a GPU machine in one go (under 8 min): training speed full and LoRA, a "

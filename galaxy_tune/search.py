@@ -1,7 +1,9 @@
 """The search: Ray Tune runs trials of `trainable.train_trial`, Optuna's TPE proposes configs, ASHA stops weak ones.
 
-Every part optimises the task's val metric in its direction (`tasks.Task`: val_accuracy, higher is better, or
-kaggle-votes' val_rmse, lower is better): the searcher, ASHA, the checkpoints kept, the tables and the study.
+`--sampler` and `--scheduler` choose other proposers and stopping rules (SAMPLERS, SCHEDULERS below); what each
+achieves is measured by `bench search`. Every part optimises the task's val metric in its direction
+(`tasks.Task`: val_accuracy, higher is better, or kaggle-votes' val_rmse, lower is better): the sampler, the
+scheduler, the checkpoints kept, the tables and the study.
 
 An experiment folder `results/<name>/` holds Ray Tune's own results (open it with `tune.ExperimentAnalysis` or
 `Tuner.restore`), `optuna.db` (the study, for `optuna-dashboard` / `optuna.load_study`), `trials.csv`,
@@ -17,13 +19,14 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
 import pandas as pd
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from . import layout
@@ -37,6 +40,18 @@ from .space import SearchSpace, default_space_path, load_space
 from .tasks import Task, get_task
 from .trainable import train_trial
 from .train import DEVICES, METHODS, TrainConfig
+
+SAMPLERS = {  # --sampler: what proposes each trial's config
+    "tpe": "Optuna's TPE, multivariate over grouped parameters, constant liar when trials run at once",
+    "tpe-independent": "Optuna's TPE one parameter at a time, no constant liar (galaxy_tune's earlier default)",
+    "random": "Optuna's random sampler",
+}
+SCHEDULERS = {  # --scheduler: what stops weak trials early
+    "asha": "Ray's ASHA: rungs at 1, 2, 4, ... epochs, the better half of each rung continues",
+    "hyperband": "Ray's asynchronous HyperBand: ASHA in 3 brackets, whose first rungs are 1, 2 and 4 epochs",
+    "fifo": "none: every trial runs its full epoch budget",
+}
+
 
 @dataclass(frozen=True)
 class SearchOptions:
@@ -58,8 +73,9 @@ class SearchOptions:
     max_failures: int = 2
     checkpoint_every_s: float = 60.0  # a trial checkpoints when this much time passed since its last one
     resume: bool = False
-    sampler: str = "tpe"  # or "random": the baseline `bench search` compares against
-    early_stopping: bool = True  # ASHA; False runs every trial to its full epoch budget
+    sampler: str = "tpe"  # a key of SAMPLERS
+    scheduler: str = "asha"  # a key of SCHEDULERS
+    sampler_seed: int | None = None  # default: the data's seed (`bench search` varies it, keeping the split)
     augment: bool = True  # random flips / 90-degree rotations of the training images
 
     def __post_init__(self):
@@ -77,6 +93,9 @@ class SearchOptions:
                                   "(no data parallelism); use 1, or a fraction such as 0.5 to share a GPU")
         if self.device not in DEVICES:
             raise GalaxyTuneError(f"--device {self.device!r} is unknown: choose one of {', '.join(DEVICES)}")
+        for flag, value, known in (("--sampler", self.sampler, SAMPLERS), ("--scheduler", self.scheduler, SCHEDULERS)):
+            if value not in known:
+                raise GalaxyTuneError(f"{flag} {value!r} is unknown: choose one of {', '.join(known)}")
 
 
 def run_search(options: SearchOptions) -> Path:
@@ -109,7 +128,9 @@ def run_search(options: SearchOptions) -> Path:
         experiment.mkdir(parents=True)
         # The resolved model is saved as the explicit one: a resumed search never falls back to other weights.
         (experiment / layout.SEARCH_OPTIONS).write_text(json.dumps(
-            {**asdict(options), "model": model_name, "prepared": str(prepared.folder)}, indent=2, default=str))
+            {**asdict(options), "model": model_name, "prepared": str(prepared.folder),
+             "concurrency": max_concurrent, "constant_liar": uses_constant_liar(options, max_concurrent)},
+            indent=2, default=str))
 
     started = time.time()
     about = about_search(options, model_name, prepared, experiment)  # what best.json says of the search
@@ -130,6 +151,10 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
                              crop_px=prepared.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
                              gpus=options.gpus_per_trial, checkpoint_every_s=options.checkpoint_every_s),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
+    liar = "" if options.sampler == "random" else \
+        " (constant liar)" if uses_constant_liar(options, max_concurrent) else " (no constant liar)"
+    print(f"{options.num_samples} trials, {max_concurrent} at once; sampler {options.sampler}{liar}, "
+          f"scheduler {options.scheduler}")
     if options.resume and tune.Tuner.can_restore(str(experiment)):
         print(f"resuming {experiment}: finished trials are kept, unfinished ones continue from their checkpoints")
         # The searcher's in-memory Optuna study is restored from Ray's saved searcher state (a live sqlite
@@ -143,10 +168,8 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
         tune_config=tune.TuneConfig(
             search_alg=OptunaSearch(space.suggest, metric=metric, mode=mode,
                                     points_to_evaluate=list(space.points_to_evaluate),
-                                    sampler=make_sampler(options.sampler, options.data.seed, options.num_samples)),
-            scheduler=ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
-                                    max_t=max_epochs, grace_period=1, reduction_factor=2)
-            if options.early_stopping else FIFOScheduler(),
+                                    sampler=make_sampler(options, max_concurrent)),
+            scheduler=make_scheduler(options.scheduler, max_epochs, task),
             num_samples=options.num_samples, max_concurrent_trials=max_concurrent,
             reuse_actors=True,  # a new trial runs in a finished trial's worker: no new process, no re-imports
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
@@ -193,6 +216,8 @@ def saved_options(experiment: Path) -> SearchOptions:
     if not saved.is_file():
         raise GalaxyTuneError(f"no search to resume at {experiment}: check --name and --results-dir")
     values = json.loads(saved.read_text())
+    if "scheduler" not in values:  # search.json before --scheduler: ASHA, or none with early_stopping false
+        values["scheduler"] = "asha" if values.get("early_stopping", True) else "fifo"
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     # search.json of versions before options held a DataConfig kept the data settings at the top level.
     data = values.get("data") or {k: values[k] for k in data_fields if k in values}
@@ -248,16 +273,40 @@ def prune_checkpoints(trial_folder: Path, task: Task) -> None:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.BaseSampler:
-    """Optuna's TPE (the default), or random sampling as a baseline.
+def uses_constant_liar(options: SearchOptions, max_concurrent: int) -> bool:
+    """TPE (multivariate) treats running trials as done with a bad value, so that trials proposed while others run
+    spread out instead of repeating the pending ones: whenever more than one trial runs at once."""
+    return options.sampler == "tpe" and min(options.num_samples, max_concurrent) > 1
 
-    TPE starts modelling after a third of the budget (Optuna's default waits 10 trials, all of a small search).
+
+def make_sampler(options: SearchOptions, max_concurrent: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of `--sampler` (SAMPLERS).
+
+    TPE starts modelling after a third of the budget (Optuna's default waits 10 trials, all of a small search);
+    `group` splits the conditional space (step_size, gamma only under the step scheduler) into the parameter sets
+    that occur together, each modelled jointly.
     """
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, num_samples // 3))
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise GalaxyTuneError(f"unknown sampler {name!r}: choose tpe or random")
+    seed = options.data.seed if options.sampler_seed is None else options.sampler_seed
+    startup = max(2, options.num_samples // 3)
+    if options.sampler == "tpe":
+        with warnings.catch_warnings():  # multivariate, group and constant_liar are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
+                                              constant_liar=uses_constant_liar(options, max_concurrent))
+    if options.sampler == "tpe-independent":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_scheduler(name: str, max_epochs: int, task: Task) -> TrialScheduler:
+    """The Ray Tune trial scheduler of `--scheduler` (SCHEDULERS); all of them resume with `Tuner.restore`."""
+    if name == "fifo":
+        return FIFOScheduler()
+    rungs = {"time_attr": "training_iteration", "metric": task.val_metric, "mode": task.mode, "max_t": max_epochs,
+             "grace_period": 1, "reduction_factor": 2}
+    if name == "hyperband":
+        return AsyncHyperBandScheduler(**rungs, brackets=3)
+    return ASHAScheduler(**rungs)
 
 
 def progress_table(method: str, task: Task) -> tune.CLIReporter:

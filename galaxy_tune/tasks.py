@@ -40,6 +40,7 @@ class Task:
     # The reference study's test accuracy (%) per method (ResNet-50 pretrained on ImageNet, real data), if it ran
     # this task: the comparison column of the retrain report.
     reference: tuple[tuple[str, float], ...] = ()
+    confident: bool = False  # keeps only galaxies with at least --min-vote for their answer (then part of the split)
 
     @property
     def val_metric(self) -> str:
@@ -83,7 +84,6 @@ class Classification(Task):
     over `among`) is one of them, with at least `--min-vote` of the votes when `confident`."""
 
     among: tuple[str, ...] = tuple(CLASS_COLUMNS)
-    confident: bool = False
 
     def targets(self, votes: pd.DataFrame, min_vote: float) -> pd.DataFrame:
         """The label of each galaxy the task keeps, indexed by GalaxyID."""

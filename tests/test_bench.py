@@ -5,8 +5,11 @@ and `bench gpu` once as its CPU dry run, so the GPU check can't rot.
 """
 
 import json
+import math
 import os
+import re
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,7 +20,8 @@ from galaxy_tune import cli, layout
 from galaxy_tune.bench import bench_loader, bench_search, bench_train, write_json
 from galaxy_tune.bench.loader import timed_epochs_in_turns
 from galaxy_tune.bench.measure import MB, interleaved, rate, ratio_spread, split_evenly
-from galaxy_tune.bench.searching import epochs_to_reach, most_at_once, search_figures
+from galaxy_tune.bench.searching import STRATEGIES, most_at_once, search_figures
+from galaxy_tune.report.search_curves import best_so_far, epochs_to_reach, median_interval, summarize
 from galaxy_tune.errors import GalaxyTuneError
 
 CPU = torch.device("cpu")
@@ -34,14 +38,44 @@ def saved_and_read_back(figures: dict, path) -> dict:
 
 
 def test_epochs_to_reach_counts_trial_epochs_until_the_best_so_far_reaches_the_target():
-    events = [(10, 1, 0.50), (11, 1, 0.70), (12, 2, 0.60), (13, 2, 0.90)]  # (timestamp, epoch, val accuracy)
-    assert epochs_to_reach(events, 0.50) == 1
-    assert epochs_to_reach(events, 0.65) == 2
-    assert epochs_to_reach(events, 0.70) == 2  # reaching the target exactly counts
-    assert epochs_to_reach(events, 0.70 + 1e-12) == 2  # ... up to float noise
-    assert epochs_to_reach(events, 0.80) == 4  # epoch 3 (0.60) spent, but it did not raise the best
-    assert epochs_to_reach(events, 0.95) is None
-    assert epochs_to_reach([], 0.0) is None
+    curve = best_so_far([0.50, 0.70, 0.60, 0.90])  # val accuracy of each trial-epoch, in time order
+    assert curve.tolist() == [0.50, 0.70, 0.70, 0.90]
+    assert epochs_to_reach(curve, 0.50) == 1
+    assert epochs_to_reach(curve, 0.65) == 2
+    assert epochs_to_reach(curve, 0.70) == 2  # reaching the target exactly counts
+    assert epochs_to_reach(curve, 0.70 + 1e-12) == 2  # ... up to float noise
+    assert epochs_to_reach(curve, 0.80) == 4  # epoch 3 (0.60) spent, but it did not raise the best
+    assert epochs_to_reach(curve, 0.95) is None
+    assert epochs_to_reach(best_so_far([]), 0.0) is None
+
+
+def test_median_interval_treats_repeats_that_never_reached_the_target_as_larger_than_any():
+    median, low, high = median_interval([10, 12, 14, 16, 18])
+    assert median == 14 and 10 <= low <= 14 <= high <= 18
+    assert median_interval([7, 7, 7]) == (7, 7, 7)
+    median, low, high = median_interval([10, 12, 14, math.inf, math.inf])  # 3 of 5 reached: the median is finite
+    assert median == 14 and low >= 10 and high == math.inf  # ...but resamples with 3 misses exist: no upper bound
+    assert median_interval([10, math.inf, math.inf])[0] == math.inf  # most never reached: neither did the median
+
+
+def test_summary_of_repeats_has_bands_and_the_epochs_to_target_over_random_budget():
+    runs = [{"best_so_far": [0.5, 0.7, 0.8], "seconds": [1.0, 2.0, 3.0], "trial_epochs": 3, "best_val_accuracy": 0.8,
+             "wall_seconds": 4.0, "epochs_to_target": 2},
+            {"best_so_far": [0.6, 0.6], "seconds": [2.0, 5.0], "trial_epochs": 2, "best_val_accuracy": 0.6,
+             "wall_seconds": 6.0, "epochs_to_target": None}]
+    summary = summarize(runs, target=0.7, budget=4)
+    assert summary["repeats"] == 2 and summary["final_best_val_accuracy"]["mean"] == pytest.approx(0.7)
+    low, high = summary["final_best_val_accuracy"]["ci95"]
+    assert low < 0.6 and high > 0.8  # two repeats: a wide t interval
+    assert summary["epochs_to_target"]["reached"] == 1 and summary["epochs_to_target"]["ci95"][0] == 2
+    curve = summary["curve"]
+    assert curve["trial_epochs"] == [1, 2, 3]
+    assert curve["mean"] == pytest.approx([0.55, 0.65, 0.7])  # the shorter search keeps its best (0.6) at epoch 3
+    assert all(lo <= m <= hi for lo, m, hi in zip(curve["low"], curve["mean"], curve["high"]))
+    wall = summary["wall_curve"]  # from 2 s, when both had reported: at 2 s 0.7 and 0.6, at 5 s 0.8 and 0.6
+    assert wall["seconds"][0] == 2.0 and wall["mean"][0] == pytest.approx(0.65) and wall["mean"][-1] == 0.7
+    fraction = summary["fraction_of_random_budget"]
+    assert fraction["median"] is None and fraction["ci95"][1] is None  # half the repeats never reached it
 
 
 def test_search_figures_of_a_finished_experiment_folder(tmp_path):
@@ -73,7 +107,7 @@ def test_search_figures_of_a_finished_experiment_folder(tmp_path):
     assert figures["events"] == [(1002, 1, 0.5), (1003, 1, 0.8), (1004, 2, 0.6)]  # all trials, in time order
     # No pid in these reports. Surely running: a from 1000.5 to 1004 s, b from 1001 to 1003 s: both at once.
     assert figures["processes"] == 0 and figures["most_trials_at_once"] == 2 and figures["errored_trials"] is None
-    assert epochs_to_reach(figures["events"], 0.8) == 2
+    assert epochs_to_reach(best_so_far([e[2] for e in figures["events"]]), 0.8) == 2
 
     saved = saved_and_read_back(figures, tmp_path / "search.json")
     assert saved["events"] == [[1002, 1, 0.5], [1003, 1, 0.8], [1004, 2, 0.6]]
@@ -257,26 +291,55 @@ def test_bench_train_on_cuda_uses_bf16_channels_last_and_compile(demo_dir, tmp_p
     assert figures["methods"]["lora"]["peak_memory_mb"] > 0 and figures["methods"]["lora"]["merged_matches_branch"]
 
 
-def test_bench_search_smoke(ray_local, demo_dir, tmp_path):
-    figures = bench_search(demo_dir, tmp_path, model="tiny", num_samples=2, max_epochs=1,
+def test_bench_search_runs_every_strategy_repeatedly_and_summarises_them(ray_local, demo_dir, tmp_path):
+    figures = bench_search(demo_dir, tmp_path, model="tiny", num_samples=2, max_epochs=2, repeats=2,
                            image_size_px=IMAGE_SIZE_PX, crop_px=CROP_PX, device="cpu", gpus_per_trial=0)
-    assert set(figures) == {"benchmark", "settings", "asha_tpe", "random", "target_val_accuracy", "epochs_ratio",
-                            "epochs_to_target_ratio", "ray_start_seconds", "model_build_seconds",
-                            "data_open_seconds", "environment"}
-    asha, random = figures["asha_tpe"], figures["random"]
-    assert asha["trial_epochs"] == random["trial_epochs"] == 2  # 1 epoch: nothing for ASHA to stop
-    assert figures["epochs_ratio"] == 1.0
-    assert figures["settings"]["device"] == "cpu" and figures["settings"]["gpus_per_trial"] == 0
-    assert figures["target_val_accuracy"] == pytest.approx(random["best_val_accuracy"] - 0.01)
-    assert 1 <= random["epochs_to_target"] <= 2
-    for search in (asha, random):
-        assert "events" not in search and search["trials"] == 2 and search["errored_trials"] == 0
-        assert 1 <= search["processes"] <= 2 and 0 <= search["most_trials_at_once"] <= 2
-        assert search["overhead_share"] == pytest.approx(
-            1 - search["train_seconds"] / (search["wall_seconds"] * search["concurrency"]))
+    assert set(figures) == {"benchmark", "settings", "baseline", "target_val_accuracy", "random_trial_epochs",
+                            "strategies", "ray_start_seconds", "model_build_seconds", "data_open_seconds",
+                            "environment", "figure"}
+    settings = figures["settings"]
+    assert settings["repeats"] == 2 and settings["strategies"] == list(STRATEGIES) and settings["concurrency"] == 2
+    assert settings["device"] == "cpu" and settings["gpus_per_trial"] == 0
+    assert list(figures["strategies"]) == list(STRATEGIES) and figures["baseline"] == "random+fifo"
+    random = figures["strategies"]["random+fifo"]
+    assert figures["random_trial_epochs"] == 4  # 2 trials x 2 epochs, none stopped
+    assert figures["target_val_accuracy"] == pytest.approx(
+        sum(r["best_val_accuracy"] for r in random["runs"]) / 2 - 0.01)
+    for name, strategy in figures["strategies"].items():
+        sampler, scheduler = name.split("+")
+        assert (strategy["sampler"], strategy["scheduler"]) == (sampler, scheduler)
+        runs = strategy["runs"]
+        assert [r["sampler_seed"] for r in runs] == [0, 1]  # the same split and training seed, other proposals
+        for run in runs:
+            assert run["trials"] == 2 and run["errored_trials"] == 0
+            assert len(run["best_so_far"]) == len(run["seconds"]) == run["trial_epochs"] <= 4
+            assert run["best_so_far"][-1] == pytest.approx(run["best_val_accuracy"], abs=1e-6)  # trials.csv: 6 digits
+            assert run["epochs_to_target"] == epochs_to_reach(run["best_so_far"], figures["target_val_accuracy"])
+            searched = json.loads((Path(run["experiment"]) / "search.json").read_text())
+            assert (searched["sampler"], searched["scheduler"], searched["concurrency"]) == (sampler, scheduler, 2)
+            assert searched["constant_liar"] is (sampler == "tpe")
+            if scheduler == "fifo":
+                assert run["trial_epochs"] == 4 and run["stopped_trials"] == 0
+        summary = strategy["summary"]
+        assert summary["repeats"] == 2 and summary["epochs_to_target"]["reached"] == sum(
+            r["epochs_to_target"] is not None for r in runs)
+        assert len(summary["curve"]["mean"]) == max(r["trial_epochs"] for r in runs)
+    # Random search reaches its own mean best - 1 point in the repeat that found the better config, at least.
+    assert figures["strategies"]["random+fifo"]["summary"]["epochs_to_target"]["reached"] >= 1
+    folder = Path(settings["experiments"])
+    assert json.loads((folder / "search_bench.json").read_text()) == json.loads(json.dumps(figures))
+    assert Path(figures["figure"]).stat().st_size > 10_000
     assert figures["ray_start_seconds"] is None  # the test's Ray was already running, and is left running
     assert ray_local.is_initialized()
-    assert saved_and_read_back(figures, tmp_path / "search.json") == figures
+
+
+@pytest.mark.parametrize("strategies, culprit", [
+    (["tpe+asha"], "including random+fifo"), (["random+fifo", "tpe+pbt"], "tpe+pbt"),
+    (["random+fifo", "random+fifo"], "distinct")])
+def test_bench_search_refuses_unknown_or_baseline_less_strategies(tmp_path, strategies, culprit):
+    with pytest.raises(GalaxyTuneError, match=re.escape(culprit)):
+        bench_search(tmp_path / "no-data", tmp_path, strategies=strategies)
+    assert not (tmp_path / "bench").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -72,6 +72,29 @@ def test_resume_with_the_wrong_method_is_refused(tmp_path, capsys):
     assert "is a lora search: resume it with `search lora --resume --name s`" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("early_stopping, scheduler", [(True, "asha"), (False, "fifo")])
+def test_a_search_json_from_before_the_scheduler_option_resumes_with_its_scheduler(tmp_path, early_stopping,
+                                                                                   scheduler):
+    from galaxy_tune.search import saved_options
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "search.json").write_text(json.dumps(
+        {"method": "full", "data": {"data_dir": str(tmp_path), "seed": 0}, "results_dir": str(tmp_path),
+         "name": "old", "sampler": "tpe", "early_stopping": early_stopping}))
+    options = saved_options(tmp_path / "old")
+    assert (options.scheduler, options.sampler, options.resume) == (scheduler, "tpe", True)
+
+
+@pytest.mark.parametrize("flag, value, choices", [("--scheduler", "pbt", "asha, hyperband, fifo"),
+                                                  ("--sampler", "cmaes", "tpe, tpe-independent, random")])
+def test_an_unknown_sampler_or_scheduler_is_one_line_naming_the_choices(demo_dir, tmp_path, capsys, flag, value,
+                                                                       choices):
+    assert main(["search", "lora", flag, value, "--data-dir", str(demo_dir), "--results-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{flag} {value!r} is unknown: choose one of {choices}" in error
+    assert list(tmp_path.iterdir()) == []  # refused before anything was prepared or started
+
+
 def test_retrain_refuses_searches_made_on_different_data(tmp_path, capsys):
     for method, size in (("full", 64), ("lora", 128)):
         (tmp_path / method).mkdir()

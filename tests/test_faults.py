@@ -82,6 +82,10 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, as a crash or reboot would
         driver.wait()
     before = finished_trials(experiment, 3)
+    # The default strategy is the one resumed: multivariate TPE with constant liar (2 trials at once) and ASHA.
+    searched = json.loads((experiment / "search.json").read_text())
+    assert (searched["sampler"], searched["scheduler"], searched["concurrency"], searched["constant_liar"]) == (
+        "tpe", "asha", 2, True)
     if (experiment / "best.json").exists():  # the live one: the search had not ended
         assert json.loads((experiment / "best.json").read_text())["complete"] is False
     # The live study survived the kill readable, with the finished trials' epochs in it.

@@ -28,7 +28,8 @@ from galaxy_tune.report.stats import (coverage_curve, fmt_interval, largest_cove
                                       paired_bootstrap, t_interval, wilson_interval)
 
 SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
-SEARCH_FIGURES = {"val_curves.png", "best_vs_trial.png", "best_vs_time.png", "param_slices.png"}
+SEARCH_FIGURES = {"val_curves.png", "best_vs_trial.png", "best_vs_trial_epochs.png", "best_vs_time.png",
+                  "param_slices.png"}
 RETRAIN_FIGURES = {"test_accuracy.png", "winners_curse.png", "accuracy_by_consensus.png", "reliability.png",
                    "selective_prediction.png", "cost_accuracy_frontier.png", "confusion_matrices.png",
                    "misclassified.png"}
@@ -73,6 +74,26 @@ def test_search_report_embeds_its_figures_and_explains_the_missing_one(results):
     # Three trials are too few for Optuna's importances: the report says so instead of drawing noise.
     assert "importances (PED-ANOVA) over the trials that ran every epoch: not drawn: only" in report
     assert "run more --num-samples" in report
+    assert "no `bench search` under this results folder ran the same problem" in report
+
+
+def test_search_report_compares_with_random_search_when_bench_search_measured_the_problem(results, tmp_path):
+    moved = tmp_path / "results" / "search-lora"
+    shutil.copytree(results / "search-lora", moved)
+    best = json.loads((moved / "best.json").read_text())
+    curve = {"trial_epochs": [1, 2, 3], "mean": [0.5, 0.6, 0.6], "low": [0.4, 0.5, 0.55], "high": [0.6, 0.7, 0.65]}
+    bench = tmp_path / "results" / "bench" / "search-20260101-000000"
+    bench.mkdir(parents=True)
+    for model, folder in (("tiny", bench), ("other", bench.with_name("search-20260102-000000"))):  # latest: other
+        folder.mkdir(exist_ok=True)
+        (folder / "search_bench.json").write_text(json.dumps({
+            "settings": {"prepared": best["data"]["prepared"], "method": "lora", "model": model, "repeats": 3,
+                         "max_epochs": best["config"]["epochs"], "experiments": str(folder)},
+            "baseline": "random+fifo", "strategies": {"random+fifo": {"summary": {"curve": curve}}}}))
+    report = write_report(moved).read_text()
+    assert "best_vs_trial_epochs.png" in embedded_figures(report)
+    assert f"random search's mean of 3 runs on the same problem, measured by `bench search` in {bench}" in report
+    assert_readable_pngs(moved, ["best_vs_trial_epochs.png"])
 
 
 def test_retrain_report_gives_intervals_tta_and_a_paired_test(results):

@@ -143,7 +143,7 @@ def check_search(plan: dict, data_dir: Path, folder: Path, done: dict, dry_run: 
             "full", data, results_dir=folder / "searches", name="shared-gpu", num_samples=TRIALS,
             max_epochs=plan["search_epochs"], model=plan["model"], cpus_per_trial=cpus,
             gpus_per_trial=plan["gpus_per_trial"], device=plan["device"], max_concurrent=TRIALS,
-            early_stopping=False))
+            scheduler="fifo"))
     finally:
         if started_ray:
             ray.shutdown()

@@ -1,6 +1,8 @@
-"""`bench search`: the same trial budget searched with ASHA + TPE and with random search at the full epoch budget.
+"""`bench search`: search strategies (sampler + scheduler) run repeatedly on the same problem and budget, against
+random search at the full epoch budget: best so far against trial-epochs and wall time, with 95 % bands.
 
-The only benchmark that imports Ray and `galaxy_tune.search`.
+The only benchmark that imports Ray and `galaxy_tune.search`; the statistics and the figure are in
+`galaxy_tune.report.search_curves`.
 """
 
 from __future__ import annotations
@@ -13,99 +15,147 @@ import numpy as np
 import pandas as pd
 import ray
 
-from .measure import bench_dir, environment, fmt, fmt_seconds, print_table, resolve_data_dir
+from .measure import bench_dir, environment, print_table, resolve_data_dir, write_json
 from .. import layout
 from ..cluster import start_ray
 from ..data import DataConfig, load_prepared
+from ..errors import GalaxyTuneError
 from ..loader import open_split
-from ..search import SearchOptions, run_search
+from ..report.search_curves import (BENCH_FILE, best_so_far, epochs_to_reach, fmt_median_interval,
+                                    plot_search_benchmark, summarize)
+from ..search import SAMPLERS, SCHEDULERS, SearchOptions, run_search
 from ..train import TrainConfig, make_model, pick_device
+
+STRATEGIES = ("random+fifo", "tpe+fifo", "tpe-independent+asha", "tpe+asha", "tpe+hyperband")  # sampler+scheduler
+BASELINE = "random+fifo"  # random search, every trial at the full epoch budget
 
 
 def bench_search(data_dir: Path | None = None, results_dir: Path = Path("results"), method: str = "full",
-                 num_samples: int = 6, max_epochs: int = 4, model: str = "tiny", image_size_px: int = 32,
+                 num_samples: int = 12, max_epochs: int = 6, model: str = "tiny", image_size_px: int = 64,
                  crop_px: int | None = 256, cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None,
-                 device: str = "auto", seed: int = 0) -> dict:
-    """The same trial budget searched with ASHA + TPE and with random search run to the full epoch budget.
-
-    Reports the trial-epochs each spent, the best val accuracy each reached, the epochs each needed to come
-    within 1 point of random search's best, and the share of wall time spent outside training epochs.
-    `device` and `gpus_per_trial` are `search`'s (e.g. 0.25 runs four trials on one GPU).
+                 device: str = "auto", seed: int = 0, repeats: int = 3,
+                 strategies: tuple[str, ...] | list[str] = STRATEGIES) -> dict:
+    """Run each strategy `repeats` times (sampler seeds seed, seed + 1, ...; the same split, training seed and
+    budget), the strategies taking turns within each repeat; returns and writes (search_bench.json and .png in
+    the benchmark's folder) the summary: per strategy the mean best so far against trial-epochs and wall time with
+    95 % bands, and the trial-epochs to reach random search's mean best - 1 point (median, bootstrap interval).
+    `device` and `gpus_per_trial` are `search`'s.
     """
+    strategies = list(strategies)
+    unknown = [s for s in strategies if s.partition("+")[0] not in SAMPLERS or s.partition("+")[2] not in SCHEDULERS]
+    if unknown or BASELINE not in strategies or len(set(strategies)) < len(strategies):
+        raise GalaxyTuneError(f"--strategies {' '.join(strategies)}: give distinct SAMPLER+SCHEDULER pairs "
+                              f"(samplers {', '.join(SAMPLERS)}; schedulers {', '.join(SCHEDULERS)}) including "
+                              f"{BASELINE}, the baseline")
+    if repeats < 1:
+        raise GalaxyTuneError(f"--repeats {repeats} must be 1 or more")
     results_dir = Path(results_dir)
     data_dir = resolve_data_dir(data_dir, results_dir)
-    searches_dir = bench_dir(results_dir) / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = bench_dir(results_dir) / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
     started_ray = not ray.is_initialized()
     started = time.perf_counter()
     start_ray(None)
     ray_start_seconds = time.perf_counter() - started if started_ray else None
+    runs: dict[str, list[dict]] = {name: [] for name in strategies}
     try:
-        runs = {}
-        for name, sampler, early_stopping in (("asha_tpe", "tpe", True), ("random", "random", False)):
-            data = DataConfig(data_dir, image_size_px=image_size_px, crop_px=crop_px, seed=seed)
-            options = SearchOptions(method, data, results_dir=searches_dir, name=name, num_samples=num_samples,
-                                    max_epochs=max_epochs, model=model, cpus_per_trial=cpus_per_trial,
-                                    gpus_per_trial=gpus_per_trial, device=device or "auto", sampler=sampler,
-                                    early_stopping=early_stopping)
-            experiment = run_search(options)
-            concurrency = json.loads((experiment / layout.BEST).read_text())["concurrency"]
-            runs[name] = search_figures(experiment, min(num_samples, concurrency))
-            gpus_used = json.loads((experiment / layout.SEARCH_OPTIONS).read_text())["gpus_per_trial"]
+        for repeat in range(repeats):
+            for name in strategies:  # in turns, so that load from other work spreads over every strategy
+                sampler, _, scheduler = name.partition("+")
+                options = SearchOptions(
+                    method, DataConfig(data_dir, image_size_px=image_size_px, crop_px=crop_px, seed=seed),
+                    results_dir=folder, name=f"{name}-r{repeat}", num_samples=num_samples, max_epochs=max_epochs,
+                    model=model, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                    device=device or "auto", sampler=sampler, scheduler=scheduler, sampler_seed=seed + repeat)
+                runs[name].append(search_run(run_search(options), seed + repeat))
     finally:
         if started_ray:
             ray.shutdown()
 
-    best = json.loads((searches_dir / "asha_tpe" / layout.BEST).read_text())
-    prepared = load_prepared(Path(best["data"]["prepared"]), image_size_px, crop_px)
+    searched = json.loads((folder / f"{BASELINE}-r0" / layout.SEARCH_OPTIONS).read_text())
+    prepared = load_prepared(Path(searched["prepared"]), image_size_px, crop_px)
     started = time.perf_counter()
     open_split(prepared, "train")
     open_split(prepared, "val")
     data_open_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    make_model(TrainConfig(method=method), best["model"], num_labels=len(prepared.class_names))
+    make_model(TrainConfig(method=method), searched["model"], num_labels=len(prepared.class_names))
     model_build_seconds = time.perf_counter() - started
 
-    target = runs["random"]["best_val_accuracy"] - 0.01
-    for run in runs.values():
-        run["epochs_to_target"] = epochs_to_reach(run.pop("events"), target)
-    asha, rand = runs["asha_tpe"], runs["random"]
-    to_target = asha["epochs_to_target"]
+    target = float(np.mean([r["best_val_accuracy"] for r in runs[BASELINE]])) - 0.01
+    budget = float(np.mean([r["trial_epochs"] for r in runs[BASELINE]]))
+    for name_runs in runs.values():
+        for run in name_runs:
+            run["epochs_to_target"] = epochs_to_reach(run["best_so_far"], target)
     figures = {
         "benchmark": "search",
         "settings": {"method": method, "model": model, "num_samples": num_samples, "max_epochs": max_epochs,
                      "image_size_px": image_size_px, "crop_px": crop_px, "cpus_per_trial": cpus_per_trial,
-                     "gpus_per_trial": gpus_used, "device": device or "auto", "seed": seed, "data_dir": str(data_dir),
-                     "experiments": str(searches_dir)},
-        "asha_tpe": asha, "random": rand, "target_val_accuracy": target,
-        "epochs_ratio": asha["trial_epochs"] / rand["trial_epochs"],
-        "epochs_to_target_ratio": None if to_target is None else to_target / rand["trial_epochs"],
+                     "gpus_per_trial": searched["gpus_per_trial"], "concurrency": searched["concurrency"],
+                     "device": device or "auto", "seed": seed, "repeats": repeats, "strategies": strategies,
+                     "data_dir": str(data_dir), "prepared": searched["prepared"], "experiments": str(folder)},
+        "baseline": BASELINE, "target_val_accuracy": target, "random_trial_epochs": budget,
+        "strategies": {name: {"sampler": name.partition("+")[0], "scheduler": name.partition("+")[2],
+                              "about": describe(name), "summary": summarize(runs[name], target, budget),
+                              "runs": runs[name]} for name in strategies},
         "ray_start_seconds": ray_start_seconds, "model_build_seconds": model_build_seconds,
         "data_open_seconds": data_open_seconds,
-        "environment": environment(pick_device("cpu" if gpus_used == 0 else "cuda")),
+        "environment": environment(pick_device("cpu" if searched["gpus_per_trial"] == 0 else "cuda")),
+        "figure": str(folder / BENCH_FILE.replace(".json", ".png")),
     }
-    ray_start = "already running" if ray_start_seconds is None else f"{ray_start_seconds:.1f} s"
-    print_table(f"bench search: {method}, {model}, {image_size_px} px, {num_samples} trials x {max_epochs} epochs "
-                f"({searches_dir})", [
-                    ("", "ASHA + TPE  |  random, full budget"),
-                    ("trial-epochs used", f"{asha['trial_epochs']}  |  {rand['trial_epochs']}"),
-                    ("best val accuracy", f"{asha['best_val_accuracy']:.3f}  |  {rand['best_val_accuracy']:.3f}"),
-                    (f"epochs to reach {target:.3f} (random's best - 1 pt)",
-                     f"{fmt(asha['epochs_to_target'])}  |  {fmt(rand['epochs_to_target'])}"),
-                    ("wall seconds (tuner)", f"{asha['wall_seconds']:.1f}  |  {rand['wall_seconds']:.1f}"),
-                    ("share of wall time outside training epochs",
-                     f"{asha['overhead_share']:.0%}  |  {rand['overhead_share']:.0%}"),
-                    ("in-trial overhead per trial (setup, checkpoints)",
-                     f"{asha['in_trial_overhead_seconds']:.2f} s  |  {rand['in_trial_overhead_seconds']:.2f} s"),
-                    ("tuner start to first trial running (+-1 s)",
-                     " | ".join(fmt_seconds(r["first_trial_start_seconds"]) for r in (asha, rand))),
-                    ("ASHA epochs to target / random's total epochs",
-                     "not reached" if to_target is None else f"{to_target / rand['trial_epochs']:.2f}"),
-                    ("ASHA total epochs / random's total epochs", f"{figures['epochs_ratio']:.2f}"),
-                    ("Ray start", ray_start),
-                    ("model build / data opening (per trial)",
-                     f"{model_build_seconds:.2f} s / {data_open_seconds:.3f} s"),
-                ])
+    plot_search_benchmark(figures).savefig(figures["figure"], dpi=110)
+    write_json(figures, folder / BENCH_FILE)
+    print_summary(figures)
     return figures
+
+
+def describe(name: str) -> str:
+    sampler, _, scheduler = name.partition("+")
+    return {"random+fifo": "random search, full budget", "tpe+fifo": "multivariate TPE, constant liar, full budget",
+            "tpe-independent+asha": "TPE one parameter at a time + ASHA (earlier default)",
+            "tpe+asha": "multivariate TPE, constant liar + ASHA",
+            "tpe+hyperband": "multivariate TPE, constant liar + async HyperBand"}.get(name, f"{sampler} + {scheduler}")
+
+
+def search_run(experiment: Path, sampler_seed: int) -> dict:
+    """One finished search of the benchmark: its trial-epochs, best, wall time and best-so-far curve (per
+    trial-epoch in the order Ray received them, with the seconds since the tuner started)."""
+    figures = search_figures(experiment, json.loads((experiment / layout.SEARCH_OPTIONS).read_text())["concurrency"])
+    events = figures.pop("events")
+    tuner_start = (experiment / layout.SEARCH_OPTIONS).stat().st_mtime
+    trials = pd.read_csv(experiment / layout.TRIALS)
+    return {"sampler_seed": sampler_seed, "trial_epochs": figures["trial_epochs"],
+            "best_val_accuracy": figures["best_val_accuracy"], "wall_seconds": figures["wall_seconds"],
+            "trials": figures["trials"], "stopped_trials": int((trials["status"] == "STOPPED").sum()),
+            "errored_trials": figures["errored_trials"], "overhead_share": figures["overhead_share"],
+            "most_trials_at_once": figures["most_trials_at_once"], "experiment": str(experiment),
+            "best_so_far": best_so_far([e[2] for e in events]).tolist(),
+            "seconds": [max(0.0, e[0] - tuner_start) for e in events]}
+
+
+def print_summary(figures: dict) -> None:
+    """The benchmark's table: one row per strategy."""
+    settings = figures["settings"]
+    rows = [("strategy", "final best val acc, mean [95% CI]  |  trial-epochs  |  trial-epochs to target, median "
+                         "[95% CI] (reached)  |  fraction of random's trial-epochs  |  wall s")]
+    for name, strategy in figures["strategies"].items():
+        summary = strategy["summary"]
+        best = summary["final_best_val_accuracy"]
+        interval = "" if best["ci95"] is None else f" [{best['ci95'][0]:.3f}, {best['ci95'][1]:.3f}]"
+        rows.append((name, f"{best['mean']:.3f}{interval}  |  {summary['trial_epochs']['mean']:.1f}  |  "
+                           f"{fmt_median_interval(summary, 'epochs_to_target')} "
+                           f"({summary['epochs_to_target']['reached']}/{summary['repeats']})  |  "
+                           f"{fmt_median_interval(summary, 'fraction_of_random_budget', 2)}  |  "
+                           f"{summary['wall_seconds']['mean']:.1f}"))
+    ray_start = figures["ray_start_seconds"]
+    rows += [("target", f"{figures['target_val_accuracy']:.3f} (random's mean best - 1 pt); random's trial-epochs "
+                        f"{figures['random_trial_epochs']:g}"),
+             ("Ray start", "already running" if ray_start is None else f"{ray_start:.1f} s"),
+             ("model build / data opening (per trial)",
+              f"{figures['model_build_seconds']:.2f} s / {figures['data_open_seconds']:.3f} s"),
+             ("figure", figures["figure"])]
+    print_table(f"bench search: {settings['method']}, {settings['model']}, {settings['image_size_px']} px, "
+                f"{settings['num_samples']} trials x {settings['max_epochs']} epochs, {settings['repeats']} repeats, "
+                f"{settings['concurrency']} trials at once ({settings['experiments']})", rows)
 
 
 def search_figures(experiment: Path, concurrency: int) -> dict:
@@ -150,13 +200,3 @@ def most_at_once(spans: list[tuple[float, float]]) -> int:
         running += 1 if is_start else -1
         most = max(most, running)
     return most
-
-
-def epochs_to_reach(events: list[tuple], target: float) -> int | None:
-    """Trial-epochs spent (in time order over all trials) until the best val accuracy so far reached `target`."""
-    best = -1.0
-    for spent, (_, _, accuracy) in enumerate(events, start=1):
-        best = max(best, accuracy)
-        if best >= target - 1e-9:
-            return spent
-    return None

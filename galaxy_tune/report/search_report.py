@@ -22,6 +22,7 @@ from .. import layout
 from ..data import majority_share
 from ..tasks import get_task
 from .figure import FigureSkipped, Metric, embed
+from .search_curves import matching_random_curve
 
 if TYPE_CHECKING:
     import optuna
@@ -47,6 +48,7 @@ def write_search_report(experiment: Path, out_dir: Path | None = None) -> Path:
     ranked = get_task(best["data"]["task"]).rank(trials)[shown]
     baseline = val_baseline(best)
     value = metric.shown(best[metric.name])
+    random = matching_random_curve(experiment, best, best["config"]["epochs"])
     lines = [
         f"# galaxy_tune search: {experiment.name}",
         "",
@@ -65,6 +67,14 @@ def write_search_report(experiment: Path, out_dir: Path | None = None) -> Path:
                lambda: plot_val_curves(trials, baseline, experiment.name, metric)),
         *embed(out, "best_vs_trial.png", f"Best {metric.title} so far against the number of trials run",
                lambda: plot_best_vs_trial(trials, experiment.name, metric)),
+        *embed(out, "best_vs_trial_epochs.png", f"Best {metric.title} so far against the trial-epochs spent "
+               "(× where ASHA stopped a trial), " + (
+                   f"beside random search's mean of {random[1]['repeats']} runs on the same problem, measured by "
+                   f"`bench search` in {random[1]['experiments']}" if random else
+                   "alone: no `bench search` under this results folder ran the same problem (data, pixels, method, "
+                   "backbone, epochs), so there is no random-search expectation to compare with"),
+               lambda: plot_best_vs_trial_epochs(epoch_events(experiment, trials, metric), experiment.name, random,
+                                                 metric)),
         *embed(out, "best_vs_time.png", f"Best {metric.title} so far against wall-clock time",
                lambda: plot_best_vs_time(epoch_timeline(experiment, trials, metric), experiment.name, metric)),
         *embed(out, "param_importances.png", "Optuna's hyperparameter importances (PED-ANOVA) over the trials "
@@ -214,6 +224,55 @@ def plot_best_vs_time(timeline: pd.DataFrame, name: str, metric: Metric) -> Figu
     figure.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
     ax.set_title(f"{name}: best {metric.title} so far, by wall time "
                  f"({timeline['minutes'].max():.1f} min in all)")
+    return figure
+
+
+def epoch_events(experiment: Path, trials: pd.DataFrame, metric: Metric) -> pd.DataFrame:
+    """Every epoch report of every trial in the order Ray received them: the val metric as shown (`value`), the
+    trial's status and whether it is the trial's last report."""
+    rows = []
+    for trial_path, status in zip(trials["path"], trials["status"]):
+        if not isinstance(trial_path, str):
+            continue
+        reports = layout.trial_reports(Path(trial_path)) or layout.trial_reports(experiment / Path(trial_path).name)
+        rows += [{"timestamp": r["timestamp"], "epoch": r["epoch"], "value": float(metric.shown(r[metric.name])),
+                  "status": status, "last": i == len(reports) - 1} for i, r in enumerate(reports)]
+    columns = ["timestamp", "epoch", "value", "status", "last"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["timestamp", "epoch"], kind="stable",
+                                                           ignore_index=True)
+
+
+def plot_best_vs_trial_epochs(events: pd.DataFrame, name: str, random: tuple[dict, dict] | None,
+                              metric: Metric) -> Figure:
+    """The best so far against cumulative trial-epochs, where ASHA stopped trials (×), and random search's mean
+    best so far (95 % band over `bench search` repeats) on the same problem when one was measured."""
+    if events.empty:
+        raise FigureSkipped("no result.json with per-epoch reports was found in the trial folders")
+    spent = np.arange(1, len(events) + 1)
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.subplots()
+    ax.scatter(spent, events["value"], s=12, color="#9a9a9a", alpha=0.6, label="an epoch of some trial")
+    stopped = (events["status"] == "STOPPED").to_numpy() & events["last"].to_numpy()
+    if stopped.any():
+        ax.scatter(spent[stopped], events["value"][stopped], marker="x", s=40, color="black", zorder=4,
+                   label="a trial stopped early by ASHA")
+    ax.step(spent, metric.so_far(events["value"]), where="post", color="#d62728", linewidth=2,
+            label="this search: best so far")
+    values = list(events["value"])
+    if random is not None:
+        curve, settings = random
+        mean, low, high = (metric.shown(curve[k]) for k in ("mean", "low", "high"))
+        ax.step(curve["trial_epochs"], mean, where="post", color="#7f7f7f", linewidth=2, linestyle="--",
+                label=f"random search, mean of {settings['repeats']} runs (bench search)")
+        ax.fill_between(curve["trial_epochs"], low, high, step="post", color="#7f7f7f", alpha=0.2, linewidth=0,
+                        label="its 95 % band")
+        values += list(mean)
+    ax.set_xlabel("trial-epochs spent (all trials, in the order they reported)")
+    ax.set_xlim(0, None)
+    metric.axis(ax, values)
+    figure.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
+    ax.set_title(f"{name}: best {metric.title} so far, by compute"
+                 + ("" if random else " (no bench search of this problem to compare with)"), fontsize=10)
     return figure
 
 
