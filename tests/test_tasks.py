@@ -96,7 +96,9 @@ def test_kaggle_votes_search_retrain_predict_writes_a_submission(ray_local, demo
     tested = pd.read_csv(retrain / "test_results.csv")
     info = json.loads((retrain / "retrain.json").read_text())
     assert {"test_rmse", "test_rmse_tta", "val_rmse"} <= set(tested.columns)
-    assert info["baseline_test_rmse"] > 0 and "Test RMSE" in (retrain / "report.md").read_text()
+    report = (retrain / "report.md").read_text()
+    assert info["baseline_test_rmse"] > 0 and "## Test RMSE (37 vote fractions" in report
+    assert "| Class11 (6 answers) | Class4.1" in report  # the per-question table, from the prepared split
 
     # predict on the test galaxies (as on Kaggle's images_test_rev1) gives the retrain's own outputs.
     predictions = pd.read_csv(retrain / "test_predictions.csv")

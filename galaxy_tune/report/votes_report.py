@@ -4,7 +4,7 @@ split.
 Test RMSE over all 37 vote fractions per method, with its spread and interval over seeds and a bootstrap interval
 over test images, with and without TTA, next to the constant predictor (the training split's mean fractions)
 and the Kaggle winner's private-leaderboard RMSE; full fine-tuning vs LoRA as a paired bootstrap of the RMSE
-difference on the same test images; what training cost.
+difference on the same test images; the RMSE of each question; what training cost.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from ..kaggle import CLASS_COLUMNS, PARENT_ANSWER, question_columns
+from ..tasks import rmse
 from .figure import METHOD_COLORS, embed
 from .runs import present, seed_predictions
 from .stats import bootstrap, mean_and_sd, root_mean, t_interval
@@ -48,7 +50,35 @@ def votes_sections(out: Path, results: pd.DataFrame, predictions: pd.DataFrame, 
         "## Full fine-tuning vs LoRA",
         "",
         *full_vs_lora_rmse(predictions),
+        "## Test RMSE by question",
+        "",
+        *question_section(predictions, Path(info["data"]["prepared"])),
     ]
+
+
+def question_section(predictions: pd.DataFrame, prepared: Path) -> list[str]:
+    """Where the error comes from: each question's RMSE over its answers (seed-0 models, with TTA) next to the
+    constant predictor's, from the true fractions in the prepared split."""
+    manifest = prepared / "splits.csv"
+    if not manifest.is_file():
+        return [f"Not shown: the prepared split {manifest} is gone.", ""]
+    truth = pd.read_csv(manifest).set_index("GalaxyID")
+    means = truth.loc[truth["split"] == "train", CLASS_COLUMNS].mean()
+    seed = int(predictions["seed"].min())
+    rows = []
+    for question, parent in PARENT_ANSWER.items():
+        columns = question_columns(question)
+        row = {"question": f"Class{question} ({len(columns)} answers)", "answers sum to": parent or "1"}
+        for method in present(predictions):
+            picked = seed_predictions(predictions, method, seed)
+            real = truth.loc[picked["GalaxyID"], columns].to_numpy()
+            if method == present(predictions)[0]:
+                row["constant predictor"] = f"{rmse(np.broadcast_to(means[columns].to_numpy(), real.shape), real):.4f}"
+            row[method] = f"{rmse(picked[[f'pred_{c}' for c in columns]].to_numpy(), real):.4f}"
+        rows.append(row)
+    return [pd.DataFrame(rows).to_markdown(index=False), "",
+            f"*RMSE over each question's answers on the test split (seed-{seed} models, with TTA); later questions "
+            "are asked of fewer galaxies, so their fractions, and errors, are smaller.*", ""]
 
 
 def rmse_table(results: pd.DataFrame, predictions: pd.DataFrame, constant: float) -> pd.DataFrame:
