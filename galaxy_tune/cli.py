@@ -64,10 +64,11 @@ def cmd_retrain(args) -> None:
 
 def cmd_predict(args) -> None:
     from . import api
+    from .kaggle import CLASS_COLUMNS
 
     table = api.predict(args.model, args.images, args.out, tta=args.tta, image_size_px=args.image_size,
                         crop_px=args.crop, device=args.device)
-    kaggle = " (Kaggle's submission format)" if len(table.columns) == 38 else ""
+    kaggle = " (Kaggle's submission format)" if list(table.columns[1:]) == CLASS_COLUMNS else ""
     print(f"wrote {len(table)} predictions to {args.out}{kaggle}")
 
 
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=["direct", "full", "lora"])
     p.add_argument("--seeds", type=int, help="retrain each method with this many seeds (default 3; demo 2)")
     p.add_argument("--top-k", type=int, help="retrain the K best configs of each search and report the one with "
-                   "the best mean val accuracy (default 3; demo 1)")
+                   "the best mean val metric, accuracy or RMSE (default 3; demo 1)")
     p.add_argument("--max-epochs", type=int, help="cap the epochs of each recipe")
     p.add_argument("--model", help="backbone (default: the searches', else microsoft/resnet-50)")
     device_flag(p, "to train and test")

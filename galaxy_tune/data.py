@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,8 +167,8 @@ def split_manifest(labels: pd.Series, seed: int, val_fraction: float, test_fract
     if every_class and counts.min() == 0:
         raise GalaxyTuneError(f"the task leaves class {int(np.argmin(counts))} empty ({len(y)} galaxies kept): "
                               "choose another --task or a lower --min-vote")
-    if not every_class:
-        y = np.where(counts[y] < 10, int(np.argmax(counts)), y)
+    if not every_class:  # each stratum needs 2 galaxies in the smaller held-out split
+        y = np.where(counts[y] < max(10, math.ceil(2 / min(val_fraction, test_fraction))), int(np.argmax(counts)), y)
     from sklearn.model_selection import train_test_split  # here: trial workers never split, and it costs 0.7 s
 
     try:

@@ -172,7 +172,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
                 value = metrics[task.val_metric]
                 progress.update()
                 progress.set_postfix_str(f"{recipe.folder} seed {seed} epoch {metrics['epoch']}/{config.epochs} "
-                                         f"{task.metric_label} {value:.3f}")
+                                         f"{task.short_label} {value:.3f}")
                 if not best or task.better(value, best["value"]):
                     best.update(value=value, epoch=metrics["epoch"], state=state(with_optimizer=False))
 
@@ -229,17 +229,19 @@ def test_model(recipe: Recipe, seed: int, model, splits, device, model_name: str
     val_logits = predict_logits(model, val, device)
     logits = {name: predict_logits(model, test, device, tta=tta) for name, tta in (("plain", False), ("tta", True))}
     metric = task.metric
-    ids = {"GalaxyID": test.galaxy_ids, "method": recipe.method, "rank": recipe.rank, "seed": seed}
     if task.regression:
         predicted = {name: task.predictions(v) for name, v in logits.items()}
-        predictions = pd.DataFrame({**ids, **{f"sq_error{suffix}": np.square(predicted[name] - test.labels).mean(1)
-                                              for name, suffix in (("plain", ""), ("tta", "_tta"))},
+        errors = {f"sq_error{suffix}": np.square(predicted[name] - test.labels).mean(1)
+                  for name, suffix in (("plain", ""), ("tta", "_tta"))}
+        predictions = pd.DataFrame({"GalaxyID": test.galaxy_ids, "method": recipe.method, "rank": recipe.rank,
+                                    "seed": seed, **errors,
                                     **{f"pred_{c}": predicted["tta"][:, i] for i, c in enumerate(task.outputs)}})
         calibration = {"temperature": 1.0}
     else:
         temperature = fit_temperature(val_logits, val.labels)
         probs = {name: probabilities(v) for name, v in logits.items()}
-        predictions = pd.DataFrame({**ids, "label": test.labels,
+        predictions = pd.DataFrame({"GalaxyID": test.galaxy_ids, "label": test.labels, "method": recipe.method,
+                                    "rank": recipe.rank, "seed": seed,
                                     **{f"logit_{i}": logits["plain"][:, i] for i in range(logits["plain"].shape[1])},
                                     "prob_1": probs["plain"][:, 1], "prob_1_tta": probs["tta"][:, 1]})
         calibration = {"temperature": temperature, "val_nll": nll(val_logits, val.labels),

@@ -112,7 +112,8 @@ def run_search(options: SearchOptions) -> Path:
     elif experiment.exists():
         raise GalaxyTuneError(f"experiment {experiment} already exists: pass --resume to continue it, "
                               "or choose another --name")
-    overrides = {"method": options.method, "seed": options.data.seed, "augment": options.augment}
+    overrides = {"method": options.method, "seed": options.data.seed, "augment": options.augment,
+                 **dict(get_task(options.data.task).fixed)}
     if options.max_epochs is not None:
         overrides["epochs"] = options.max_epochs
     space = load_space(options.space or default_space_path(options.method), overrides)
@@ -313,7 +314,7 @@ def progress_table(method: str, task: Task) -> tune.CLIReporter:
     """Ray Tune's progress table, reduced to the columns that tell trials apart."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores custom reporters
     params = ["method", "lr"] + (["lora_rank"] if method == "lora" else ["weight_decay"]) + ["scheduler"]
-    return tune.CLIReporter(metric_columns={"epoch": "epoch", task.val_metric: task.metric_label},
+    return tune.CLIReporter(metric_columns={"epoch": "epoch", task.val_metric: task.short_label},
                             parameter_columns=params, max_report_frequency=30, metric=task.val_metric, mode=task.mode,
                             sort_by_metric=True)
 

@@ -114,6 +114,7 @@ def load_space(path: Path, overrides: dict | None = None) -> SearchSpace:
     points = raw.get("points_to_evaluate") or []
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise GalaxyTuneError(f"{where}: points_to_evaluate must be a list of mappings")
+    points = [{k: v for k, v in point.items() if k not in (overrides or {})} for point in points]  # fixed now
     searched = {p.name: p for p in params}
     for point in points:
         unknown = sorted(set(point) - set(searched))

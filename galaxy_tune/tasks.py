@@ -41,6 +41,7 @@ class Task:
     # this task: the comparison column of the retrain report.
     reference: tuple[tuple[str, float], ...] = ()
     confident: bool = False  # keeps only galaxies with at least --min-vote for their answer (then part of the split)
+    fixed: tuple[tuple[str, object], ...] = ()  # hyperparameters that mean nothing for the task: not searched
 
     @property
     def val_metric(self) -> str:
@@ -58,6 +59,11 @@ class Task:
     @property
     def metric_label(self) -> str:
         return "val RMSE" if self.regression else "val accuracy"
+
+    @property
+    def short_label(self) -> str:
+        """For narrow table columns."""
+        return "val RMSE" if self.regression else "val acc"
 
     def best(self, values) -> float:
         """The best of some metric values."""
@@ -121,9 +127,9 @@ class Classification(Task):
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:
         """Class probabilities."""
-        from .calibration import probabilities
+        import torch
 
-        return probabilities(logits)
+        return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
     def baseline(self, train: np.ndarray, test: np.ndarray) -> float:
         """Accuracy of always answering the training split's larger class."""
@@ -199,7 +205,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
                    "Q1 smooth (0) vs features or disk (1), with a confident vote (--min-vote)",
                    among=tuple(question_columns(1)), confident=True),
     VoteRegression("kaggle-votes", tuple(CLASS_COLUMNS), "rmse", "min",
-                   "the Kaggle challenge's: all 37 vote fractions, tree-consistent, scored by RMSE"),
+                   "the Kaggle challenge's: all 37 vote fractions, tree-consistent, scored by RMSE",
+                   fixed=(("label_smoothing", 0.0),)),
 )}
 
 

@@ -1,6 +1,7 @@
 """The tasks: the decision-tree mapping of kaggle-votes checked on real Galaxy Zoo rows, its loss, metric and
 baseline, and the end-to-end kaggle-votes run a Kaggle user makes: search -> retrain -> predict -> submission."""
 
+import importlib
 import json
 from pathlib import Path
 
@@ -11,9 +12,9 @@ import torch
 
 from galaxy_tune import cli
 from galaxy_tune.cli import main
-from galaxy_tune.data import read_votes
+from galaxy_tune.data import read_votes, split_manifest
 from galaxy_tune.kaggle import CLASS_COLUMNS, PARENT_ANSWER, question_columns
-from galaxy_tune.tasks import TASKS, get_task, per_question_softmax, rmse
+from galaxy_tune.tasks import TASKS, get_task, per_question_softmax
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VOTES = get_task("kaggle-votes")
@@ -57,9 +58,11 @@ def test_the_vote_loss_is_the_squared_metric_and_trains_every_output():
 
 
 def test_baselines_and_directions():
-    real = real_fractions().to_numpy()
-    constant = VOTES.baseline(real[:6], real[6:])
-    assert constant == pytest.approx(rmse(np.tile(real[:6].mean(0), (4, 1)), real[6:]))
+    train = np.zeros((2, 37))
+    train[1] = 1.0  # the training mean is 0.5 everywhere
+    test = np.zeros((3, 37))
+    test[0, :] = 0.5  # predicted exactly; the other two rows are 0.5 off in every output
+    assert VOTES.baseline(train, test) == pytest.approx(np.sqrt(2 / 3 * 0.25))
     assert (VOTES.val_metric, VOTES.mode, VOTES.direction) == ("val_rmse", "min", "minimize")
     binary = get_task("seed-top2")
     assert (binary.val_metric, binary.mode) == ("val_accuracy", "max")
@@ -69,6 +72,27 @@ def test_baselines_and_directions():
 
 def test_the_cli_offers_every_task():
     assert cli.TASK_NAMES == tuple(TASKS)
+
+
+def test_rmse_searches_stop_and_keep_checkpoints_by_the_lowest_value(tmp_path):
+    search = importlib.import_module("galaxy_tune.search")
+    for name in ("asha", "hyperband"):
+        scheduler = search.make_scheduler(name, 4, VOTES)
+        assert (scheduler.metric, scheduler._mode) == ("val_rmse", "min")
+    trial = tmp_path / "trial_x"
+    for epoch, value in enumerate((0.30, 0.12, 0.20, 0.25), start=1):
+        (trial / f"checkpoint_{epoch:06d}").mkdir(parents=True)
+        with open(trial / "result.json", "a") as out:
+            out.write(json.dumps({"epoch": epoch, "val_rmse": value, "checkpoint_dir_name": f"checkpoint_{epoch:06d}"})
+                      + "\n")
+    search.prune_checkpoints(trial, VOTES)
+    assert sorted(p.name for p in trial.glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000004"]
+
+
+def test_a_rare_answer_does_not_stop_a_kaggle_votes_split_with_small_held_out_fractions():
+    strata = pd.Series([0] * 600 + [1] * 385 + [2] * 15, index=np.arange(1000) + 100_000)
+    manifest = split_manifest(strata, seed=0, val_fraction=0.05, test_fraction=0.05, every_class=False)
+    assert manifest["split"].value_counts().to_dict() == {"train": 900, "val": 50, "test": 50}
 
 
 def test_kaggle_votes_search_retrain_predict_writes_a_submission(ray_local, demo_dir, tmp_path):
@@ -81,6 +105,7 @@ def test_kaggle_votes_search_retrain_predict_writes_a_submission(ray_local, demo
     best = json.loads((experiment / "best.json").read_text())
     trials = pd.read_csv(experiment / "trials.csv")
     assert (best["metric"], best["mode"]) == ("val_rmse", "min")
+    assert {json.loads(c)["label_smoothing"] for c in trials["config"]} == {0.0}  # meaningless here: not searched
     assert best["val_rmse"] == trials["best_val_rmse"].min() > 0
     for curve, value in zip(trials["val_rmse_curve"], trials["best_val_rmse"]):
         assert min(json.loads(curve)) == value  # the best of a trial is its lowest RMSE
@@ -88,6 +113,7 @@ def test_kaggle_votes_search_retrain_predict_writes_a_submission(ray_local, demo
 
     study = optuna.load_study(study_name="votes", storage=f"sqlite:///{experiment / 'optuna.db'}")
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert not any("label_smoothing" in t.params for t in study.trials)
     assert "validation RMSE" in (experiment / "report.md").read_text()
 
     assert main(["retrain", "--results-dir", str(results), "--methods", "direct", "full", "--seeds", "1",

@@ -77,6 +77,10 @@ class Metric:
         return "validation accuracy" if self.percent else "validation RMSE"
 
     @property
+    def short_label(self) -> str:
+        return "val accuracy (%)" if self.percent else "val RMSE"
+
+    @property
     def label(self) -> str:
         return "validation accuracy (%)" if self.percent else "validation RMSE (lower is better)"
 

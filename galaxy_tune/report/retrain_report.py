@@ -58,18 +58,11 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
         f"Backbone: {base_weights(results['weights'].iloc[0])} (`{info['model']}`).",
     ]
     if votes:
-        lines += votes_sections(out, results, predictions, info)
+        lines += [*votes_sections(out, results, predictions, info), *cost_section(results)]
     else:
         lines += classification_sections(out, results, predictions, all_results, all_predictions, info,
                                          reference)
-    lines += [
-        "## Cost and provenance",
-        "",
-        cost_table(results).to_markdown(index=False),
-        "",
-        "## Recipes",
-        "",
-    ]
+    lines += ["## Recipes", ""]
     for method, recipe in info["recipes"].items():
         lines.append(f"- **{method}** from {recipe['source']}: `{json.dumps(recipe['config'])}`")
     lines += ["", f"Library versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}.", ""]
@@ -110,6 +103,7 @@ def classification_sections(out: Path, results: pd.DataFrame, predictions: pd.Da
         "",
         *full_vs_lora(predictions),
         *evaluation_sections(out, all_results, all_predictions, info),
+        *cost_section(results),
         "## Errors",
         "",
         *embed(out, "confusion_matrices.png", f"Confusion matrices on the test split (seed {seeds[0]}): counts "
@@ -145,6 +139,10 @@ def accuracy_table(results: pd.DataFrame, predictions: pd.DataFrame,
             **({"reference test acc %": f"{reference[method]:.2f}"} if reference else {}),
         })
     return pd.DataFrame(rows)
+
+
+def cost_section(results: pd.DataFrame) -> list[str]:
+    return ["## Cost and provenance", "", cost_table(results).to_markdown(index=False), ""]
 
 
 def cost_table(results: pd.DataFrame) -> pd.DataFrame:

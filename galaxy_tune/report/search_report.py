@@ -57,8 +57,8 @@ def write_search_report(experiment: Path, out_dir: Path | None = None) -> Path:
          f"backbone {best['weights']}, task `{best['data']['task']}` at {best['data']['image_size_px']} px."),
         (f"Best {metric.title} {value:.2f} % " if metric.percent else f"Best {metric.title} {value:.4f} ")
         + f"(trial {best['trial_id']}, epoch {best['epoch']}) with `{json.dumps(best['config'])}`.",
-        *([f"{baseline[0]} on the val split: {metric.shown(baseline[1]):.4g}{' %' if metric.percent else ''}."]
-          if baseline else []),
+        *([f"{baseline[0]} of the val split: {metric.shown(baseline[1]):.2f} %." if metric.percent else
+           f"{baseline[0]} on the val split: {baseline[1]:.4f}."] if baseline else []),
         "",
         "## Figures",
         "",
@@ -364,7 +364,7 @@ def plot_param_slices(study: optuna.Study | None, name: str, metric: Metric) -> 
     for ax in axes.flat[len(params):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
-        ax.set_ylabel(f"best {metric.label}")
+        ax.set_ylabel(f"best {metric.short_label}")
     figure.colorbar(points, ax=axes, label="trial number (completed trials)", shrink=min(0.8, 2.5 / rows))
     figure.suptitle(f"{name}: searched hyperparameters vs {metric.title} (grey ×: stopped by ASHA)")
     return figure
