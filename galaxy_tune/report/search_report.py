@@ -272,7 +272,7 @@ def plot_best_vs_trial_epochs(events: pd.DataFrame, name: str, random: tuple[dic
     metric.axis(ax, values)
     figure.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
     ax.set_title(f"{name}: best {metric.title} so far, by compute"
-                 + ("" if random else " (no bench search of this problem to compare with)"), fontsize=10)
+                 + ("" if random else "\n(no bench search of this problem to compare with)"), fontsize=10)
     return figure
 
 
