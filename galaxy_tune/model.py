@@ -5,6 +5,7 @@ import re
 import sys
 
 import huggingface_hub
+import numpy as np
 import torch
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
@@ -29,19 +30,25 @@ _STAGE = re.compile(r"^resnet\.encoder\.stages\.(\d+)\.")
 STAGES = 4  # a ResNet's stages; depth counts from the head (0) down to the stem (STAGES + 1)
 
 
-def build_model(name: str, num_labels: int = 2, seed: int = 0) -> ResNetForImageClassification:
+def build_model(name: str, num_labels: int = 2, seed: int = 0,
+                head_bias: np.ndarray | None = None) -> ResNetForImageClassification:
     """Return a ResNet classifier with a fresh `num_labels` head: a Hub id or local folder, `resnet50-random` or `tiny`.
 
     Everything randomly initialised (random backbones, the new head) depends only on `seed`;
-    the global RNG is left as it was.
+    the global RNG is left as it was. `head_bias` (the task's, e.g. kaggle-votes' prior) replaces the head's
+    zero bias.
     """
     with torch.random.fork_rng(devices=[]):
         # Weights are initialised on CPU, so seeding the CPU generator alone is enough and leaves CUDA RNG alone.
         torch.default_generator.manual_seed(seed)
         if name in _RANDOM_CONFIGS:
-            config = ResNetConfig(num_labels=num_labels, **_RANDOM_CONFIGS[name])
-            return ResNetForImageClassification(config)
-        return _load_pretrained(name, num_labels)
+            model = ResNetForImageClassification(ResNetConfig(num_labels=num_labels, **_RANDOM_CONFIGS[name]))
+        else:
+            model = _load_pretrained(name, num_labels)
+    if head_bias is not None:
+        with torch.no_grad():
+            model.classifier[-1].bias.copy_(torch.as_tensor(head_bias, dtype=torch.float32))
+    return model
 
 
 def load_backbone(

@@ -155,17 +155,19 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     task = get_task(prepared.task)
     splits = {name: open_split(prepared, name) for name in ("train", "val", "test")}
     plans = recipes(experiments, methods, max_epochs, task, top_k)
+    head_bias = task.head_bias(splits["train"].labels)  # kaggle-votes: fresh heads start at the prior
     tested = []
     progress = tqdm(total=seeds * sum(r.config.epochs for r in plans), desc="retrain", unit="epoch")
     hf_logging.disable_progress_bar()  # one bar: the models' "Writing model shards" would break ours
     for seed in range(seeds):
         if "direct" in methods:
-            model = place(build_model(model_name, num_labels=len(prepared.class_names), seed=seed), device)
+            model = place(build_model(model_name, num_labels=len(prepared.class_names), seed=seed,
+                                      head_bias=head_bias), device)
             tested.append(test_model(Recipe("direct", None, "no training", None), seed, model, splits, device,
                                      model_name, task, train_seconds=0.0, images_seen=0))
         for recipe in plans:
             config = dataclasses.replace(recipe.config, seed=seed, augment=augment and recipe.config.augment)
-            model = make_model(config, model_name, num_labels=len(prepared.class_names))
+            model = make_model(config, model_name, num_labels=len(prepared.class_names), head_bias=head_bias)
             best: dict = {}
 
             def keep_best(metrics: dict, state) -> None:

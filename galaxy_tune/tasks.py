@@ -131,6 +131,10 @@ class Classification(Task):
 
         return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
+    def head_bias(self, train: np.ndarray) -> np.ndarray | None:
+        """A fresh head's bias: None keeps the model's own (zero)."""
+        return None
+
     def baseline(self, train: np.ndarray, test: np.ndarray) -> float:
         """Accuracy of always answering the training split's larger class."""
         return float((test == np.bincount(train, minlength=2).argmax()).mean())
@@ -171,6 +175,15 @@ class VoteRegression(Task):
         import torch
 
         return per_question_softmax(torch.from_numpy(logits).double()).numpy()
+
+    def head_bias(self, train: np.ndarray) -> np.ndarray:
+        """The bias whose outputs are the training split's mean fractions (the constant predictor): the log of each
+        answer's share of its question, so a fresh head starts at the prior instead of at uniform answers."""
+        mean = np.clip(train.astype(np.float64).mean(0), 1e-6, None)
+        column = {name: i for i, name in enumerate(CLASS_COLUMNS)}
+        shares = [mean[[column[c] for c in question_columns(q)]] / (1.0 if parent is None else mean[column[parent]])
+                  for q, parent in PARENT_ANSWER.items()]
+        return np.log(np.concatenate([s / s.sum() for s in shares]))
 
     def baseline(self, train: np.ndarray, test: np.ndarray) -> float:
         """RMSE of the constant predictor: every test galaxy gets the training split's mean fractions."""

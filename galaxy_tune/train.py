@@ -159,9 +159,11 @@ def limit_gpu_memory(device: torch.device, share: float) -> None:
         torch.cuda.set_per_process_memory_fraction(share, device)
 
 
-def make_model(config: TrainConfig, model_name: str, num_labels: int = 2) -> nn.Module:
-    """The backbone with a fresh head, wrapped with LoRA adapters when the method asks for them."""
-    model = build_model(model_name, num_labels=num_labels, seed=config.seed)
+def make_model(config: TrainConfig, model_name: str, num_labels: int = 2,
+               head_bias: np.ndarray | None = None) -> nn.Module:
+    """The backbone with a fresh head (its bias `head_bias`, the task's prior, if given), wrapped with LoRA
+    adapters when the method asks for them."""
+    model = build_model(model_name, num_labels=num_labels, seed=config.seed, head_bias=head_bias)
     if config.method == "full":
         freeze_stages(model, config.frozen_stages)
     if config.method == "lora":

@@ -13,6 +13,7 @@ import torch
 from galaxy_tune import cli
 from galaxy_tune.cli import main
 from galaxy_tune.data import read_votes, split_manifest
+from galaxy_tune.model import build_model
 from galaxy_tune.kaggle import CLASS_COLUMNS, PARENT_ANSWER, question_columns
 from galaxy_tune.tasks import TASKS, get_task, per_question_softmax
 
@@ -55,6 +56,15 @@ def test_the_vote_loss_is_the_squared_metric_and_trains_every_output():
     assert loss.item() == pytest.approx(VOTES.score(logits.detach().numpy(), targets.numpy()) ** 2, rel=1e-5)
     loss.backward()
     assert (logits.grad.abs().sum(0) > 0).all()
+
+
+def test_a_fresh_kaggle_votes_head_starts_at_the_constant_predictor():
+    train = real_fractions().to_numpy()
+    bias = VOTES.head_bias(train)
+    assert np.abs(per_question_softmax(torch.from_numpy(bias)[None])[0].numpy() - train.mean(0)).max() < 1e-5
+    model = build_model("tiny", num_labels=37, head_bias=bias)
+    assert torch.equal(model.classifier[-1].bias, torch.from_numpy(bias).float())
+    assert get_task("seed-top2").head_bias(np.array([0, 1, 1])) is None  # binary heads keep their zero bias
 
 
 def test_baselines_and_directions():
