@@ -65,7 +65,7 @@ def trial_row(trial_id: str, config: dict, reports: list[dict], state: str, path
     status = state if state != "TERMINATED" else "COMPLETED" if epochs >= train_config.epochs else "STOPPED"
     values = np.array([float(r[metric]) for r in history])
     curve = values.round(6).tolist()
-    best = int(values.argmax() if task.mode == "max" else values.argmin()) if curve else None
+    best = task.arg_best(values) if curve else None
     return {"trial_id": trial_id, "status": status, "epochs": epochs,
             f"best_{metric}": curve[best] if curve else float("nan"),
             "best_epoch": int(history[best]["epoch"]) if curve else 0,
@@ -111,10 +111,11 @@ def study_trial(space: SearchSpace, config: dict, reports: list[dict], task: Tas
     curve = {int(r["epoch"]): float(r[task.val_metric]) for r in by_epoch(reports, task.val_metric)}
     stopped = bool(curve) and max(curve) < int(config.get("epochs", 0))
     state = (TrialState.FAIL if failed or not curve else TrialState.PRUNED if stopped else TrialState.COMPLETE)
+    values = list(curve.values())
     searched = space.distributions(config)
     return optuna.trial.create_trial(
         params={k: config[k] for k in searched}, distributions=searched, intermediate_values=curve, state=state,
-        value=task.best(list(curve.values())) if state == TrialState.COMPLETE else None,
+        value=values[task.arg_best(values)] if state == TrialState.COMPLETE else None,
         user_attrs={"ray_trial_id": ray_trial_id, "ray_trial_path": path, "epochs": len(curve)})
 
 

@@ -86,11 +86,7 @@ def read_best(experiment: Path) -> dict:
 
 def top_configs(experiment: Path, k: int, task: Task) -> list[tuple[TrainConfig, float]]:
     """The k best distinct configs of a finished search, ranked as best.json ranks them (best val metric)."""
-    best = read_best(experiment)
-    if best.get("metric", "val_accuracy") != task.val_metric:
-        raise GalaxyTuneError(f"{experiment} searched for {best.get('metric', 'val_accuracy')}, not this task's "
-                              f"{task.val_metric}: retrain with the search's --task, or pass --from a search of "
-                              f"task {task.name}")
+    best = read_best(experiment)  # the retrain's data is its searches', so their task is the retrain's
     trials_path = Path(experiment) / layout.TRIALS
     if k == 1 or not trials_path.is_file():
         return [(TrainConfig.from_dict(best["config"]), best[task.val_metric])]
@@ -133,8 +129,8 @@ def select_configs(results: pd.DataFrame, task: Task) -> pd.Series:
     """Each method's reported config: the rank with the best mean val metric over seeds (ties: the search's
     better one). Test numbers play no part. Returns a bool per row of `results`."""
     mean_val = results.groupby(["method", "rank"])[task.val_metric].mean().reset_index()
-    mean_val["score"] = mean_val[task.val_metric] if task.mode == "max" else -mean_val[task.val_metric]
-    chosen = mean_val.sort_values(["score", "rank"], ascending=[False, True]).drop_duplicates("method")
+    chosen = mean_val.sort_values([task.val_metric, "rank"], ascending=[task.mode == "min", True]).drop_duplicates(
+        "method")
     return results.set_index(["method", "rank"]).index.isin(chosen.set_index(["method", "rank"]).index)
 
 
@@ -197,16 +193,15 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     predictions.merge(consensus_of(Path(summary["data_dir"]), prepared.task), on="GalaxyID", how="left").to_csv(
         out_dir / layout.TEST_PREDICTIONS, index=False)
     selected = results[results["selected"]].drop_duplicates("method").set_index("method")["rank"]
+    # The majority class's accuracy, or the constant predictor's RMSE, on the test split.
+    baseline = task.baseline(splits["train"].labels, splits["test"].labels)
     (out_dir / layout.RETRAIN).write_text(json.dumps({
         "data": summary, "model": model_name, "seeds": seeds, "methods": list(methods),
         "top_k": top_k, "selected_rank": {m: int(r) for m, r in selected.items()},
         "recipes": {r.folder: {"method": r.method, "rank": r.rank, "source": r.source, "config": r.config.to_dict(),
                                f"search_{task.val_metric}": r.search_val} for r in plans},
         "metric": task.metric, "mode": task.mode,
-        # The baseline: the majority class's accuracy, or the constant predictor's RMSE, on the test split.
-        f"baseline_test_{task.metric}": task.baseline(splits["train"].labels, splits["test"].labels),
-        **({} if task.regression else {"majority_share": task.baseline(splits["train"].labels,
-                                                                       splits["test"].labels)}),
+        f"baseline_test_{task.metric}": baseline, **({} if task.regression else {"majority_share": baseline}),
         "versions": library_versions()}, indent=2))
     return results
 

@@ -268,7 +268,7 @@ def prune_checkpoints(trial_folder: Path, task: Task) -> None:
     reports = [r for r in layout.trial_reports(trial_folder) if metric in r and r.get("checkpoint_dir_name")]
     if len(checkpoints) <= 2 or not reports:
         return
-    best = task.at_best(reports, key=lambda r: r[metric])["checkpoint_dir_name"]
+    best = reports[task.arg_best([r[metric] for r in reports])]["checkpoint_dir_name"]
     for checkpoint in checkpoints[:-1]:
         if checkpoint.name != best:
             shutil.rmtree(checkpoint, ignore_errors=True)

@@ -65,13 +65,10 @@ class Task:
         """For narrow table columns."""
         return "val RMSE" if self.regression else "val acc"
 
-    def best(self, values) -> float:
-        """The best of some metric values."""
-        return float(np.nanmax(values) if self.mode == "max" else np.nanmin(values))
-
-    def at_best(self, items: list, key):
-        """The item whose key(item) is best."""
-        return (max if self.mode == "max" else min)(items, key=key)
+    def arg_best(self, values) -> int:
+        """The position of the best of some metric values (NaN never wins)."""
+        values = np.asarray(values, dtype=float)
+        return int(np.nanargmax(values) if self.mode == "max" else np.nanargmin(values))
 
     def better(self, a: float, b: float) -> bool:
         """Whether `a` is strictly better than `b`."""
@@ -79,9 +76,8 @@ class Task:
 
     def rank(self, trials: pd.DataFrame) -> pd.DataFrame:
         """trials.csv rows best first: by best_<val metric> in the task's direction, then by epochs run."""
-        key = trials[f"best_{self.val_metric}"]
-        return trials.assign(_key=key if self.mode == "max" else -key).sort_values(
-            ["_key", "epochs"], ascending=False, kind="stable").drop(columns="_key")
+        return trials.sort_values([f"best_{self.val_metric}", "epochs"], ascending=[self.mode == "min", False],
+                                  kind="stable")
 
 
 @dataclass(frozen=True)
@@ -199,15 +195,15 @@ def per_question_softmax(logits):
     fraction, in CSV column order. Works on torch tensors (differentiable)."""
     import torch
 
-    out: dict[str, torch.Tensor] = {}
-    start = 0
-    for question, answers in ANSWERS_PER_QUESTION.items():
-        shares = torch.softmax(logits[:, start:start + answers], dim=1)
-        parent = PARENT_ANSWER[question]
-        fractions = shares if parent is None else shares * out[parent].unsqueeze(1)
-        out.update(zip(question_columns(question), fractions.unbind(1)))
-        start += answers
-    return torch.stack([out[column] for column in CLASS_COLUMNS], dim=1)
+    blocks = torch.split(logits, list(ANSWERS_PER_QUESTION.values()), dim=1)  # questions 1-11 in CSV order
+    out: list[torch.Tensor] = []
+    for (question, parent), block in zip(PARENT_ANSWER.items(), blocks):
+        shares = torch.softmax(block, dim=1)
+        if parent is not None:  # "ClassQ.A": answer A of question Q, computed earlier
+            asked, answer = (int(part) for part in parent.removeprefix("Class").split("."))
+            shares = shares * out[asked - 1][:, answer - 1:answer]
+        out.append(shares)
+    return torch.cat(out, dim=1)
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (

@@ -21,9 +21,10 @@ from galaxy_tune.layout import EVALUATION
 from galaxy_tune.report.evaluation import run_metrics
 from galaxy_tune.report.figure import FigureSkipped
 from galaxy_tune.report.figure import Metric
+from galaxy_tune.tasks import get_task
 from galaxy_tune.report.search_report import plot_param_importances
 
-ACCURACY = Metric("val_accuracy", "max")
+ACCURACY = Metric(get_task("seed-top2"))
 from galaxy_tune.report.stats import (coverage_curve, fmt_interval, largest_coverage, mcnemar_exact,
                                       paired_bootstrap, t_interval, wilson_interval)
 

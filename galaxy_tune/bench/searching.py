@@ -120,12 +120,10 @@ def search_run(experiment: Path, sampler_seed: int) -> dict:
     """One finished search of the benchmark: its trial-epochs, best, wall time and best-so-far curve (per
     trial-epoch in the order Ray received them, with the seconds since the tuner started)."""
     figures = search_figures(experiment, json.loads((experiment / layout.SEARCH_OPTIONS).read_text())["concurrency"])
-    events = figures.pop("events")
-    tuner_start = (experiment / layout.SEARCH_OPTIONS).stat().st_mtime
-    trials = pd.read_csv(experiment / layout.TRIALS)
+    events, tuner_start = figures.pop("events"), figures.pop("tuner_start")
     return {"sampler_seed": sampler_seed, "trial_epochs": figures["trial_epochs"],
             "best_val_accuracy": figures["best_val_accuracy"], "wall_seconds": figures["wall_seconds"],
-            "trials": figures["trials"], "stopped_trials": int((trials["status"] == "STOPPED").sum()),
+            "trials": figures["trials"], "stopped_trials": figures["stopped_trials"],
             "errored_trials": figures["errored_trials"], "overhead_share": figures["overhead_share"],
             "most_trials_at_once": figures["most_trials_at_once"], "experiment": str(experiment),
             "best_so_far": best_so_far([e[2] for e in events]).tolist(),
@@ -186,7 +184,8 @@ def search_figures(experiment: Path, concurrency: int) -> dict:
         "first_trial_start_seconds": min(trial_starts) - tuner_start if trial_starts else None,
         "processes": len(pids), "most_trials_at_once": most_at_once(spans),
         "errored_trials": int((trials["status"] == "ERROR").sum()) if "status" in trials else None,
-        "experiment": str(experiment), "events": sorted(events, key=lambda e: (e[0], e[1])),
+        "stopped_trials": int((trials["status"] == "STOPPED").sum()) if "status" in trials else None,
+        "experiment": str(experiment), "tuner_start": tuner_start, "events": sorted(events, key=lambda e: (e[0], e[1])),
     }
 
 

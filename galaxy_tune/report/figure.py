@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..tasks import Task, get_task
+
 METHOD_ORDER = ("direct", "full", "lora")
 METHOD_COLORS = {"direct": "#8c8c8c", "full": "#1f77b4", "lora": "#ff7f0e"}
 # What the Galaxy Zoo answers of the tasks mean, for axis labels.
@@ -58,19 +60,22 @@ def padded_limits(values_percent: list[float]) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Metric:
-    """How a report shows a search's val metric: accuracy in % (higher is better), or RMSE as it is (lower is)."""
+    """How a report shows a task's val metric: accuracy in % (higher is better), or RMSE as it is (lower is)."""
 
-    name: str  # the report key: val_accuracy or val_rmse
-    mode: str  # max or min
+    task: Task
 
     @classmethod
     def of(cls, best: dict) -> "Metric":
-        """The metric a best.json was ranked by (files before kaggle-votes: val accuracy)."""
-        return cls(best.get("metric", "val_accuracy"), best.get("mode", "max"))
+        """The metric a search (its best.json) was ranked by: its task's."""
+        return cls(get_task(best["data"]["task"]))
+
+    @property
+    def name(self) -> str:  # the report key: val_accuracy or val_rmse
+        return self.task.val_metric
 
     @property
     def percent(self) -> bool:
-        return self.name.endswith("accuracy")
+        return not self.task.regression
 
     @property
     def title(self) -> str:
@@ -90,13 +95,9 @@ class Metric:
     def so_far(self, values: np.ndarray) -> np.ndarray:
         """The best so far at each position (NaN: nothing yet)."""
         values = np.asarray(values, dtype=float)
-        if self.mode == "max":
+        if self.task.mode == "max":
             return np.fmax.accumulate(np.nan_to_num(values, nan=-np.inf))
         return np.fmin.accumulate(np.nan_to_num(values, nan=np.inf))
-
-    def arg_best(self, values) -> int:
-        values = np.asarray(values, dtype=float)
-        return int(np.nanargmax(values) if self.mode == "max" else np.nanargmin(values))
 
     def axis(self, ax, values) -> None:
         """The y axis of shown values: 0-100 % padded around them, or a padded RMSE range."""

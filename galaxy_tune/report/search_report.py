@@ -129,7 +129,7 @@ def plot_val_curves(trials: pd.DataFrame, baseline: tuple[str, float] | None, na
         raise FigureSkipped("no trial finished an epoch")
     figure = Figure(figsize=(8, 4.8), layout="constrained")
     ax = figure.subplots()
-    best_row = metric.arg_best(trials[f"best_{metric.name}"])
+    best_row = metric.task.arg_best(trials[f"best_{metric.name}"])
     for row, (status, curve) in enumerate(zip(trials["status"], curves)):
         if row == best_row or not curve:
             continue
@@ -214,7 +214,7 @@ def plot_best_vs_time(timeline: pd.DataFrame, name: str, metric: Metric) -> Figu
     ax.scatter(timeline["minutes"], timeline["value"], s=14, color="#9a9a9a", alpha=0.7,
                label="an epoch of some trial")
     # Ray's timestamps are whole seconds: reports of the same second count as one, or a false step appears.
-    best_at = timeline.groupby("minutes")["value"].agg(metric.mode)
+    best_at = timeline.groupby("minutes")["value"].agg(metric.task.mode)
     running = metric.so_far(best_at.to_numpy())
     ax.step(np.append(best_at.index, best_at.index.max() * 1.02), np.append(running, running[-1]),
             where="post", color="#d62728", linewidth=2, label="best so far")
@@ -281,7 +281,7 @@ def trial_score(trial: optuna.trial.FrozenTrial, metric: Metric) -> float | None
     if trial.value is not None:
         return trial.value
     values = list(trial.intermediate_values.values())
-    return values[metric.arg_best(values)] if values else None
+    return values[metric.task.arg_best(values)] if values else None
 
 
 def plot_param_importances(study: optuna.Study | None, name: str, metric: Metric) -> Figure:
