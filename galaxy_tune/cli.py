@@ -95,9 +95,9 @@ def cmd_bench_train(args) -> None:
 
     save_if_asked(args, bench_train(
         args.data_dir, args.results_dir, model=args.model, image_size_px=args.image_size, crop_px=args.crop,
-        batch_size=args.batch_size, method=args.method, lora_rank=args.lora_rank, steps=args.steps,
-        warmup=args.warmup, rounds=args.rounds, eval_batches=args.eval_batches, device=args.device,
-        compile_model=args.compile, threads=args.threads))
+        batch_size=args.batch_size, method=args.method, lora_rank=args.lora_rank,
+        lora_batchnorm=args.lora_batchnorm, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+        eval_batches=args.eval_batches, device=args.device, compile_model=args.compile, threads=args.threads))
 
 
 def cmd_bench_search(args) -> None:
@@ -269,6 +269,9 @@ def add_bench_parser(commands) -> None:
                    help="one method, or `full lora` to compare them in one run, round by round (default full)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-batchnorm", choices=["frozen", "stats", "affine"], default="stats",
+                   help="LoRA's BatchNorm: frozen (folded into the convolutions in training), stats (the reference "
+                   "recipe's: batch statistics, running ones updated) or affine (γ, β trained too); default stats")
     p.add_argument("--steps", type=int, help="timed steps per method (default: 100 on CUDA, 4 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps per method (default: 30 on CUDA, 1 on CPU)")
     p.add_argument("--rounds", type=int, help="the timed steps in this many rounds, methods in turns "

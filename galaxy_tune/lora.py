@@ -8,7 +8,9 @@ which merges W + B·A into one weight before convolving:
 - the frozen conv needs no weight gradient, so LoRA trains faster than full fine-tuning;
 - under bf16 autocast the merged weight rounds ΔW onto W's bf16 grid (most of a small ΔW is lost); the branch
   computes the adapter's effect on its own, and adds it to the base output in fp32.
-In eval mode outside autocast (e.g. CPU inference), the forward uses one merged weight: plain-conv speed.
+Training runs the layer as one autograd function (`_LoraConvFunction`) whose backward forms no full-size tensor
+beyond the input gradient; in eval mode outside autocast (e.g. CPU inference) the forward is one convolution with
+the merged weight: plain-conv speed.
 """
 
 import copy
@@ -23,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import ResNetForImageClassification
-from transformers.models.resnet.modeling_resnet import ResNetBottleNeckLayer
+from transformers.models.resnet.modeling_resnet import ResNetBottleNeckLayer, ResNetConvLayer
 
 from galaxy_tune.errors import GalaxyTuneError
 
@@ -53,20 +55,118 @@ class LoraConv2d(nn.Module, loralib.LoRALayer):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW of the branch as one conv weight: the 1×1 conv B after the k×k conv A is the conv with B·A."""
-        a, b = self.lora_A.weight, self.lora_B.weight
-        return (b.flatten(1) @ a.flatten(1)).view_as(self.base_layer.weight) * self.scaling
+        return _delta(self.lora_A.weight, self.lora_B.weight, self.scaling).view_as(self.base_layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        if self.merge_weights and not self.training and not torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if self.merge_weights and not self.training and not autocast:
             # Full precision eval: one convolution with W + ΔW (outside autocast, so ΔW is not rounded away).
-            return F.conv2d(x, base.weight + self.delta_weight(), base.bias, base.stride, base.padding,
-                            base.dilation, base.groups)
+            return F.conv2d(x, base.weight + self.delta_weight(), base.bias, **_geometry(base))
+        weights = (x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights):
+            return _LoraConvFunction.apply(*weights, self.scaling, _geometry(base))
         effect = self.lora_B(self.lora_A(x) * self.scaling)  # scaled at rank r, where it is cheap
         out = base(x)
         # The sum in fp32: under bf16 autocast a small effect added to the bf16 base output would round away.
-        # In place: the convolution's backward needs its input, not its output.
         return (out.float() if out.dtype != torch.float32 else out).add_(effect)
+
+
+    def folded(self, x: torch.Tensor, batchnorm: nn.BatchNorm2d) -> torch.Tensor:
+        """batchnorm(self(x)) for a frozen BatchNorm in eval mode, in training: its scale folded into W and B, its
+        shift into the bias, so the convolution's output is the normalised one and no BatchNorm pass or saved
+        input exists (its statistics and affine parameters are constants)."""
+        base = self.base_layer
+        scale = batchnorm.weight / torch.sqrt(batchnorm.running_var + batchnorm.eps)
+        shift = batchnorm.bias - batchnorm.running_mean * scale
+        if base.bias is not None:
+            shift = shift + base.bias * scale
+        per_channel = scale.view(-1, 1, 1, 1)
+        return _LoraConvFunction.apply(x, base.weight * per_channel, shift, self.lora_A.weight,
+                                       self.lora_B.weight * per_channel, self.scaling, _geometry(base))
+
+
+class FrozenBatchNormLoraLayer(ResNetConvLayer):
+    """A ResNet conv layer (conv, BatchNorm, activation) with a LoRA conv and a frozen BatchNorm, which training
+    folds into the convolution (`LoraConv2d.folded`); eval and no-grad passes run the layer as it is. The children
+    keep their names, so checkpoints and adapters are those of the plain layer."""
+
+    def __init__(self, layer: ResNetConvLayer):
+        nn.Module.__init__(self)  # not ResNetConvLayer's: the layer's own modules move in
+        self.convolution, self.normalization, self.activation = layer.convolution, layer.normalization, layer.activation
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and isinstance(self.convolution, LoraConv2d):
+            return self.activation(self.convolution.folded(hidden_states, self.normalization))
+        return super().forward(hidden_states)
+
+
+def _geometry(conv: nn.Conv2d) -> dict:
+    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+
+
+class _LoraConvFunction(torch.autograd.Function):
+    """A LoraConv2d in training: conv(x, W) + s·B(A(x)), with a backward that computes what autograd would through
+    the two-conv branch, minus two full-size passes per layer.
+
+    Forward: in full precision, one convolution with the merged W + s·B·A (equal to the branch up to float
+    rounding), plus A(x), which B's gradient needs; under autocast, the branch in bf16 with its effect added to
+    the base output in fp32. Backward: the input gradient in one convolution through W + s·B·A (the branch's share
+    included, not a second full-size gradient to add), B's and A's gradients from the rank-r tensors, and W's
+    only if it is trainable (the frozen base never gets one).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_weight, b_weight, scaling, geometry):
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            x = x.to(dtype)  # once for both convolutions (autocast would cast it twice)
+            a = F.conv2d(x, a_weight.to(dtype), None, **geometry)
+            if autocast:
+                out = F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype), **geometry).float()
+                out.add_(F.conv2d(a, (b_weight * scaling).to(dtype)))
+            else:
+                out = F.conv2d(x, _merged(weight, a_weight, b_weight, scaling), bias, **geometry)
+        ctx.save_for_backward(x, a, weight, a_weight, b_weight)
+        ctx.scaling, ctx.geometry = scaling, geometry
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, weight, a_weight, b_weight = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        scaling, geometry = ctx.scaling, ctx.geometry
+        grad_x = grad_weight = grad_a = grad_b = None
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(x.dtype)
+            if need_a or need_b:  # through the 1x1 conv s·B: the gradients of its input (rank r) and of B
+                grad_rank, grad_b = _conv_backward(grad, a, b_weight * scaling, [need_a, need_b])
+                if need_a:
+                    grad_a = _conv_backward(grad_rank, x, a_weight, [False, True], **geometry)[1]
+            if need_x or need_weight:
+                grad_x, grad_weight = _conv_backward(grad, x, _merged(weight, a_weight, b_weight, scaling),
+                                                     [need_x, need_weight], **geometry)
+        return (grad_x, grad_weight, grad.sum((0, 2, 3)) if need_bias else None,
+                None if grad_a is None else grad_a.to(a_weight.dtype),
+                None if grad_b is None else (grad_b * scaling).to(b_weight.dtype), None, None)
+
+
+def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: list[bool],
+                   stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> tuple:
+    """(input gradient, weight gradient) of conv2d(x, weight), each only where `mask` asks for it."""
+    return torch.ops.aten.convolution_backward(grad, x, weight.to(x.dtype), None, stride, padding, dilation, False,
+                                               (0, 0), 1, [*mask, False])[:2]
+
+
+def _merged(weight: torch.Tensor, a_weight: torch.Tensor, b_weight: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + s·B·A as one conv weight: the 1×1 conv B after the k×k conv A is the conv with B·A."""
+    return weight + _delta(a_weight, b_weight, scaling).view_as(weight)
+
+
+def _delta(a_weight: torch.Tensor, b_weight: torch.Tensor, scaling: float) -> torch.Tensor:
+    return (b_weight.flatten(1) @ a_weight.flatten(1)) * scaling
 
 
 def add_lora(
@@ -115,6 +215,10 @@ def add_lora(
             module.requires_grad_(batchnorm == "affine")
             if batchnorm == "frozen":  # normalise with the pretrained statistics, in training too
                 module.register_forward_pre_hook(_keep_in_eval_mode)
+    if batchnorm == "frozen":
+        for name, module in list(model.named_modules()):
+            if isinstance(module, ResNetConvLayer) and isinstance(module.convolution, LoraConv2d):
+                _replace_module(model, name, FrozenBatchNormLoraLayer(module))
     return model
 
 
@@ -229,9 +333,12 @@ def _target_conv_names(model: nn.Module, targets: str) -> list[str]:
                 for name, m in block.layer.named_modules():
                     if isinstance(m, nn.Conv2d) and (targets == "bottleneck" or m.kernel_size == (3, 3)):
                         names.append(f"{block_name}.layer.{name}")
-    grouped = [name for name in names if model.get_submodule(name).groups != 1]
-    if grouped:
-        raise GalaxyTuneError(f"LoRA does not adapt grouped convolutions ({grouped[0]}): choose other targets")
+    unsupported = [name for name in names if model.get_submodule(name).groups != 1
+                   or isinstance(model.get_submodule(name).padding, str)
+                   or model.get_submodule(name).padding_mode != "zeros"]
+    if unsupported:
+        raise GalaxyTuneError(f"LoRA adapts plain convolutions (no groups, zero padding given as numbers), not "
+                              f"{unsupported[0]}: choose other targets")
     return names
 
 

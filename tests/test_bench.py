@@ -235,6 +235,7 @@ def test_bench_train_compares_full_and_lora_in_one_run(demo_dir, tmp_path, capsy
     assert settings["methods"] == ["full", "lora"] and settings["steps_per_round"] == [2, 1]
     assert (settings["warmup"], settings["eval_batches"], settings["eval_batch_size"]) == (1, 2, 64)  # CPU defaults
     assert settings["compiled"] is None and settings["bf16_autocast"] is False and settings["lora_rank"] == 8
+    assert settings["lora_batchnorm"] == "stats"  # the reference recipe's
     full, lora = figures["methods"]["full"], figures["methods"]["lora"]
     common = {"train_images_per_s", "train_images_per_s_per_round", "peak_memory_mb", "state_mb", "peak_working_mb",
               "eval_images_per_s"}
@@ -272,6 +273,16 @@ def test_bench_train_of_one_method_has_no_comparison_and_can_skip_eval(demo_dir,
     assert list(figures["methods"]) == ["full"] and figures["lora_to_full"] is None
     assert figures["methods"]["full"]["eval_images_per_s"] is None
     assert figures["settings"]["lora_rank"] is None and figures["settings"]["steps_per_round"] == [1]
+
+
+def test_bench_train_command_measures_lora_with_a_frozen_batchnorm(demo_dir, tmp_path, capsys):
+    assert cli.main(["bench", "train", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--model", "tiny",
+                     "--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--batch-size", "8",
+                     "--method", "lora", "--lora-batchnorm", "frozen", "--steps", "1", "--warmup", "0",
+                     "--eval-batches", "0", "--device", "cpu", "--json", str(tmp_path / "train.json")]) == 0
+    figures = json.loads((tmp_path / "train.json").read_text())
+    assert figures["settings"]["lora_batchnorm"] == "frozen" and list(figures["methods"]) == ["lora"]
+    assert "(LoRA rank 8, BatchNorm frozen)" in capsys.readouterr().out
 
 
 def full_state_dict(figures: dict) -> list[torch.Tensor]:

@@ -6,10 +6,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import ResNetForImageClassification
+from transformers.models.resnet.modeling_resnet import ResNetConvLayer
 
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.lora import (
     LORA_TARGETS,
+    FrozenBatchNormLoraLayer,
     LoraConv2d,
     adapter_state_dict,
     add_lora,
@@ -119,9 +121,10 @@ def test_adapters_of_another_rank_are_rejected(tmp_path):
         load_adapters(add_lora(build_model(TINY), rank=8, alpha=8), tmp_path / "adapters.safetensors")
 
 
+@pytest.mark.parametrize("batchnorm", ["stats", "frozen"])
 @pytest.mark.parametrize("merged", [False, True])
-def test_plain_model_matches_lora_model_and_loads_with_plain_transformers(tmp_path, merged):
-    lora = add_lora(build_model(TINY), rank=4, alpha=8, targets="all")
+def test_plain_model_matches_lora_model_and_loads_with_plain_transformers(tmp_path, merged, batchnorm):
+    lora = add_lora(build_model(TINY), rank=4, alpha=8, targets="all", batchnorm=batchnorm)
     _train_a_few_steps(lora)
     lora.train(not merged)  # eval() convolves with the merged weight
     plain = to_plain_model(lora)
@@ -155,19 +158,50 @@ def _small_adapter(conv: nn.Conv2d, relative_size: float) -> LoraConv2d:
     return lora
 
 
-def test_the_adapter_effect_survives_bf16_autocast_where_a_merged_weight_loses_it():
+@pytest.mark.parametrize("training", [True, False], ids=["training-function", "no-grad-branch"])
+def test_the_adapter_effect_survives_bf16_autocast_where_a_merged_weight_loses_it(training):
     torch.manual_seed(0)
     conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
     lora = _small_adapter(conv, relative_size=3e-4).train()
-    x = torch.randn(4, 64, 16, 16)
+    x = torch.randn(4, 64, 16, 16, requires_grad=training)
     with torch.no_grad():
         reference = lora(x) - conv(x)  # fp32: the adapter's effect on the layer's output
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            branch = (lora(x) - conv(x)).float()
-            merged = (nn.functional.conv2d(x, conv.weight + lora.delta_weight(), padding=1) - conv(x)).float()
+    with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora(x)
+        branch = (out - conv(x)).float().detach()
+        merged = (nn.functional.conv2d(x, conv.weight + lora.delta_weight(), padding=1) - conv(x)).float().detach()
     error = lambda effect: ((effect - reference).norm() / reference.norm()).item()  # noqa: E731
+    assert (out.grad_fn is not None) == training  # training: _LoraConvFunction's bf16 forward
     assert error(branch) < 0.01  # the branch: within 1 % of fp32
     assert error(merged) > 0.5  # bf16(W + ΔW) rounds most of ΔW away: what the branch avoids
+
+
+@pytest.mark.parametrize("kernel, stride, bias", [(1, 1, False), (3, 1, False), (3, 2, True), (7, 2, True)])
+def test_the_training_function_has_the_exact_gradients_of_conv_plus_branch(kernel, stride, bias):
+    """_LoraConvFunction (merged forward, its own backward) against autograd's numerical gradients in float64,
+    including the base weight and bias when someone makes them trainable."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, kernel, stride, kernel // 2, bias=bias).double()
+    lora = LoraConv2d(conv, rank=2, alpha=3).double().train()
+    nn.init.normal_(lora.lora_B.weight)
+    conv.requires_grad_(True)
+    x = torch.randn(2, 6, 9, 9, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *_: lora(x), (x, *conv.parameters(), *lora.lora_A.parameters(),
+                                                           *lora.lora_B.parameters()))
+
+
+def test_the_training_function_matches_autograd_through_the_two_conv_branch_in_float32():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+    lora = LoraConv2d(conv, rank=4, alpha=8).train()
+    nn.init.normal_(lora.lora_B.weight, std=0.05)
+    x = torch.randn(3, 16, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(3, 32, 12, 12)
+    weights = [x, lora.lora_A.weight, lora.lora_B.weight]
+    by_function = torch.autograd.grad(lora(x), weights, grad)
+    two_convs = conv(x) + lora.lora_B(lora.lora_A(x) * lora.scaling)  # what the layer computes, in plain autograd
+    for ours, reference in zip(by_function, torch.autograd.grad(two_convs, weights, grad)):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_frozen_base_convs_get_no_weight_gradient():
@@ -185,3 +219,35 @@ def test_adapters_written_by_the_earlier_loralib_convlora_layer_still_load():
     expected = torch.load(FIXTURES / "loralib_convlora_logits.pt", weights_only=True)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(expected["pixels"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
+
+
+def _randomise_batchnorm(model: nn.Module) -> None:
+    """Statistics and affine parameters unlike a fresh BatchNorm's (1, 0), so folding them in is tested."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+
+
+def test_a_frozen_batchnorm_folded_into_the_lora_conv_trains_as_the_unfolded_layer(monkeypatch):
+    torch.manual_seed(0)
+    model = add_lora(build_model(TINY), rank=4, alpha=8, targets="all", batchnorm="frozen").train()
+    _randomise_batchnorm(model)
+    for m in model.modules():
+        if isinstance(m, LoraConv2d):
+            nn.init.normal_(m.lora_B.weight, std=0.1)
+    assert sum(isinstance(m, FrozenBatchNormLoraLayer) for m in model.modules()) == 13  # the stem + 12 in blocks
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def logits_and_gradients():
+        logits = model(IMAGES).logits
+        return logits.detach(), torch.autograd.grad(nn.functional.cross_entropy(logits, LABELS), trainable)
+
+    folded = logits_and_gradients()
+    monkeypatch.setattr(FrozenBatchNormLoraLayer, "forward", ResNetConvLayer.forward)  # conv, BatchNorm, ReLU
+    unfolded = logits_and_gradients()
+    torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-5)
+    assert model.state_dict().keys() == add_lora(build_model(TINY), rank=4, alpha=8, targets="all").state_dict().keys()

@@ -78,7 +78,8 @@ class Trainee:
 
 def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"), model: str = "resnet50-random",
                 image_size_px: int = 224, crop_px: int | None = None, batch_size: int = 32,
-                method: str | Sequence[str] = "full", lora_rank: int = 8, steps: int | None = None,
+                method: str | Sequence[str] = "full", lora_rank: int = 8, lora_batchnorm: str = "stats",
+                steps: int | None = None,
                 warmup: int | None = None, rounds: int | None = None, eval_batches: int | None = None,
                 device: str | None = None, compile_model: bool = False, compile_backend: str = "inductor",
                 threads: int | None = None) -> dict:
@@ -109,8 +110,8 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
 
     with torch_threads(threads):
         threads = torch.get_num_threads()
-        trainees = {m: trainee(m, model, len(prepared.class_names), train, batch_size, lora_rank, device,
-                               compile_backend if compile_model else None) for m in methods}
+        trainees = {m: trainee(m, model, len(prepared.class_names), train, batch_size, lora_rank, lora_batchnorm,
+                               device, compile_backend if compile_model else None) for m in methods}
         for one in trainees.values():  # the allocator, cuDNN's autotuning, compilation, the optimizer's state
             one.steps(counts["warmup"], device)
         timings = interleaved({m: (lambda n, one=one: one.timed(sizes[n], device)) for m, one in trainees.items()},
@@ -127,6 +128,7 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
         "benchmark": "train",
         "settings": {"model": model, "methods": methods, "image_size_px": image_size_px, "crop_px": crop_px,
                      "batch_size": batch_size, "lora_rank": lora_rank if "lora" in methods else None,
+                     "lora_batchnorm": lora_batchnorm if "lora" in methods else None,
                      **counts, "steps_per_round": sizes, "eval_batch_size": EVAL_BATCH, "device": str(device),
                      "torch_threads": threads, "bf16_autocast": device.type == "cuda", "channels_last": True,
                      "compiled": compile_backend if compile_model else None, "data_dir": str(data_config.data_dir)},
@@ -145,16 +147,18 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
         peak = {m: memory[m]["peak_memory_mb"] for m in methods}
         figures["lora_to_full"] = {"train_speed": ratio_spread(timings["lora"], timings["full"]),
                                    "peak_memory_ratio": peak["lora"] / peak["full"]}
-    print_table(f"bench train: {model} {' vs '.join(methods)}, {image_size_px} px, batch {batch_size}, {device}, "
+    lora = f" (LoRA rank {lora_rank}, BatchNorm {lora_batchnorm})" if "lora" in methods else ""
+    print_table(f"bench train: {model} {' vs '.join(methods)}{lora}, {image_size_px} px, batch {batch_size}, {device}, "
                 f"{threads} torch thread(s), {counts['warmup']} warm-up + {counts['steps']} timed steps in "
                 f"{len(sizes)} round(s)", table_rows(figures))
     return figures
 
 
 def trainee(method: str, model: str, num_labels: int, split: ImageSplit, batch_size: int, lora_rank: int,
-            device: torch.device, compile_backend: str | None) -> Trainee:
+            lora_batchnorm: str, device: torch.device, compile_backend: str | None) -> Trainee:
     """A method's reference recipe, built and placed as `fit` builds it, with its own batch stream."""
-    config = dataclasses.replace(REFERENCE_CONFIGS[method], batch_size=batch_size, lora_rank=lora_rank)
+    config = dataclasses.replace(REFERENCE_CONFIGS[method], batch_size=batch_size, lora_rank=lora_rank,
+                                 lora_batchnorm=lora_batchnorm)
     net = place(make_model(config, model, num_labels=num_labels), device)
     optimizer = make_optimizer(config, net)
     scheduler = make_scheduler(config, optimizer, math.ceil(len(split) / batch_size))
