@@ -116,6 +116,8 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path]
                                   "sizes or models: retrain them separately with --from and --methods")
         best = next(iter(bests.values()))
         data = best["data"]
+        refuse_other_data(data, searched, data_dir=data_dir, task=task, min_vote=min_vote,
+                          image_size_px=image_size_px, crop_px=crop_px, seed=seed)
         prepared = load_prepared(Path(data["prepared"]), data["image_size_px"], data["crop_px"])
         model_name = model or best["model"]
         for method, folder in used.items():
@@ -136,6 +138,22 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path]
     print(report.read_text())
     print(f"retrain results in {out}")
     return out
+
+
+DATA_FLAGS = {"data_dir": "--data-dir", "task": "--task", "min_vote": "--min-vote", "image_size_px": "--image-size",
+              "crop_px": "--crop", "seed": "--seed"}
+
+
+def refuse_other_data(data: dict, searched: dict[str, Path], **settings) -> None:
+    """Retrain tests on its searches' data: a data setting given that differs from theirs is an error, not ignored."""
+    if settings.get("data_dir") is not None:
+        settings["data_dir"] = str(Path(settings["data_dir"]).resolve())
+    for name, value in given(**settings).items():
+        if value != data.get(name):
+            raise GalaxyTuneError(
+                f"{DATA_FLAGS[name]} {value} differs from the searches' {data.get(name)} "
+                f"({', '.join(map(str, searched.values()))}): retrain tests on its searches' data; drop "
+                f"{DATA_FLAGS[name]}, or search again with it")
 
 
 def predict(model_dir: Path, images_dir: Path, out_csv: Path = Path("predictions.csv"), *, tta: bool = False,

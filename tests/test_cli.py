@@ -105,6 +105,27 @@ def test_retrain_refuses_searches_made_on_different_data(tmp_path, capsys):
     assert "used different data, image sizes or models" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, culprit", [
+    (["--task", "kaggle-votes"], "--task kaggle-votes differs from the searches' seed-top2"),
+    (["--image-size", "128"], "--image-size 128 differs from the searches' 64"),
+    (["--data-dir", "elsewhere"], "--data-dir"),
+    (["--task", "seed-top2", "--image-size", "64"], None),  # the searches' own settings: accepted
+])
+def test_retrain_refuses_data_settings_other_than_its_searches(tmp_path, capsys, flags, culprit):
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "best.json").write_text(json.dumps({
+        "method": "lora", "model": "tiny", "data": {"prepared": str(tmp_path / "gone"), "image_size_px": 64,
+                                                    "crop_px": None, "task": "seed-top2", "seed": 0,
+                                                    "data_dir": str(tmp_path / "kaggle")}}))
+    assert main(["retrain", "--results-dir", str(tmp_path), "--methods", "lora", *flags]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    if culprit:
+        assert culprit in error and "retrain tests on its searches' data" in error
+    else:  # past the check, to the next one: the searches' prepared data is gone
+        assert "is gone" in error
+
+
 def test_retrain_from_a_search_whose_prepared_data_is_gone(tmp_path, capsys):
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "best.json").write_text(json.dumps({
