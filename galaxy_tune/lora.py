@@ -42,6 +42,9 @@ class LoraConv2d(nn.Module, loralib.LoRALayer):
     """A frozen convolution plus a trainable low-rank branch: base(x) + lora_B(lora_A(x)) · alpha / r."""
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float, merge_weights: bool = True, rslora: bool = False):
+        if not is_plain_conv(base):
+            raise GalaxyTuneError(f"LoRA adapts plain convolutions (no groups, zero padding given as numbers), not "
+                                  f"{base}: choose other targets")
         nn.Module.__init__(self)
         loralib.LoRALayer.__init__(self, r=rank, lora_alpha=alpha, lora_dropout=0.0, merge_weights=merge_weights)
         self.base_layer = base.requires_grad_(False)
@@ -70,7 +73,6 @@ class LoraConv2d(nn.Module, loralib.LoRALayer):
         out = base(x)
         # The sum in fp32: under bf16 autocast a small effect added to the bf16 base output would round away.
         return (out.float() if out.dtype != torch.float32 else out).add_(effect)
-
 
     def folded(self, x: torch.Tensor, batchnorm: nn.BatchNorm2d) -> torch.Tensor:
         """batchnorm(self(x)) for a frozen BatchNorm in eval mode, in training: its scale folded into W and B, its
@@ -107,11 +109,12 @@ def _geometry(conv: nn.Conv2d) -> dict:
 
 class _LoraConvFunction(torch.autograd.Function):
     """A LoraConv2d in training: conv(x, W) + s·B(A(x)), with a backward that computes what autograd would through
-    the two-conv branch, minus two full-size passes per layer.
+    the two-conv branch (in fp32 to float rounding), minus two full-size passes per layer.
 
-    Forward: in full precision, one convolution with the merged W + s·B·A (equal to the branch up to float
-    rounding), plus A(x), which B's gradient needs; under autocast, the branch in bf16 with its effect added to
-    the base output in fp32. Backward: the input gradient in one convolution through W + s·B·A (the branch's share
+    Forward: on the CPU in full precision, one convolution with the merged W + s·B·A (equal to the branch up to
+    float rounding), plus A(x), which B's gradient needs; under autocast, and on CUDA (whose convolutions may
+    round fp32 inputs to TF32, which would round ΔW away as bf16 does), the branch, its effect added to the base
+    output in fp32. Backward: the input gradient in one convolution through W + s·B·A (the branch's share
     included, not a second full-size gradient to add), B's and A's gradients from the rank-r tensors, and W's
     only if it is trainable (the frozen base never gets one).
     """
@@ -124,7 +127,7 @@ class _LoraConvFunction(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             x = x.to(dtype)  # once for both convolutions (autocast would cast it twice)
             a = F.conv2d(x, a_weight.to(dtype), None, **geometry)
-            if autocast:
+            if autocast or device_type != "cpu":
                 out = F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype), **geometry).float()
                 out.add_(F.conv2d(a, (b_weight * scaling).to(dtype)))
             else:
@@ -134,6 +137,7 @@ class _LoraConvFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # its backward has no graph: second derivatives raise
     def backward(ctx, grad):
         x, a, weight, a_weight, b_weight = ctx.saved_tensors
         need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
@@ -217,7 +221,8 @@ def add_lora(
                 module.register_forward_pre_hook(_keep_in_eval_mode)
     if batchnorm == "frozen":
         for name, module in list(model.named_modules()):
-            if isinstance(module, ResNetConvLayer) and isinstance(module.convolution, LoraConv2d):
+            if (isinstance(module, ResNetConvLayer) and isinstance(module.convolution, LoraConv2d)
+                    and module.normalization.affine):
                 _replace_module(model, name, FrozenBatchNormLoraLayer(module))
     return model
 
@@ -235,8 +240,8 @@ def _stage_of(name: str) -> int | None:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of what a LoRA result adds to its base model: lora_A/lora_B, the head, all BatchNorm params and buffers.
 
-    BatchNorm running stats change in train mode even when frozen, so they are kept to reproduce the model
-    exactly. The base conv weights never change, so they are never included.
+    BatchNorm running stats change in train mode (batchnorm "stats" and "affine"), so they are kept to reproduce
+    the model exactly. The base conv weights never change, so they are never included.
     """
     state = loralib.lora_state_dict(model)
     batchnorm_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
@@ -315,6 +320,8 @@ def to_plain_model(model: ResNetForImageClassification) -> ResNetForImageClassif
     """
     plain = copy.deepcopy(model)
     for name, module in list(plain.named_modules()):
+        if isinstance(module, FrozenBatchNormLoraLayer):
+            module.__class__ = ResNetConvLayer  # the same modules, HF's own layer again (it adds no state)
         if isinstance(module, LoraConv2d):
             conv = module.base_layer
             with torch.no_grad():
@@ -333,13 +340,16 @@ def _target_conv_names(model: nn.Module, targets: str) -> list[str]:
                 for name, m in block.layer.named_modules():
                     if isinstance(m, nn.Conv2d) and (targets == "bottleneck" or m.kernel_size == (3, 3)):
                         names.append(f"{block_name}.layer.{name}")
-    unsupported = [name for name in names if model.get_submodule(name).groups != 1
-                   or isinstance(model.get_submodule(name).padding, str)
-                   or model.get_submodule(name).padding_mode != "zeros"]
+    unsupported = [name for name in names if not is_plain_conv(model.get_submodule(name))]
     if unsupported:
         raise GalaxyTuneError(f"LoRA adapts plain convolutions (no groups, zero padding given as numbers), not "
                               f"{unsupported[0]}: choose other targets")
     return names
+
+
+def is_plain_conv(conv: nn.Conv2d) -> bool:
+    """What the LoRA layer's own convolutions and backward assume: one group, zero padding of a number of pixels."""
+    return conv.groups == 1 and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

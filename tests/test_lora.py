@@ -129,6 +129,7 @@ def test_plain_model_matches_lora_model_and_loads_with_plain_transformers(tmp_pa
     lora.train(not merged)  # eval() convolves with the merged weight
     plain = to_plain_model(lora)
     assert _lora_conv_count(plain) == 0 and _lora_conv_count(lora) == 17
+    assert not any(isinstance(m, FrozenBatchNormLoraLayer) for m in plain.modules())  # HF's own layers
     torch.testing.assert_close(_logits(plain, False), _logits(lora, False), atol=1e-5, rtol=1e-5)
 
     plain.save_pretrained(tmp_path)
@@ -188,6 +189,16 @@ def test_the_training_function_has_the_exact_gradients_of_conv_plus_branch(kerne
     x = torch.randn(2, 6, 9, 9, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *_: lora(x), (x, *conv.parameters(), *lora.lora_A.parameters(),
                                                            *lora.lora_B.parameters()))
+    [grad] = torch.autograd.grad(lora(x).square().sum(), lora.lora_B.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # no second derivative, rather than a wrong one
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                                  nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, groups=2)])
+def test_convolutions_the_lora_layer_cannot_compute_are_refused(conv):
+    with pytest.raises(GalaxyTuneError, match="LoRA adapts plain convolutions"):
+        LoraConv2d(conv, rank=2, alpha=2)
 
 
 def test_the_training_function_matches_autograd_through_the_two_conv_branch_in_float32():

@@ -161,8 +161,8 @@ def check_search(plan: dict, data_dir: Path, folder: Path, done: dict, dry_run: 
 
 
 def check_lora_bf16(plan: dict, data_dir: Path, folder: Path, done: dict, dry_run: bool) -> dict:
-    """The adapter's effect on a layer's output under bf16 autocast vs float32: as the branch computes it, and
-    through a merged bf16 weight W + ΔW (which rounds most of a small ΔW away)."""
+    """The adapter's effect on a layer's output under bf16 autocast vs float32: as the branch computes it in
+    training, and through a merged bf16 weight W + ΔW (which rounds most of a small ΔW away)."""
     device = torch.device(plan["device"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -173,11 +173,11 @@ def check_lora_bf16(plan: dict, data_dir: Path, folder: Path, done: dict, dry_ru
         lora.lora_B.weight.normal_()
         lora.lora_B.weight *= 3e-4 * conv.weight.norm() / lora.delta_weight().norm()
     lora, x = lora.to(device).train(), x.to(device)
-    with torch.no_grad():
-        with full_precision():
-            reference = lora(x) - conv(x)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            branch = (lora(x) - conv(x)).float()
+    with torch.no_grad(), full_precision():
+        reference = lora(x) - conv(x)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        branch = (lora(x.requires_grad_()) - conv(x)).float().detach()  # with a gradient: training's layer
+        with torch.no_grad():
             merged = (F.conv2d(x, conv.weight + lora.delta_weight(), padding=1) - conv(x)).float()
     branch_error, merged_error = (((e - reference).norm() / reference.norm()).item() for e in (branch, merged))
     return {"branch_error": branch_error, "merged_error": merged_error,
