@@ -135,6 +135,9 @@ def test_kaggle_votes_search_retrain_predict_writes_a_submission(ray_local, demo
     report = (retrain / "report.md").read_text()
     assert info["baseline_test_rmse"] > 0 and "## Test RMSE (37 vote fractions" in report
     assert "| Class11 (6 answers) | Class4.1" in report  # the per-question table, from the prepared split
+    selection = report.split("## Top-k retrain")[1].split("## ")[0]  # the winner's curse, in RMSE
+    assert "search val RMSE" in selection and "lowest mean **val** RMSE" in selection
+    assert "![" in selection and (retrain / "winners_curse.png").is_file()
 
     # predict on the test galaxies (as on Kaggle's images_test_rev1) gives the retrain's own outputs.
     predictions = pd.read_csv(retrain / "test_predictions.csv")

@@ -20,7 +20,7 @@ from ..data import read_consensus
 from ..errors import GalaxyTuneError
 from .evaluation_figures import (plot_consensus, plot_coverage, plot_frontier, plot_reliability,
                                  plot_winners_curse)
-from .figure import METHOD_ORDER, FigureSkipped, embed
+from .figure import METHOD_ORDER, FigureSkipped, Metric, embed
 from .runs import correct_and_confidence, logits_of, present, seed_predictions, with_ranks
 from .stats import (BOOTSTRAP_RESAMPLES, SIGNIFICANCE, coverage_curve, fmt_interval, largest_coverage,
                     mcnemar_exact, mean_and_sd, paired_bootstrap, wilson_interval)
@@ -223,35 +223,42 @@ def frontier_lines(all_results: pd.DataFrame) -> list[str]:
              "(mean over seeds; selected configs)."), ""]
 
 
-def selection_section(out: Path, all_results: pd.DataFrame) -> list[str]:
-    """The top-k retrain: each config's search val accuracy against its retrained val and test accuracy."""
+def selection_section(out: Path, all_results: pd.DataFrame, metric: Metric) -> list[str]:
+    """The top-k retrain: each config's search val metric against its retrained val and test metric."""
     lines = ["## Top-k retrain: selection on validation data and the winner's curse", ""]
-    if "rank" not in all_results or "search_val_accuracy" not in all_results:
+    search_column = f"search_{metric.name}"
+    if "rank" not in all_results or search_column not in all_results:
         return lines + not_shown(out, "winners_curse.png", "this retrain predates top-k retrain (one config per "
                                  f"method): {RETRAIN_AGAIN}")
     trained = all_results[all_results["method"] != "direct"]
     if trained.empty:
         return lines + not_shown(out, "winners_curse.png", "only the direct baseline was tested: no config to choose")
+    short, digits = ("acc %", 2) if metric.percent else ("RMSE", 4)
+    difference = " (pp)" if metric.percent else ""
     rows = []
     for (method, rank), runs in sorted(trained.groupby(["method", "rank"]), key=lambda g: (
             METHOD_ORDER.index(g[0][0]), g[0][1])):
-        search, val = runs["search_val_accuracy"].iloc[0] * 100, runs["val_accuracy"] * 100
-        gain = round(val.mean() - search, 2) + 0.0  # + 0.0: no "-0.00"
+        search, val = metric.shown(runs[search_column].iloc[0]), metric.shown(runs[metric.name])
+        gain = round(float(val.mean() - search), digits) + 0.0  # + 0.0: no "-0.00"
         rows.append({"method": method, "search rank": int(rank),
-                     "search val acc %": "–" if np.isnan(search) else f"{search:.2f}",
-                     "retrained val acc %": mean_and_sd(val),
-                     "retrained − search val (pp)": "–" if np.isnan(search) else f"{gain:+.2f}",
-                     "test acc %": mean_and_sd(runs["test_accuracy"] * 100),
+                     f"search val {short}": "–" if np.isnan(search) else f"{search:.{digits}f}",
+                     f"retrained val {short}": mean_and_sd(val, digits),
+                     f"retrained − search val{difference}": "–" if np.isnan(search) else f"{gain:+.{digits}f}",
+                     f"test {short}": mean_and_sd(metric.shown(runs[f"test_{metric.task.metric}"]), digits),
                      "selected": "✓" if runs["selected"].any() else ""})
+    better = "best" if metric.task.mode == "max" else "lowest"
+    name = "accuracy" if metric.percent else "RMSE"
     return lines + [
-        ("Each method's top configs of its search were retrained with every seed; the config it reports "
-         "(✓) has the best mean **val** accuracy over the seeds; no test number took part. The search's val "
-         "accuracy is the best of many trials on the same val split, so it flatters its winner (the winner's "
-         "curse); the retrained val accuracy is fresh training on the same split, and test accuracy the only "
-         "unbiased one. Retrained and test: mean ± sd over seeds. The direct baseline has no config to choose."),
+        (f"Each method's top configs of its search were retrained with every seed; the config it reports "
+         f"(✓) has the {better} mean **val** {name} over the seeds; no test number took part. The "
+         f"search's val {name} is the {better} of many trials on the same val split, so it flatters its "
+         f"winner (the winner's curse); the retrained val {name} is fresh training on the same "
+         f"split, and the test {name} the only unbiased one. Retrained and test: mean ± sd over "
+         "seeds. The direct baseline has no config to choose."),
         "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), "",
-        *embed(out, "winners_curse.png", "Each config's accuracy as the search saw it, retrained on val, and on "
-               "test; the thick line is the config selected on val", lambda: plot_winners_curse(trained)),
+        *embed(out, "winners_curse.png", f"Each config's {name} as the search saw it, retrained on "
+               "val, and on test; the thick line is the config selected on val",
+               lambda: plot_winners_curse(trained, metric)),
     ]
 
 

@@ -11,7 +11,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from ..calibration import probabilities, reliability
-from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, padded_limits, percent_axis
+from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, Metric, padded_limits, percent_axis
 from .runs import correct_and_confidence, logits_of, present, seed_predictions
 from .stats import coverage_curve, largest_coverage, wilson_interval
 
@@ -23,18 +23,17 @@ def label_points(ax, points: list[tuple[float, float, int, bool]], color: str, f
     """Label config points (x, y, search rank, selected) right of them, e.g. `#1 selected, #2` where points
     coincide. A label that would cover another label or point moves up, joined to its point by a thin line.
     Call once the axes' limits are set."""
-    places: dict[tuple[float, float], list[tuple[int, bool]]] = {}
-    for x, y, rank, chosen in points:
-        places.setdefault((x, round(y, 1)), []).append((rank, chosen))
     to_axes = ax.transScale + ax.transLimits  # data to axes fractions, whatever the layout
+    places: dict[tuple[float, float], list[tuple[int, bool]]] = {}  # points within 1 % of the axis coincide
+    for x, y, rank, chosen in points:
+        place = to_axes.transform((x, y))
+        places.setdefault((round(place[0], 2), round(place[1], 2)), []).append((rank, chosen))
     box = ax.get_position()
     char = fontsize * 0.62 / 72 / (box.width * ax.figure.get_figwidth())  # one character, in axes fractions
     height = fontsize * 1.5 / 72 / (box.height * ax.figure.get_figheight())
-    anchors = {place: to_axes.transform(place) for place in places}
-    taken = [(x - char, y - height / 2, x + char, y + height / 2) for x, y in anchors.values()]
-    for place, configs in sorted(places.items(), key=lambda p: tuple(anchors[p[0]][::-1])):
+    taken = [(x - char, y - height / 2, x + char, y + height / 2) for x, y in places]
+    for (x, y), configs in sorted(places.items(), key=lambda p: p[0][::-1]):
         text = ", ".join(f"#{r}" + (" selected" if c else "") for r, c in sorted(configs))
-        x, y = anchors[place]
         left, right, level = x + 1.5 * char, x + (1.5 + len(text)) * char, y
         while any(left < t[2] and right > t[0] and level - height / 2 < t[3] and level + height / 2 > t[1]
                   for t in taken):
@@ -51,8 +50,8 @@ def legend_below(figure: Figure, handles: list, ncols: int = 3) -> None:
     figure.legend(handles=handles, loc="outside lower center", ncols=ncols, fontsize=9, frameon=False)
 
 
-def plot_winners_curse(trained: pd.DataFrame) -> Figure:
-    """One panel per trained method: each config's search val, retrained val and test accuracy, joined by a line."""
+def plot_winners_curse(trained: pd.DataFrame, metric: Metric) -> Figure:
+    """One panel per trained method: each config's search val, retrained val and test metric, joined by a line."""
     methods = present(trained)
     if not methods:
         raise FigureSkipped("the retrain trained neither full fine-tuning nor LoRA")
@@ -63,8 +62,8 @@ def plot_winners_curse(trained: pd.DataFrame) -> Figure:
         runs = trained[trained["method"] == method]
         ends[method] = []
         for rank, config in runs.groupby("rank"):
-            points = np.array([config["search_val_accuracy"].iloc[0], config["val_accuracy"].mean(),
-                               config["test_accuracy"].mean()]) * 100
+            points = metric.shown([config[f"search_{metric.name}"].iloc[0], config[metric.name].mean(),
+                                   config[f"test_{metric.task.metric}"].mean()])
             chosen = bool(config["selected"].any())
             ax.plot(range(3), points, color=METHOD_COLORS[method], marker="o", markersize=8 if chosen else 5,
                     linewidth=3.2 if chosen else 1.2, alpha=1.0 if chosen else 0.6, zorder=3 if chosen else 2)
@@ -79,15 +78,17 @@ def plot_winners_curse(trained: pd.DataFrame) -> Figure:
         configs, seeds = runs["rank"].nunique(), runs["seed"].nunique()
         ax.set_title(f"{method}: {configs} config{'s' * (configs > 1)}, {seeds} seed{'s' * (seeds > 1)}",
                      color=METHOD_COLORS[method], fontweight="bold")
-    percent_axis(axes[0], "accuracy (%)", *padded_limits(values))
+    metric.axis(axes[0], values)
+    axes[0].set_ylabel("accuracy (%)" if metric.percent else "RMSE (lower is better)")
     for ax, method in zip(axes, methods):
         label_points(ax, ends[method], METHOD_COLORS[method])
     legend_below(figure, [
         Line2D([], [], color="black", linewidth=3.2, marker="o", label="selected on val (reported)"),
         Line2D([], [], color="black", linewidth=1.2, marker="o", alpha=0.6,
                label="other top configs (#k: search rank)"),
-    ], ncols=2)
-    figure.suptitle("Winner's curse: the search's accuracy against the same configs retrained")
+    ], ncols=min(2, len(methods)))  # one panel: too narrow for both side by side
+    figure.suptitle(f"Winner's curse: the search's {metric.task.metric.replace('rmse', 'RMSE')} against the same "
+                    "configs retrained")
     return figure
 
 

@@ -27,7 +27,7 @@ from ..errors import GalaxyTuneError
 from ..kaggle import IMAGE_SIZE_PX
 from ..tasks import get_task
 from .evaluation import evaluation_sections, full_vs_lora, selection_section
-from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, class_label, embed, percent_axis
+from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, Metric, class_label, embed, percent_axis
 from .runs import predicted_class, seed_predictions, selected_runs
 from .stats import fmt_interval, mean_and_sd, t_interval, wilson_interval
 from .votes_report import votes_sections
@@ -58,7 +58,8 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
         f"Backbone: {base_weights(results['weights'].iloc[0])} (`{info['model']}`).",
     ]
     if votes:
-        lines += [*votes_sections(out, results, predictions, info), *cost_section(results)]
+        lines += [*votes_sections(out, results, predictions, info),
+                  *selection_section(out, all_results, Metric(get_task(data["task"]))), *cost_section(results)]
     else:
         lines += classification_sections(out, results, predictions, all_results, all_predictions, info,
                                          reference)
@@ -98,7 +99,7 @@ def classification_sections(out: Path, results: pd.DataFrame, predictions: pd.Da
         *embed(out, "test_accuracy.png", "Test accuracy per method: bars are the mean over seeds, whiskers ±1 sd, "
                "dots single seeds; black bars mark the reference study, the dotted line the majority class",
                lambda: plot_test_accuracy(results, info["majority_share"], reference)),
-        *selection_section(out, all_results),
+        *selection_section(out, all_results, Metric(get_task(data["task"]))),
         "## Full fine-tuning vs LoRA",
         "",
         *full_vs_lora(predictions),
