@@ -135,7 +135,11 @@ def run_search(options: SearchOptions) -> Path:
 
     started = time.time()
     about = about_search(options, model_name, prepared, experiment)  # what best.json says of the search
-    grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about).fit()
+    with warnings.catch_warnings():
+        # A resumed trial re-runs the epochs after its last checkpoint and reports them again; Optuna keeps the
+        # first report of a step and warns about the second, which is expected here, not a problem to look into.
+        warnings.filterwarnings("ignore", "The reported value is ignored because this `step=", UserWarning)
+        grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about).fit()
     for result in grid:
         if result.error is None and result.path:
             prune_checkpoints(Path(result.path), get_task(prepared.task))
