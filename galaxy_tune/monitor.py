@@ -137,13 +137,20 @@ def storage_ids(storage: optuna.storages.RDBStorage, name: str) -> tuple[int, di
 
 def settle(storage: optuna.storages.RDBStorage, trial_id: int, current: FrozenTrial, final: FrozenTrial) -> None:
     """Give an unfinished trial its final intermediate values and attributes, then (last) its final state."""
-    for step, value in final.intermediate_values.items():
-        if current.intermediate_values.get(step) != value:
-            storage.set_trial_intermediate_value(trial_id, step, value)
+    write_intermediate_values(storage, trial_id, current, final)
     for key, value in final.user_attrs.items():
         if current.user_attrs.get(key) != value:
             storage.set_trial_user_attr(trial_id, key, value)
     storage.set_trial_state_values(trial_id, final.state, final.values)
+
+
+def write_intermediate_values(storage: optuna.storages.RDBStorage, trial_id: int, current: FrozenTrial,
+                              final: FrozenTrial) -> None:
+    """Write the epochs' values of `final` that the stored `current` lacks or holds otherwise; note them in it."""
+    for step, value in final.intermediate_values.items():
+        if current.intermediate_values.get(step) != value:
+            storage.set_trial_intermediate_value(trial_id, step, value)
+            current.intermediate_values[step] = value
 
 
 def same_trial(a: FrozenTrial, b: FrozenTrial) -> bool:
@@ -298,10 +305,7 @@ class StudyMirror(TrialWatcher):
             return
         trial_id, current = self.mirrored[trial.trial_id]
         if not current.state.is_finished():
-            for step, value in final.intermediate_values.items():
-                if current.intermediate_values.get(step) != value:
-                    self.storage.set_trial_intermediate_value(trial_id, step, value)
-                    current.intermediate_values[step] = value
+            write_intermediate_values(self.storage, trial_id, current, final)
 
     def finish(self, trial, *, failed: bool) -> None:
         """The trial's final state (if the mirror has not recorded one already)."""
