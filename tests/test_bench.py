@@ -381,6 +381,10 @@ def test_bench_gpu_dry_run_runs_every_check_on_the_cpu(ray_local, tmp_path, caps
     assert training["full_images_per_s"] > 0 and training["lora_images_per_s"] > 0
     assert training["lora_to_full"] == training["bench_train"]["lora_to_full"]["train_speed"]["median"]
     assert training["peak_memory_ratio"] > 0
+    frozen = training["bench_train_frozen_batchnorm"]
+    assert frozen["settings"]["lora_batchnorm"] == "frozen" and training["bench_train"]["settings"]["lora_batchnorm"] \
+        == "stats"
+    assert training["frozen_batchnorm_lora_to_full"] == frozen["lora_to_full"]["train_speed"]["median"] > 0
     assert checks["compile"]["backend"] == "eager" and checks["compile"]["compiled_images_per_s"] > 0
     assert checks["compile"]["uncompiled_images_per_s"] == training["full_images_per_s"]
     search = checks["search"]
