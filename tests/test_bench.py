@@ -187,6 +187,8 @@ def test_bad_settings_are_refused_before_any_work(demo_dir, tmp_path):
         bench_train(demo_dir, tmp_path, rounds=0, device="cpu")
     with pytest.raises(GalaxyTuneError, match="--eval-batches -1 must be 0 or more"):
         bench_train(demo_dir, tmp_path, eval_batches=-1, device="cpu")
+    with pytest.raises(GalaxyTuneError, match="--lora-batchnorm 'none': choose frozen, stats, affine"):
+        bench_train(demo_dir, tmp_path, method="lora", lora_batchnorm="none")
     assert not (tmp_path / "bench").exists() and not (tmp_path / "prepared").exists()
 
 

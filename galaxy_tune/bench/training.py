@@ -25,7 +25,7 @@ from torch import nn
 from ..data import DataConfig, prepare, prepared_folder
 from ..errors import GalaxyTuneError
 from ..loader import ImageSplit, batches, open_split
-from ..lora import save_adapters, set_lora_merging, to_plain_model
+from ..lora import BATCHNORM_MODES, save_adapters, set_lora_merging, to_plain_model
 from ..train import (METHODS, REFERENCE_CONFIGS, make_model, make_optimizer, make_scheduler, pick_device, place,
                      predict_logits, train_steps)
 from .measure import (bench_dir, environment, fmt_spread, full_precision, interleaved, peak_memory_mb,
@@ -93,6 +93,8 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
     if not methods or len(set(methods)) < len(methods) or not set(methods) <= set(METHODS):
         raise GalaxyTuneError(f"--method {' '.join(map(repr, methods))}: choose {' or '.join(METHODS)}, or both "
                               "(each once) to compare them in one run")
+    if lora_batchnorm not in BATCHNORM_MODES:
+        raise GalaxyTuneError(f"--lora-batchnorm {lora_batchnorm!r}: choose {', '.join(BATCHNORM_MODES)}")
     device = pick_device(device)
     given = {"warmup": warmup, "steps": steps, "rounds": rounds, "eval_batches": eval_batches}
     counts = {name: DEFAULTS[device.type][name] if value is None else value for name, value in given.items()}
