@@ -128,8 +128,10 @@ class _LoraConvFunction(torch.autograd.Function):
             x = x.to(dtype)  # once for both convolutions (autocast would cast it twice)
             a = F.conv2d(x, a_weight.to(dtype), None, **geometry)
             if autocast or device_type != "cpu":
-                out = F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype), **geometry).float()
+                out = F.conv2d(x, weight.to(dtype), None, **geometry).float()
                 out.add_(F.conv2d(a, (b_weight * scaling).to(dtype)))
+                if bias is not None:  # in fp32, as the BatchNorm shift it may be is added unfolded
+                    out.add_(bias.float().view(-1, 1, 1))
             else:
                 out = F.conv2d(x, _merged(weight, a_weight, b_weight, scaling), bias, **geometry)
         ctx.save_for_backward(x, a, weight, a_weight, b_weight)

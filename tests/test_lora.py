@@ -262,3 +262,19 @@ def test_a_frozen_batchnorm_folded_into_the_lora_conv_trains_as_the_unfolded_lay
     unfolded = logits_and_gradients()
     torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-5)
     assert model.state_dict().keys() == add_lora(build_model(TINY), rank=4, alpha=8, targets="all").state_dict().keys()
+
+
+def test_a_folded_frozen_batchnorm_under_bf16_autocast_stays_within_bf16_rounding_of_float32():
+    torch.manual_seed(0)
+    model = add_lora(build_model(TINY), rank=4, alpha=8, batchnorm="frozen").train()
+    _randomise_batchnorm(model)
+    for m in model.modules():
+        if isinstance(m, LoraConv2d):
+            nn.init.normal_(m.lora_B.weight, std=0.1)
+    with torch.no_grad():
+        reference = model.eval()(IMAGES).logits  # float32, unfolded
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(IMAGES).logits.float()  # folded, bf16 convolutions
+    assert logits.grad_fn is not None
+    assert ((logits - reference).norm() / reference.norm()).item() < 0.03
