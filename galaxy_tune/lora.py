@@ -9,8 +9,9 @@ which merges W + B·A into one weight before convolving:
 - under bf16 autocast the merged weight rounds ΔW onto W's bf16 grid (most of a small ΔW is lost); the branch
   computes the adapter's effect on its own, and adds it to the base output in fp32.
 Training runs the layer as one autograd function (`_LoraConvFunction`) whose backward forms no full-size tensor
-beyond the input gradient; in eval mode outside autocast (e.g. CPU inference) the forward is one convolution with
-the merged weight: plain-conv speed.
+beyond the input gradient, and folds a frozen BatchNorm after it into the convolution
+(`FrozenBatchNormLoraLayer`); in eval mode outside autocast (e.g. CPU inference) the forward is one convolution
+with the merged weight: plain-conv speed.
 """
 
 import copy
