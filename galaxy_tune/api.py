@@ -149,6 +149,8 @@ def refuse_other_data(data: dict, searched: dict[str, Path], **settings) -> None
     if settings.get("data_dir") is not None:
         settings["data_dir"] = str(Path(settings["data_dir"]).resolve())
     for name, value in given(**settings).items():
+        if name == "min_vote" and data.get(name) is None:
+            continue  # the searches' task keeps every galaxy: --min-vote means nothing to it (as to `prepare`)
         if value != data.get(name):
             raise GalaxyTuneError(
                 f"{DATA_FLAGS[name]} {value} differs from the searches' {data.get(name)} "

@@ -249,7 +249,7 @@ def prepare(config: DataConfig, out_dir: Path) -> Prepared:
     fingerprint = source_fingerprint(data_dir, np.array([], dtype=np.int64))  # the CSV alone
     prepared = Prepared(out_dir, config.task, task.outputs, config.image_size_px, config.crop_px)
     if info.get("settings") != split_settings or info.get("csv_fingerprint") != fingerprint:
-        info = make_split(prepared, data_dir, targets, config, split_settings, fingerprint)
+        info = make_split(prepared, data_dir, task, targets, config, split_settings, fingerprint)
     else:
         build_cache(prepared, data_dir, config.workers)
     caches = sorted(set(info.get("caches", [])) | {prepared.cache_path.name})
@@ -258,19 +258,18 @@ def prepare(config: DataConfig, out_dir: Path) -> Prepared:
     return prepared
 
 
-def make_split(prepared: Prepared, data_dir: Path, targets: pd.DataFrame, config: DataConfig, split_settings: dict,
-               fingerprint: str) -> dict:
+def make_split(prepared: Prepared, data_dir: Path, task: Task, targets: pd.DataFrame, config: DataConfig,
+               split_settings: dict, fingerprint: str) -> dict:
     """Split the task's galaxies and cache their pixels in one decoding pass, which is also the check of every image.
 
     Every galaxy the task keeps is decoded into the cache, row i for row i of the manifest; the bad images are then
     listed together (nothing is written), or with --skip-bad dropped from the split and their rows from the cache.
     Returns the prepare.json fields of the split.
     """
-    task = get_task(config.task)
     labels = strata(task, targets)
     ids = labels.index.to_numpy()
-    manifest = split_manifest(labels, config.seed, config.val_fraction, config.test_fraction,
-                              not task.regression)  # refused up front
+    every_class = not task.regression  # a binary task needs both classes in every split: refused up front
+    manifest = split_manifest(labels, config.seed, config.val_fraction, config.test_fraction, every_class)
     meta = cache_meta(prepared, data_dir, ids)
     bad: dict[int, str] = {}
     with temporary_cache(prepared.cache_path, len(ids), config.image_size_px) as tmp:
@@ -284,11 +283,11 @@ def make_split(prepared: Prepared, data_dir: Path, targets: pd.DataFrame, config
         if bad:
             print(f"skipping {len(bad)} bad image(s) (--skip-bad)")
             manifest = split_manifest(labels.drop(index=list(bad)), config.seed, config.val_fraction,
-                                      config.test_fraction, not task.regression)
+                                      config.test_fraction, every_class)
             keep_rows(tmp, np.flatnonzero(~np.isin(ids, list(bad))))
             meta = cache_meta(prepared, data_dir, manifest["GalaxyID"].to_numpy())
-        if task.regression:  # the 37 fractions ride along with each galaxy
-            manifest = manifest.join(targets, on="GalaxyID")
+        # The targets ride along with each galaxy (kaggle-votes' 37 fractions; a label is there already).
+        manifest = manifest.join(targets.drop(columns="label", errors="ignore"), on="GalaxyID")
         write_atomically(prepared.folder / "splits.csv", manifest.to_csv(index=False))
         if not current:
             finish_cache(tmp, prepared.cache_path, meta)

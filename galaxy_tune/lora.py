@@ -43,9 +43,7 @@ class LoraConv2d(nn.Module, loralib.LoRALayer):
     """A frozen convolution plus a trainable low-rank branch: base(x) + lora_B(lora_A(x)) · alpha / r."""
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float, merge_weights: bool = True, rslora: bool = False):
-        if not is_plain_conv(base):
-            raise GalaxyTuneError(f"LoRA adapts plain convolutions (no groups, zero padding given as numbers), not "
-                                  f"{base}: choose other targets")
+        require_plain_conv(base, str(base))
         nn.Module.__init__(self)
         loralib.LoRALayer.__init__(self, r=rank, lora_alpha=alpha, lora_dropout=0.0, merge_weights=merge_weights)
         self.base_layer = base.requires_grad_(False)
@@ -99,7 +97,7 @@ class FrozenBatchNormLoraLayer(ResNetConvLayer):
         self.convolution, self.normalization, self.activation = layer.convolution, layer.normalization, layer.activation
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and isinstance(self.convolution, LoraConv2d):
+        if self.training and torch.is_grad_enabled():
             return self.activation(self.convolution.folded(hidden_states, self.normalization))
         return super().forward(hidden_states)
 
@@ -343,16 +341,17 @@ def _target_conv_names(model: nn.Module, targets: str) -> list[str]:
                 for name, m in block.layer.named_modules():
                     if isinstance(m, nn.Conv2d) and (targets == "bottleneck" or m.kernel_size == (3, 3)):
                         names.append(f"{block_name}.layer.{name}")
-    unsupported = [name for name in names if not is_plain_conv(model.get_submodule(name))]
-    if unsupported:
-        raise GalaxyTuneError(f"LoRA adapts plain convolutions (no groups, zero padding given as numbers), not "
-                              f"{unsupported[0]}: choose other targets")
+    for name in names:  # all checked before any is wrapped
+        require_plain_conv(model.get_submodule(name), name)
     return names
 
 
-def is_plain_conv(conv: nn.Conv2d) -> bool:
-    """What the LoRA layer's own convolutions and backward assume: one group, zero padding of a number of pixels."""
-    return conv.groups == 1 and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
+def require_plain_conv(conv: nn.Conv2d, name: str) -> None:
+    """Refuse what the LoRA layer's own convolutions and backward can't compute: groups, or padding other than
+    zeros given as a number of pixels."""
+    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise GalaxyTuneError(f"LoRA adapts plain convolutions (no groups, zero padding given as numbers), not "
+                              f"{name}: choose other targets")
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

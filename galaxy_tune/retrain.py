@@ -28,7 +28,7 @@ from .calibration import fit_temperature, nll, probabilities
 from .data import Prepared, data_summary, read_consensus
 from .errors import GalaxyTuneError
 from .export import save_exported
-from .loader import open_split
+from .loader import open_splits
 from .model import build_model, count_parameters, describe_weights
 from .provenance import library_versions
 from .tasks import Task, get_task
@@ -149,7 +149,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device)
     task = get_task(prepared.task)
-    splits = {name: open_split(prepared, name) for name in ("train", "val", "test")}
+    splits = dict(zip(("train", "val", "test"), open_splits(prepared, "train", "val", "test")))
     plans = recipes(experiments, methods, max_epochs, task, top_k)
     head_bias = task.head_bias(splits["train"].labels)  # kaggle-votes: fresh heads start at the prior
     tested = []
@@ -170,7 +170,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
                 value = metrics[task.val_metric]
                 progress.update()
                 progress.set_postfix_str(f"{recipe.folder} seed {seed} epoch {metrics['epoch']}/{config.epochs} "
-                                         f"{task.short_label} {value:.3f}")
+                                         f"{task.metric_label} {value:.3f}")
                 if not best or task.better(value, best["value"]):
                     best.update(value=value, epoch=metrics["epoch"], state=state(with_optimizer=False))
 

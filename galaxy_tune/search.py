@@ -112,8 +112,9 @@ def run_search(options: SearchOptions) -> Path:
     elif experiment.exists():
         raise GalaxyTuneError(f"experiment {experiment} already exists: pass --resume to continue it, "
                               "or choose another --name")
+    task = get_task(options.data.task)
     overrides = {"method": options.method, "seed": options.data.seed, "augment": options.augment,
-                 **dict(get_task(options.data.task).fixed)}
+                 **dict(task.fixed)}
     if options.max_epochs is not None:
         overrides["epochs"] = options.max_epochs
     space = load_space(options.space or default_space_path(options.method), overrides)
@@ -139,17 +140,17 @@ def run_search(options: SearchOptions) -> Path:
         # A resumed trial re-runs the epochs after its last checkpoint and reports them again; Optuna keeps the
         # first report of a step and warns about the second, which is expected here, not a problem to look into.
         warnings.filterwarnings("ignore", "The reported value is ignored because this `step=", UserWarning)
-        grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about).fit()
+        grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about, task).fit()
     for result in grid:
         if result.error is None and result.path:
-            prune_checkpoints(Path(result.path), get_task(prepared.task))
-    write_results(grid, options, space, experiment, about,
+            prune_checkpoints(Path(result.path), task)
+    write_results(grid, options, space, experiment, about, task,
                   {"wall_seconds": round(time.time() - started, 1), "concurrency": max_concurrent})
     return experiment
 
 
 def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, model_name: str,
-               max_concurrent: int, experiment: Path, about: dict) -> tune.Tuner:
+               max_concurrent: int, experiment: Path, about: dict, task: Task) -> tune.Tuner:
     """A new Tuner (Optuna TPE proposing, ASHA stopping), or the interrupted one of `experiment` on --resume."""
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=prepared.image_size_px,
@@ -166,7 +167,6 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
         # study would be newer than that state and break the restore), so TPE keeps every finished trial.
         return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
     max_epochs = int(space.fixed.get("epochs", TrainConfig().epochs))
-    task = get_task(prepared.task)
     metric, mode = task.val_metric, task.mode
     return tune.Tuner(
         trainable,
@@ -188,10 +188,9 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
 
 
 def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSpace, experiment: Path,
-                  about: dict, run: dict) -> None:
+                  about: dict, task: Task, run: dict) -> None:
     """trials.csv and best.json, final (`"running": false`); for a search that ran to its end (`"complete": true`)
     the Optuna study too, made equal to what Ray ran; prints the ranking."""
-    task = get_task(options.data.task)
     trials = trials_table(grid, experiment, task)
     if trials.empty:
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
@@ -318,7 +317,7 @@ def progress_table(method: str, task: Task) -> tune.CLIReporter:
     """Ray Tune's progress table, reduced to the columns that tell trials apart."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores custom reporters
     params = ["method", "lr"] + (["lora_rank"] if method == "lora" else ["weight_decay"]) + ["scheduler"]
-    return tune.CLIReporter(metric_columns={"epoch": "epoch", task.val_metric: task.short_label},
+    return tune.CLIReporter(metric_columns={"epoch": "epoch", task.val_metric: task.metric_label},
                             parameter_columns=params, max_report_frequency=30, metric=task.val_metric, mode=task.mode,
                             sort_by_metric=True)
 

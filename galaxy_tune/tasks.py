@@ -36,7 +36,6 @@ class Task:
     outputs: tuple[str, ...]
     metric: str  # "accuracy" or "rmse": reported as val_<metric> and test_<metric>
     mode: str  # "max" or "min": the better direction of the metric
-    about: str
     # The reference study's test accuracy (%) per method (ResNet-50 pretrained on ImageNet, real data), if it ran
     # this task: the comparison column of the retrain report.
     reference: tuple[tuple[str, float], ...] = ()
@@ -57,13 +56,13 @@ class Task:
         return self.metric == "rmse"
 
     @property
-    def metric_label(self) -> str:
-        return "val RMSE" if self.regression else "val accuracy"
+    def metric_name(self) -> str:
+        """The metric as tables, reports and figures write it."""
+        return "RMSE" if self.regression else "accuracy"
 
     @property
-    def short_label(self) -> str:
-        """For narrow table columns."""
-        return "val RMSE" if self.regression else "val acc"
+    def metric_label(self) -> str:
+        return f"val {self.metric_name}"
 
     def arg_best(self, values) -> int:
         """The position of the best of some metric values (NaN never wins)."""
@@ -122,10 +121,10 @@ class Classification(Task):
         return float((logits.argmax(1) == targets).mean())
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:
-        """Class probabilities."""
-        import torch
+        """Class probabilities (as the retrain's test predictions compute them)."""
+        from .calibration import probabilities
 
-        return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+        return probabilities(logits)
 
     def head_bias(self, train: np.ndarray) -> np.ndarray | None:
         """A fresh head's bias: None keeps the model's own (zero)."""
@@ -197,25 +196,29 @@ def per_question_softmax(logits):
 
     blocks = torch.split(logits, list(ANSWERS_PER_QUESTION.values()), dim=1)  # questions 1-11 in CSV order
     out: list[torch.Tensor] = []
-    for (question, parent), block in zip(PARENT_ANSWER.items(), blocks):
+    for parent, block in zip(_PARENT_PLACES, blocks):
         shares = torch.softmax(block, dim=1)
-        if parent is not None:  # "ClassQ.A": answer A of question Q, computed earlier
-            asked, answer = (int(part) for part in parent.removeprefix("Class").split("."))
-            shares = shares * out[asked - 1][:, answer - 1:answer]
+        if parent is not None:  # answer A of question Q, computed earlier
+            asked, answer = parent
+            shares = shares * out[asked][:, answer:answer + 1]
         out.append(shares)
     return torch.cat(out, dim=1)
 
 
+# Each question's parent answer "ClassQ.A" as (Q - 1, A - 1): where per_question_softmax finds it; None: asked of all.
+_PARENT_PLACES = [None if parent is None else tuple(int(part) - 1 for part in parent.removeprefix("Class").split("."))
+                  for parent in PARENT_ANSWER.values()]
+
+
 TASKS: dict[str, Task] = {task.name: task for task in (
+    # The reference study's: the arg-max of all 37 answers is Class6.2 (nothing odd, 0) or Class1.2 (features, 1).
     Classification("seed-top2", ("Class6.2", "Class1.2"), "accuracy", "max",
-                   "the reference study's: the arg-max of all 37 answers is Class6.2 (nothing odd, 0) or Class1.2 "
-                   "(features or disk, 1)", reference=(("direct", 68.94), ("full", 88.52), ("lora", 73.93))),
+                   reference=(("direct", 68.94), ("full", 88.52), ("lora", 73.93))),
+    # Q1 smooth (0) vs features or disk (1), with a confident vote (--min-vote).
     Classification("smooth-featured", ("Class1.1", "Class1.2"), "accuracy", "max",
-                   "Q1 smooth (0) vs features or disk (1), with a confident vote (--min-vote)",
                    among=tuple(question_columns(1)), confident=True),
-    VoteRegression("kaggle-votes", tuple(CLASS_COLUMNS), "rmse", "min",
-                   "the Kaggle challenge's: all 37 vote fractions, tree-consistent, scored by RMSE",
-                   fixed=(("label_smoothing", 0.0),)),
+    # The Kaggle challenge's: all 37 vote fractions, tree-consistent, scored by RMSE.
+    VoteRegression("kaggle-votes", tuple(CLASS_COLUMNS), "rmse", "min", fixed=(("label_smoothing", 0.0),)),
 )}
 
 

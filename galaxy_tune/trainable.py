@@ -22,7 +22,7 @@ from ray import tune
 from .data import load_prepared
 
 from .errors import GalaxyTuneError
-from .loader import open_split
+from .loader import open_splits
 from .model import count_parameters
 from .tasks import get_task
 from .train import TrainConfig, fit, limit_gpu_memory, make_model, pick_device
@@ -51,7 +51,7 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
     prepared = load_prepared_on_this_node(Path(prepared_dir), image_size_px, crop_px)
     device = pick_device("cuda" if gpus > 0 else "cpu")  # Ray makes only the trial's own GPU visible
     limit_gpu_memory(device, gpus)  # a fractional trial gets its share of the GPU's memory, no more
-    train = open_split(prepared, "train")
+    train, val = open_splits(prepared, "train", "val")
     model = make_model(train_config, model_name, num_labels=len(prepared.class_names),
                        head_bias=get_task(prepared.task).head_bias(train.labels))
     trainable_params, total_params = count_parameters(model)
@@ -82,5 +82,5 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         last_checkpoint = time.monotonic()
 
-    fit(model, train_config, train, open_split(prepared, "val"), device,
+    fit(model, train_config, train, val, device,
         start=start, on_epoch=report)

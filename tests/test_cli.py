@@ -110,6 +110,7 @@ def test_retrain_refuses_searches_made_on_different_data(tmp_path, capsys):
     (["--image-size", "128"], "--image-size 128 differs from the searches' 64"),
     (["--data-dir", "elsewhere"], "--data-dir"),
     (["--task", "seed-top2", "--image-size", "64"], None),  # the searches' own settings: accepted
+    (["--min-vote", "0.9"], None),  # meaningless to seed-top2 (its split records none), as for `prepare`
 ])
 def test_retrain_refuses_data_settings_other_than_its_searches(tmp_path, capsys, flags, culprit):
     (tmp_path / "lora").mkdir()

@@ -21,7 +21,7 @@ from ..errors import GalaxyTuneError
 from .evaluation_figures import (plot_consensus, plot_coverage, plot_frontier, plot_reliability,
                                  plot_winners_curse)
 from .figure import METHOD_ORDER, FigureSkipped, Metric, embed
-from .runs import correct_and_confidence, logits_of, present, seed_predictions, with_ranks
+from .runs import correct_and_confidence, logits_of, paired_seeds, present, seed_predictions, with_ranks
 from .stats import (BOOTSTRAP_RESAMPLES, SIGNIFICANCE, coverage_curve, fmt_interval, largest_coverage,
                     mcnemar_exact, mean_and_sd, paired_bootstrap, wilson_interval)
 
@@ -233,7 +233,7 @@ def selection_section(out: Path, all_results: pd.DataFrame, metric: Metric) -> l
     trained = all_results[all_results["method"] != "direct"]
     if trained.empty:
         return lines + not_shown(out, "winners_curse.png", "only the direct baseline was tested: no config to choose")
-    short, digits = ("acc %", 2) if metric.percent else ("RMSE", 4)
+    short, digits = ("acc %" if metric.percent else metric.task.metric_name), metric.digits
     difference = " (pp)" if metric.percent else ""
     rows = []
     for (method, rank), runs in sorted(trained.groupby(["method", "rank"]), key=lambda g: (
@@ -246,8 +246,7 @@ def selection_section(out: Path, all_results: pd.DataFrame, metric: Metric) -> l
                      f"retrained − search val{difference}": "–" if np.isnan(search) else f"{gain:+.{digits}f}",
                      f"test {short}": mean_and_sd(metric.shown(runs[f"test_{metric.task.metric}"]), digits),
                      "selected": "✓" if runs["selected"].any() else ""})
-    better = "best" if metric.task.mode == "max" else "lowest"
-    name = "accuracy" if metric.percent else "RMSE"
+    better, name = ("best" if metric.task.mode == "max" else "lowest"), metric.task.metric_name
     return lines + [
         (f"Each method's top configs of its search were retrained with every seed; the config it reports "
          f"(✓) has the {better} mean **val** {name} over the seeds; no test number took part. The "
@@ -268,12 +267,7 @@ def full_vs_lora(predictions: pd.DataFrame) -> list[str]:
     if not {"full", "lora"} <= set(predictions["method"]):
         return ["Not compared: the retrain did not train both full fine-tuning and LoRA.", ""]
     rows, significant, excludes_zero = [], 0, 0
-    seeds = sorted(set(predictions.loc[predictions["method"] == "full", "seed"]) &
-                   set(predictions.loc[predictions["method"] == "lora", "seed"]))
-    for seed in seeds:
-        full, lora = seed_predictions(predictions, "full", seed), seed_predictions(predictions, "lora", seed)
-        if not full["GalaxyID"].equals(lora["GalaxyID"]):
-            raise GalaxyTuneError(f"full and lora seed {seed} were tested on different images: rerun the retrain")
+    for seed, full, lora in paired_seeds(predictions):
         (full_right, _), (lora_right, _) = correct_and_confidence(full), correct_and_confidence(lora)
         only_full, only_lora, p = mcnemar_exact(full_right, lora_right)
         difference, (low, high) = paired_bootstrap(full_right, lora_right)
@@ -283,10 +277,10 @@ def full_vs_lora(predictions: pd.DataFrame) -> list[str]:
                      "paired bootstrap 95 % CI (pp)": f"[{low * 100:+.1f}, {high * 100:+.1f}]",
                      "only full right": only_full, "only LoRA right": only_lora, "exact McNemar p": f"{p:.3g}",
                      f"significant at {SIGNIFICANCE:g}": "yes" if p < SIGNIFICANCE else "no"})
-    if significant == len(seeds):
+    if significant == len(rows):
         verdict = "significant in every seed"
     elif significant:
-        verdict = f"significant in {significant} of {len(seeds)} seeds only, so not a robust difference"
+        verdict = f"significant in {significant} of {len(rows)} seeds only, so not a robust difference"
     else:
         verdict = "not significant in any seed: this test split cannot tell the two apart"
     return [
@@ -299,6 +293,6 @@ def full_vs_lora(predictions: pd.DataFrame) -> list[str]:
         pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
         "",
         (f"**Full fine-tuning vs LoRA: the difference is {verdict}** (two-sided, α = {SIGNIFICANCE:g}); the "
-         f"bootstrap interval excludes 0 in {excludes_zero} of {len(seeds)} seeds."),
+         f"bootstrap interval excludes 0 in {excludes_zero} of {len(rows)} seeds."),
         "",
     ]

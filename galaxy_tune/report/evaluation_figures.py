@@ -78,8 +78,7 @@ def plot_winners_curse(trained: pd.DataFrame, metric: Metric) -> Figure:
         configs, seeds = runs["rank"].nunique(), runs["seed"].nunique()
         ax.set_title(f"{method}: {configs} config{'s' * (configs > 1)}, {seeds} seed{'s' * (seeds > 1)}",
                      color=METHOD_COLORS[method], fontweight="bold")
-    metric.axis(axes[0], values)
-    axes[0].set_ylabel("accuracy (%)" if metric.percent else "RMSE (lower is better)")
+    metric.axis(axes[0], values, label=f"{metric.task.metric_name} {metric.unit}")
     for ax, method in zip(axes, methods):
         label_points(ax, ends[method], METHOD_COLORS[method])
     legend_below(figure, [
@@ -87,8 +86,7 @@ def plot_winners_curse(trained: pd.DataFrame, metric: Metric) -> Figure:
         Line2D([], [], color="black", linewidth=1.2, marker="o", alpha=0.6,
                label="other top configs (#k: search rank)"),
     ], ncols=min(2, len(methods)))  # one panel: too narrow for both side by side
-    figure.suptitle(f"Winner's curse: the search's {metric.task.metric.replace('rmse', 'RMSE')} against the same "
-                    "configs retrained")
+    figure.suptitle(f"Winner's curse: the search's {metric.task.metric_name} against the same configs retrained")
     return figure
 
 

@@ -79,18 +79,28 @@ class Metric:
 
     @property
     def title(self) -> str:
-        return "validation accuracy" if self.percent else "validation RMSE"
+        return f"validation {self.task.metric_name}"
 
     @property
-    def short_label(self) -> str:
-        return "val accuracy (%)" if self.percent else "val RMSE"
+    def unit(self) -> str:
+        """An axis label's suffix."""
+        return "(%)" if self.percent else "(lower is better)"
 
     @property
     def label(self) -> str:
-        return "validation accuracy (%)" if self.percent else "validation RMSE (lower is better)"
+        return f"{self.title} {self.unit}"
+
+    @property
+    def digits(self) -> int:
+        """Decimals of a shown value: 2 of a %, 4 of an RMSE."""
+        return 2 if self.percent else 4
 
     def shown(self, values) -> np.ndarray:
         return np.asarray(values, dtype=float) * (100 if self.percent else 1)
+
+    def fmt(self, value: float) -> str:
+        """A metric value (0-1 for accuracy) as the reports write it: 68.94 %, or 0.1234."""
+        return f"{self.shown(value):.{self.digits}f}" + (" %" if self.percent else "")
 
     def so_far(self, values: np.ndarray) -> np.ndarray:
         """The best so far at each position (NaN: nothing yet)."""
@@ -99,13 +109,15 @@ class Metric:
             return np.fmax.accumulate(np.nan_to_num(values, nan=-np.inf))
         return np.fmin.accumulate(np.nan_to_num(values, nan=np.inf))
 
-    def axis(self, ax, values) -> None:
-        """The y axis of shown values: 0-100 % padded around them, or a padded RMSE range."""
+    def axis(self, ax, values, label: str | None = None) -> None:
+        """The y axis of shown values (labelled `label`, default `self.label`): 0-100 % padded around them, or a
+        padded RMSE range."""
+        label = label or self.label
         if self.percent:
-            percent_axis(ax, self.label, *padded_limits(list(values)))
+            percent_axis(ax, label, *padded_limits(list(values)))
             return
         low, high = float(np.nanmin(values)), float(np.nanmax(values))
         margin = max((high - low) * 0.08, 0.005)
-        ax.set_ylabel(self.label)
+        ax.set_ylabel(label)
         ax.set_ylim(max(0.0, low - margin), high + margin)
         ax.grid(axis="y", alpha=0.3)

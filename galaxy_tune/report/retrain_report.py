@@ -47,8 +47,8 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
     data = info["data"]
     seeds = sorted(set(results["seed"]))
     test_images = sum(data["counts"]["test"])
-    reference = dict(get_task(data["task"]).reference)  # the study's task only
-    votes = info.get("metric") == "rmse"  # kaggle-votes: the 37 fractions, scored by RMSE
+    metric = Metric(get_task(data["task"]))
+    votes = metric.task.regression  # kaggle-votes: the 37 fractions, scored by RMSE
     lines = [
         f"# galaxy_tune retrain: {folder.name}",
         "",
@@ -59,10 +59,9 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
     ]
     if votes:
         lines += [*votes_sections(out, results, predictions, info),
-                  *selection_section(out, all_results, Metric(get_task(data["task"]))), *cost_section(results)]
+                  *selection_section(out, all_results, metric), *cost_section(results)]
     else:
-        lines += classification_sections(out, results, predictions, all_results, all_predictions, info,
-                                         reference)
+        lines += classification_sections(out, results, predictions, all_results, all_predictions, info, metric)
     lines += ["## Recipes", ""]
     for method, recipe in info["recipes"].items():
         lines.append(f"- **{method}** from {recipe['source']}: `{json.dumps(recipe['config'])}`")
@@ -74,11 +73,12 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
 
 def classification_sections(out: Path, results: pd.DataFrame, predictions: pd.DataFrame,
                             all_results: pd.DataFrame, all_predictions: pd.DataFrame, info: dict,
-                            reference: dict[str, float]) -> list[str]:
+                            metric: Metric) -> list[str]:
     """The report.md lines of a binary task's retrain (after the common heading)."""
     data = info["data"]
     seeds = sorted(set(results["seed"]))
     test_images = sum(data["counts"]["test"])
+    reference = dict(metric.task.reference)  # the study's task only
     return [
         (f"Majority-class share of the test split: {info['majority_share'] * 100:.2f} % "
          "(what a model answering the larger class scores)."),
@@ -99,7 +99,7 @@ def classification_sections(out: Path, results: pd.DataFrame, predictions: pd.Da
         *embed(out, "test_accuracy.png", "Test accuracy per method: bars are the mean over seeds, whiskers ±1 sd, "
                "dots single seeds; black bars mark the reference study, the dotted line the majority class",
                lambda: plot_test_accuracy(results, info["majority_share"], reference)),
-        *selection_section(out, all_results, Metric(get_task(data["task"]))),
+        *selection_section(out, all_results, metric),
         "## Full fine-tuning vs LoRA",
         "",
         *full_vs_lora(predictions),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 
+from ..errors import GalaxyTuneError
 from .figure import METHOD_ORDER
 
 
@@ -41,6 +44,17 @@ def seed_predictions(predictions: pd.DataFrame, method: str, seed: int, rank: in
     if rank is not None and "rank" in predictions:
         keep &= predictions["rank"] == rank
     return predictions[keep].sort_values("GalaxyID").reset_index(drop=True)
+
+
+def paired_seeds(predictions: pd.DataFrame) -> Iterator[tuple[int, pd.DataFrame, pd.DataFrame]]:
+    """(seed, full's, LoRA's test predictions) for each seed both methods ran, checked to be on the same images."""
+    seeds = sorted(set(predictions.loc[predictions["method"] == "full", "seed"]) &
+                   set(predictions.loc[predictions["method"] == "lora", "seed"]))
+    for seed in seeds:
+        full, lora = seed_predictions(predictions, "full", seed), seed_predictions(predictions, "lora", seed)
+        if not full["GalaxyID"].equals(lora["GalaxyID"]):
+            raise GalaxyTuneError(f"full and lora seed {seed} were tested on different images: rerun the retrain")
+        yield seed, full, lora
 
 
 def correct_and_confidence(picked: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

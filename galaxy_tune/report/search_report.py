@@ -20,7 +20,7 @@ from matplotlib.ticker import NullFormatter
 
 from .. import layout
 from ..data import majority_share
-from ..tasks import get_task
+from ..tasks import Task
 from .figure import FigureSkipped, Metric, embed
 from .search_curves import matching_random_curve
 
@@ -45,9 +45,8 @@ def write_search_report(experiment: Path, out_dir: Path | None = None) -> Path:
     study = load_study(experiment)
     metric = Metric.of(best)
     shown = [c for c in trials.columns if c not in ("config", f"{metric.name}_curve", "path", "node_id")]
-    ranked = get_task(best["data"]["task"]).rank(trials)[shown]
-    baseline = val_baseline(best)
-    value = metric.shown(best[metric.name])
+    ranked = metric.task.rank(trials)[shown]
+    baseline = val_baseline(metric.task, best["data"])
     random = matching_random_curve(experiment, best, best["config"]["epochs"])
     lines = [
         f"# galaxy_tune search: {experiment.name}",
@@ -55,10 +54,9 @@ def write_search_report(experiment: Path, out_dir: Path | None = None) -> Path:
         (f"Method `{best['method']}`, {len(trials)} trials "
          f"({', '.join(f'{n} {s.lower()}' for s, n in trials['status'].value_counts().items())}), "
          f"backbone {best['weights']}, task `{best['data']['task']}` at {best['data']['image_size_px']} px."),
-        (f"Best {metric.title} {value:.2f} % " if metric.percent else f"Best {metric.title} {value:.4f} ")
-        + f"(trial {best['trial_id']}, epoch {best['epoch']}) with `{json.dumps(best['config'])}`.",
-        *([f"{baseline[0]} of the val split: {metric.shown(baseline[1]):.2f} %." if metric.percent else
-           f"{baseline[0]} on the val split: {baseline[1]:.4f}."] if baseline else []),
+        (f"Best {metric.title} {metric.fmt(best[metric.name])} (trial {best['trial_id']}, epoch {best['epoch']}) "
+         f"with `{json.dumps(best['config'])}`."),
+        *([f"{baseline[0]} on the val split: {metric.fmt(baseline[1])}."] if baseline else []),
         "",
         "## Figures",
         "",
@@ -102,11 +100,9 @@ def load_study(experiment: Path) -> optuna.Study | None:
     return optuna.load_study(study_name=names[0], storage=storage) if names else None
 
 
-def val_baseline(best: dict) -> tuple[str, float] | None:
-    """What a model that learned nothing scores on the val split: the majority class's share, or the constant
-    predictor's RMSE (from the prepared split, when it is still there)."""
-    data = best["data"]
-    task = get_task(data["task"])
+def val_baseline(task: Task, data: dict) -> tuple[str, float] | None:
+    """What a model that learned nothing scores on the val split of a search's `data` (its best.json's): the
+    majority class's share, or the constant predictor's RMSE (from the prepared split, when it is still there)."""
     if not task.regression:
         return "Majority-class share", majority_share(data["counts"], "val")
     manifest = Path(data["prepared"]) / "splits.csv"
@@ -364,7 +360,7 @@ def plot_param_slices(study: optuna.Study | None, name: str, metric: Metric) -> 
     for ax in axes.flat[len(params):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
-        ax.set_ylabel(f"best {metric.short_label}")
+        ax.set_ylabel(f"best {metric.task.metric_label} {metric.unit}")
     figure.colorbar(points, ax=axes, label="trial number (completed trials)", shrink=min(0.8, 2.5 / rows))
     figure.suptitle(f"{name}: searched hyperparameters vs {metric.title} (grey ×: stopped by ASHA)")
     return figure

@@ -20,7 +20,7 @@ from matplotlib.patches import Patch
 from ..kaggle import CLASS_COLUMNS, PARENT_ANSWER, question_columns
 from ..tasks import rmse
 from .figure import METHOD_COLORS, embed
-from .runs import present, seed_predictions
+from .runs import paired_seeds, present, seed_predictions
 from .stats import bootstrap, mean_and_sd, root_mean, t_interval
 
 KAGGLE_WINNER_RMSE = 0.075  # private leaderboard, S. Dieleman 2014 (arXiv 1503.07077): real data, all 37 columns
@@ -65,16 +65,16 @@ def question_section(predictions: pd.DataFrame, prepared: Path) -> list[str]:
     truth = pd.read_csv(manifest).set_index("GalaxyID")
     means = truth.loc[truth["split"] == "train", CLASS_COLUMNS].mean()
     seed = int(predictions["seed"].min())
+    picked = {method: seed_predictions(predictions, method, seed) for method in present(predictions)}
+    real = truth.loc[next(iter(picked.values()))["GalaxyID"]]  # the same test galaxies for every method
     rows = []
     for question, parent in PARENT_ANSWER.items():
         columns = question_columns(question)
-        row = {"question": f"Class{question} ({len(columns)} answers)", "answers sum to": parent or "1"}
-        for method in present(predictions):
-            picked = seed_predictions(predictions, method, seed)
-            real = truth.loc[picked["GalaxyID"], columns].to_numpy()
-            if method == present(predictions)[0]:
-                row["constant predictor"] = f"{rmse(np.broadcast_to(means[columns].to_numpy(), real.shape), real):.4f}"
-            row[method] = f"{rmse(picked[[f'pred_{c}' for c in columns]].to_numpy(), real):.4f}"
+        truth_q = real[columns].to_numpy()
+        row = {"question": f"Class{question} ({len(columns)} answers)", "answers sum to": parent or "1",
+               "constant predictor": f"{rmse(np.broadcast_to(means[columns].to_numpy(), truth_q.shape), truth_q):.4f}"}
+        for method, runs in picked.items():
+            row[method] = f"{rmse(runs[[f'pred_{c}' for c in columns]].to_numpy(), truth_q):.4f}"
         rows.append(row)
     return [pd.DataFrame(rows).to_markdown(index=False), "",
             f"*RMSE over each question's answers on the test split (seed-{seed} models, with TTA); later questions "
@@ -107,10 +107,7 @@ def full_vs_lora_rmse(predictions: pd.DataFrame) -> list[str]:
     if not {"full", "lora"} <= set(predictions["method"]):
         return ["Needs both full fine-tuning and LoRA in the retrain.", ""]
     lines = ["| seed | RMSE full − RMSE LoRA [95 % bootstrap CI] | verdict |", "|---|---|---|"]
-    for seed in sorted(set(predictions["seed"])):
-        full, lora = (seed_predictions(predictions, m, seed) for m in ("full", "lora"))
-        if len(full) != len(lora) or len(full) == 0:
-            continue
+    for seed, full, lora in paired_seeds(predictions):
         difference, (low, high) = bootstrap(lambda a, b: root_mean(a) - root_mean(b), full["sq_error"].to_numpy(),
                                             lora["sq_error"].to_numpy())
         verdict = "full better" if high < 0 else "LoRA better" if low > 0 else "no clear difference"
