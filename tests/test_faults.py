@@ -61,6 +61,12 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def live_statuses(experiment) -> set[str]:
+    """The trial statuses in the trials.csv a running search keeps up to date (replaced atomically)."""
+    table = experiment / "trials.csv"
+    return set(pd.read_csv(table)["status"]) if table.is_file() else set()
+
+
 def finished_trials(experiment, epochs):
     """Trial folders whose result.json holds every epoch."""
     done = {}
@@ -120,8 +126,9 @@ def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(ray_local, demo_dir
     driver = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     try:
-        # A trial checkpoints after its last epoch (result.json lines are flushed later, in batches).
-        wait_for(lambda: any(experiment.glob("trial_*/checkpoint_*")), 240, "a finished trial's checkpoint")
+        # The live trials.csv is rewritten once Ray has recorded a trial's end (its checkpoint, written with the
+        # last report, can appear before that: Ctrl+C in between leaves that trial unfinished).
+        wait_for(lambda: "COMPLETED" in live_statuses(experiment), 240, "a completed trial in the live trials.csv")
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=120)
     finally:
