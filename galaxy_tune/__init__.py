@@ -4,7 +4,7 @@ The Python API mirrors the command line: `galaxy_tune.search(...)`, `galaxy_tune
 `galaxy_tune.predict(...)` and `galaxy_tune.prepare(...)`.
 
 The API is imported on first use (PEP 562), not with the package: a trial's worker process imports
-`galaxy_tune.trainable`, and should not pay for Optuna, matplotlib and the rest of the API on every trial start.
+`galaxy_tune.search.trainable`, and should not pay for Optuna, matplotlib and the rest of the API on every trial start.
 """
 
 __all__ = ["predict", "prepare", "retrain", "search"]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from . import layout
-from .data import DataConfig, Prepared, data_summary, load_prepared, prepare as _prepare, prepared_folder
-from .demo_data import DEMO, DEMO_FOLDER, demo_data_dir
+from .data.prepare import DataConfig, Prepared, data_summary, load_prepared, prepare as _prepare, prepared_folder
+from .data.demo import DEMO, DEMO_FOLDER, demo_data_dir
 from .errors import GalaxyTuneError
 
 
@@ -61,7 +61,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
            augment: bool = True, sampler: str | None = None, scheduler: str | None = None) -> Path:
     """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder."""
     from .report import write_search_report
-    from .search import SearchOptions, run_search
+    from .search.run import SearchOptions, run_search
 
     if resume:
         if not name:
@@ -90,7 +90,7 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path]
             model: str | None = None, device: str | None = None, augment: bool = True,
             top_k: int | None = None) -> Path:
     """Retrain the best config of each method, test direct / full / LoRA; returns the retrain folder."""
-    from .model import load_backbone
+    from .models.backbone import load_backbone
     from .report import write_retrain_report
     from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
     from .train import pick_device

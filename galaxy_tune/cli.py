@@ -17,7 +17,7 @@ TASK_NAMES = ("seed-top2", "smooth-featured", "kaggle-votes")  # tasks.TASKS, wi
 
 
 def cmd_demo_data(args) -> None:
-    from .demo_data import write_demo_data
+    from .data.demo import write_demo_data
 
     out = write_demo_data(Path(args.out_dir), num_images=args.num_images, seed=args.seed)
     print(f"wrote {args.num_images} synthetic galaxies in the Kaggle layout to {out}")
@@ -25,8 +25,8 @@ def cmd_demo_data(args) -> None:
 
 def cmd_prepare(args) -> None:
     from . import api
-    from .data import class_counts
-    from .tasks import get_task
+    from .data.prepare import class_counts
+    from .data.tasks import get_task
 
     prepared = api.prepare(args.data_dir, args.out, results_dir=args.results_dir, task=args.task,
                            min_vote=args.min_vote, image_size_px=args.image_size, crop_px=args.crop, seed=args.seed,
@@ -64,7 +64,7 @@ def cmd_retrain(args) -> None:
 
 def cmd_predict(args) -> None:
     from . import api
-    from .kaggle import CLASS_COLUMNS
+    from .data.kaggle import CLASS_COLUMNS
 
     table = api.predict(args.model, args.images, args.out, tta=args.tta, image_size_px=args.image_size,
                         crop_px=args.crop, device=args.device)

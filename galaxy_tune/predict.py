@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .pixels import decode
+from .data.pixels import decode
 
 from .errors import GalaxyTuneError
-from .export import load_exported
-from .loader import ImageSplit
-from .tasks import get_task
+from .models.export import load_exported
+from .data.loader import ImageSplit
+from .data.tasks import get_task
 from .train import pick_device, place, predict_logits
 
 IMAGES_PER_CHUNK = 2048  # decoded at a time, so a folder of 80,000 galaxies never sits in memory at once

@@ -24,14 +24,14 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from . import layout
-from .calibration import fit_temperature, nll, probabilities
-from .data import Prepared, data_summary, read_consensus
+from .models.calibration import fit_temperature, nll, probabilities
+from .data.prepare import Prepared, data_summary, read_consensus
 from .errors import GalaxyTuneError
-from .export import save_exported
-from .loader import open_splits
-from .model import build_model, count_parameters, describe_weights
+from .models.export import save_exported
+from .data.loader import open_splits
+from .models.backbone import build_model, count_parameters, describe_weights
 from .provenance import library_versions
-from .tasks import Task, get_task
+from .data.tasks import Task, get_task
 from .train import (REFERENCE_CONFIGS, TrainConfig, fit, load_trainable_state, make_model, pick_device, place,
                     predict_logits)
 

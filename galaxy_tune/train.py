@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .loader import ImageSplit, batches, empty_batch, orient
+from .data.loader import ImageSplit, batches, empty_batch, orient
 from .errors import GalaxyTuneError
-from .lora import (BATCHNORM_MODES, LORA_TARGETS, SCALINGS, add_lora, adapter_state_dict, is_legacy_adapter_state,
+from .models.lora import (BATCHNORM_MODES, LORA_TARGETS, SCALINGS, add_lora, adapter_state_dict, is_legacy_adapter_state,
                    load_adapter_state)
-from .model import STAGES, build_model, freeze_stages, param_groups
-from .tasks import DEFAULT_TASK, Task, get_task
+from .models.backbone import STAGES, build_model, freeze_stages, param_groups
+from .data.tasks import DEFAULT_TASK, Task, get_task
 
 METHODS = ("full", "lora")
 OPTIMIZERS = ("adamw", "adam", "sgd")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from galaxy_tune.data import DataConfig, prepare
-from galaxy_tune.demo_data import write_demo_data
+from galaxy_tune.data.prepare import DataConfig, prepare
+from galaxy_tune.data.demo import write_demo_data
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGE_SIZE_PX, CROP_PX = 32, 256

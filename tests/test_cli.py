@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from galaxy_tune.cli import main
-from galaxy_tune.kaggle import CSV_NAME
-from galaxy_tune.cluster import dashboard_hint
+from galaxy_tune.data.kaggle import CSV_NAME
+from galaxy_tune.search.cluster import dashboard_hint
 
 
 def galaxy_tune(*args, cwd=None, timeout=300):
@@ -75,7 +75,7 @@ def test_resume_with_the_wrong_method_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("early_stopping, scheduler", [(True, "asha"), (False, "fifo")])
 def test_a_search_json_from_before_the_scheduler_option_resumes_with_its_scheduler(tmp_path, early_stopping,
                                                                                    scheduler):
-    from galaxy_tune.search import saved_options
+    from galaxy_tune.search.run import saved_options
 
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "search.json").write_text(json.dumps(
@@ -210,7 +210,7 @@ def test_the_python_api_functions_stay_functions_when_their_modules_are_imported
     done = subprocess.run([sys.executable, "-c", """
 import galaxy_tune
 assert callable(galaxy_tune.search)  # the API, imported on first use
-import galaxy_tune.search, galaxy_tune.retrain, galaxy_tune.predict, galaxy_tune.api
+import galaxy_tune.search.run, galaxy_tune.retrain, galaxy_tune.predict, galaxy_tune.api
 assert all(getattr(galaxy_tune, n) is getattr(galaxy_tune.api, n) for n in galaxy_tune.__all__)
 """], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from galaxy_tune.cluster import check_cluster
+from galaxy_tune.search.cluster import check_cluster
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.trainable import load_prepared_on_this_node
+from galaxy_tune.search.trainable import load_prepared_on_this_node
 
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
 pytestmark = pytest.mark.skipif(RAY is None, reason="the ray CLI is not installed")
@@ -62,7 +62,7 @@ def stop_node(node: subprocess.Popen) -> None:
 
 def wait_for_nodes(address: str, count: int, env: dict[str, str]) -> None:
     """Until `count` nodes are alive (a worker registers a moment after its `ray start` says it is up)."""
-    probe = ("import sys, ray; from galaxy_tune.cluster import start_ray; start_ray(sys.argv[1]); "
+    probe = ("import sys, ray; from galaxy_tune.search.cluster import start_ray; start_ray(sys.argv[1]); "
              "print(sum(n['Alive'] for n in ray.nodes()))")
     deadline = time.monotonic() + 60
     while True:

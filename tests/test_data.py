@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import CROP_PX, FIXTURES, IMAGE_SIZE_PX
-from galaxy_tune.data import DataConfig, prepare, read_votes, split_manifest, task_labels
+from galaxy_tune.data.prepare import DataConfig, prepare, read_votes, split_manifest, task_labels
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.kaggle import CSV_NAME, IMAGES_DIR
-from galaxy_tune.loader import batches, open_split, orient
+from galaxy_tune.data.kaggle import CSV_NAME, IMAGES_DIR
+from galaxy_tune.data.loader import batches, open_split, orient
 
 
 def real_rows(tmp_path):

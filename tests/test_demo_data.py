@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from galaxy_tune.demo_data import write_demo_data
+from galaxy_tune.data.demo import write_demo_data
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.kaggle import (
+from galaxy_tune.data.kaggle import (
     CLASS_COLUMNS, CSV_NAME, IMAGE_SIZE_PX, IMAGES_DIR, PARENT_ANSWER, question_columns,
 )
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.lora import LoraConv2d
-from galaxy_tune.model import parameter_depth
+from galaxy_tune.models.lora import LoraConv2d
+from galaxy_tune.models.backbone import parameter_depth
 from galaxy_tune.train import TrainConfig, make_model, make_optimizer, train_step
 
 IMAGES = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))

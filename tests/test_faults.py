@@ -14,7 +14,7 @@ from ray import tune
 
 from conftest import CROP_PX, IMAGE_SIZE_PX
 from galaxy_tune.cli import main
-from galaxy_tune.trainable import train_trial
+from galaxy_tune.search.trainable import train_trial
 from galaxy_tune.train import TrainConfig
 
 TINY_SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny"]

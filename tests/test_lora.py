@@ -9,7 +9,7 @@ from transformers import ResNetForImageClassification
 from transformers.models.resnet.modeling_resnet import ResNetConvLayer
 
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.lora import (
+from galaxy_tune.models.lora import (
     LORA_TARGETS,
     FrozenBatchNormLoraLayer,
     LoraConv2d,
@@ -20,7 +20,7 @@ from galaxy_tune.lora import (
     save_adapters,
     to_plain_model,
 )
-from galaxy_tune.model import RANDOM_RESNET50, TINY, build_model, count_parameters
+from galaxy_tune.models.backbone import RANDOM_RESNET50, TINY, build_model, count_parameters
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

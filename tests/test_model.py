@@ -4,7 +4,7 @@ import huggingface_hub
 import pytest
 
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.model import (
+from galaxy_tune.models.backbone import (
     DEFAULT_MODEL,
     RANDOM_RESNET50,
     TINY,

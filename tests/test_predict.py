@@ -11,10 +11,10 @@ from transformers import ResNetForImageClassification
 
 from conftest import CROP_PX, IMAGE_SIZE_PX
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.export import MODEL_INFO
-from galaxy_tune.kaggle import IMAGES_DIR
-from galaxy_tune.loader import ImageSplit, open_split
-from galaxy_tune.model import build_model
+from galaxy_tune.models.export import MODEL_INFO
+from galaxy_tune.data.kaggle import IMAGES_DIR
+from galaxy_tune.data.loader import ImageSplit, open_split
+from galaxy_tune.models.backbone import build_model
 from galaxy_tune.predict import predict_folder
 from galaxy_tune.train import pick_device, place, predict_logits
 

@@ -12,16 +12,16 @@ import pytest
 from PIL import Image
 
 from conftest import CROP_PX, IMAGE_SIZE_PX
-from galaxy_tune.calibration import fit_temperature
+from galaxy_tune.models.calibration import fit_temperature
 from galaxy_tune.cli import main
-from galaxy_tune.data import task_consensus
-from galaxy_tune.kaggle import CSV_NAME
+from galaxy_tune.data.prepare import task_consensus
+from galaxy_tune.data.kaggle import CSV_NAME
 from galaxy_tune.report import write_report
 from galaxy_tune.layout import EVALUATION
 from galaxy_tune.report.evaluation import run_metrics
 from galaxy_tune.report.figure import FigureSkipped
 from galaxy_tune.report.figure import Metric
-from galaxy_tune.tasks import get_task
+from galaxy_tune.data.tasks import get_task
 from galaxy_tune.report.search_report import plot_param_importances
 
 ACCURACY = Metric(get_task("seed-top2"))

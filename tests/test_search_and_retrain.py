@@ -14,10 +14,10 @@ from transformers import AutoImageProcessor, ResNetForImageClassification
 
 from conftest import CROP_PX, IMAGE_SIZE_PX
 from galaxy_tune.cli import main
-from galaxy_tune.data import load_prepared
-from galaxy_tune.loader import open_split
+from galaxy_tune.data.prepare import load_prepared
+from galaxy_tune.data.loader import open_split
 from galaxy_tune.retrain import select_configs
-from galaxy_tune.tasks import get_task
+from galaxy_tune.data.tasks import get_task
 from galaxy_tune.train import pick_device, place, predict_logits
 
 SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]

@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.space import default_space_path, load_space
+from galaxy_tune.search.space import default_space_path, load_space
 from galaxy_tune.train import REFERENCE_CONFIGS, TrainConfig
 
 

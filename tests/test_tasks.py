@@ -12,10 +12,10 @@ import torch
 
 from galaxy_tune import cli
 from galaxy_tune.cli import main
-from galaxy_tune.data import read_votes, split_manifest
-from galaxy_tune.model import build_model
-from galaxy_tune.kaggle import CLASS_COLUMNS, PARENT_ANSWER, question_columns
-from galaxy_tune.tasks import TASKS, get_task, per_question_softmax
+from galaxy_tune.data.prepare import read_votes, split_manifest
+from galaxy_tune.models.backbone import build_model
+from galaxy_tune.data.kaggle import CLASS_COLUMNS, PARENT_ANSWER, question_columns
+from galaxy_tune.data.tasks import TASKS, get_task, per_question_softmax
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VOTES = get_task("kaggle-votes")
@@ -85,7 +85,7 @@ def test_the_cli_offers_every_task():
 
 
 def test_rmse_searches_stop_and_keep_checkpoints_by_the_lowest_value(tmp_path):
-    search = importlib.import_module("galaxy_tune.search")
+    search = importlib.import_module("galaxy_tune.search.run")
     for name in ("asha", "hyperband"):
         scheduler = search.make_scheduler(name, 4, VOTES)
         assert (scheduler.metric, scheduler._mode) == ("val_rmse", "min")

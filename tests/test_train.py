@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from galaxy_tune.loader import open_split
+from galaxy_tune.data.loader import open_split
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.model import count_parameters
+from galaxy_tune.models.backbone import count_parameters
 from galaxy_tune.train import TrainConfig, fit, make_model, pick_device
 
 CPU = torch.device("cpu")

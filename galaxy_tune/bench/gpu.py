@@ -28,12 +28,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import layout
-from ..data import DataConfig
-from ..demo_data import DEMO, DEMO_FOLDER, write_demo_data
+from ..data.prepare import DataConfig
+from ..data.demo import DEMO, DEMO_FOLDER, write_demo_data
 from ..errors import GalaxyTuneError
-from ..export import HF_FOLDER, MODEL_INFO
-from ..lora import LoraConv2d
-from ..pixels import image_path
+from ..models.export import HF_FOLDER, MODEL_INFO
+from ..models.lora import LoraConv2d
+from ..data.pixels import image_path
 from .measure import bench_dir, environment, full_precision, write_json
 from .training import bench_train
 
@@ -136,8 +136,8 @@ def check_search(plan: dict, data_dir: Path, folder: Path, done: dict, dry_run: 
     another: there only the failures count."""
     import ray
 
-    from ..cluster import start_ray
-    from ..search import SearchOptions, run_search
+    from ..search.cluster import start_ray
+    from ..search.run import SearchOptions, run_search
     from .searching import search_figures
 
     started_ray = not ray.is_initialized()

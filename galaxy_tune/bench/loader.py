@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from ..data import DataConfig, prepare
+from ..data.prepare import DataConfig, prepare
 from ..errors import GalaxyTuneError
-from ..loader import IMAGENET_MEAN, IMAGENET_STD, ImageSplit, batches, open_split
-from ..pixels import image_path
+from ..data.loader import IMAGENET_MEAN, IMAGENET_STD, ImageSplit, batches, open_split
+from ..data.pixels import image_path
 from ..train import pick_device
 from .measure import (MB, bench_dir, cache_mapping_fields, environment, fmt_spread, interleaved, print_table,
                       private_bytes, proc_fields, rate, ratio_spread, reset_peak_rss, resolve_data_dir, synchronize,
@@ -150,8 +150,8 @@ READER = """
 import json, sys
 from pathlib import Path
 import torch
-from galaxy_tune.data import load_prepared
-from galaxy_tune.loader import batches, open_split
+from galaxy_tune.data.prepare import load_prepared
+from galaxy_tune.data.loader import batches, open_split
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 split = open_split(load_prepared(Path(args["folder"]), args["image_size_px"], args["crop_px"]), "train")

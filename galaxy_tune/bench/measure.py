@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from ..demo_data import demo_data_dir
+from ..data.demo import demo_data_dir
 
 MB = 1024 * 1024
 # glibc's malloc_trim(0) hands freed heap pages back to the system (None elsewhere, e.g. on musl or macOS).

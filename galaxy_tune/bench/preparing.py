@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ..data import DataConfig, prepare
-from ..pixels import process_pool, usable_cores
+from ..data.prepare import DataConfig, prepare
+from ..data.pixels import process_pool, usable_cores
 from ..errors import GalaxyTuneError
-from ..kaggle import IMAGES_DIR
+from ..data.kaggle import IMAGES_DIR
 from .measure import (MB, bench_dir, environment, fmt_spread, interleaved, print_table, rate, ratio_spread,
                       resolve_data_dir)
 

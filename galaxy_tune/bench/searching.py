@@ -1,7 +1,7 @@
 """`bench search`: search strategies (sampler + scheduler) run repeatedly on the same problem and budget, against
 random search at the full epoch budget: best so far against trial-epochs and wall time, with 95 % bands.
 
-The only benchmark that imports Ray and `galaxy_tune.search`; the statistics and the figure are in
+The only benchmark that imports Ray and `galaxy_tune.search.run`; the statistics and the figure are in
 `galaxy_tune.report.search_curves`.
 """
 
@@ -17,13 +17,13 @@ import ray
 
 from .measure import bench_dir, environment, print_table, resolve_data_dir, write_json
 from .. import layout
-from ..cluster import start_ray
-from ..data import DataConfig, load_prepared
+from ..search.cluster import start_ray
+from ..data.prepare import DataConfig, load_prepared
 from ..errors import GalaxyTuneError
-from ..loader import open_split
+from ..data.loader import open_split
 from ..report.search_curves import (BENCH_FILE, best_so_far, epochs_to_reach, fmt_median_interval,
                                     plot_search_benchmark, summarize)
-from ..search import SAMPLERS, SCHEDULERS, SearchOptions, run_search
+from ..search.run import SAMPLERS, SCHEDULERS, SearchOptions, run_search
 from ..train import TrainConfig, make_model, pick_device
 
 STRATEGIES = ("random+fifo", "tpe+fifo", "tpe-independent+asha", "tpe+asha", "tpe+hyperband")  # sampler+scheduler

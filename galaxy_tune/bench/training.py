@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..data import DataConfig, prepare, prepared_folder
+from ..data.prepare import DataConfig, prepare, prepared_folder
 from ..errors import GalaxyTuneError
-from ..loader import ImageSplit, batches, open_split
-from ..lora import BATCHNORM_MODES, save_adapters, set_lora_merging, to_plain_model
+from ..data.loader import ImageSplit, batches, open_split
+from ..models.lora import BATCHNORM_MODES, save_adapters, set_lora_merging, to_plain_model
 from ..train import (METHODS, REFERENCE_CONFIGS, make_model, make_optimizer, make_scheduler, pick_device, place,
                      predict_logits, train_steps)
 from .measure import (bench_dir, environment, fmt_spread, full_precision, interleaved, peak_memory_mb,

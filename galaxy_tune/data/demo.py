@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.kaggle import (
+from ..errors import GalaxyTuneError
+from .kaggle import (
     ANSWERS_PER_QUESTION, CLASS_COLUMNS, CSV_NAME, IMAGE_SIZE_PX, IMAGES_DIR, PARENT_ANSWER,
 )
 

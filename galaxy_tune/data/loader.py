@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data import Prepared
+from .prepare import Prepared
 from .tasks import DEFAULT_TASK, get_task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

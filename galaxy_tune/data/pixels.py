@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import GalaxyTuneError
+from ..errors import GalaxyTuneError
 from .kaggle import CSV_NAME, IMAGE_SIZE_PX, IMAGES_DIR
-from .layout import write_atomically
+from ..layout import write_atomically
 
 CHUNK_ROWS = 256  # images per task sent to a decoding process: about 0.5-1 s of work at 224 px
 POOL_MIN_IMAGES = 1000  # with the default --workers, fewer images are decoded in-process (no pool to start)

@@ -5,7 +5,7 @@ the 37 target fractions; row i is row i of every pixel cache; `label` is the cla
 stratum, the Q1 answer, of `kaggle-votes`), `prepare.json` (task, outputs, counts per stratum, seed) and
 `cache/<size>px-crop<c>-chw.npy`, a uint8
 (N, 3, H, W) array decoded once and memory-mapped by every trial, so one copy in the page cache serves them all.
-`galaxy_tune.loader` turns a split of that cache into normalised, augmented tensors on the training device.
+`galaxy_tune.data.loader` turns a split of that cache into normalised, augmented tensors on the training device.
 
 Decoding runs on every core: a process pool whose workers write their rows straight into the memory-mapped
 temporary cache and send back only the rows that failed. When the split is made, that one decoding pass is also the
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import GalaxyTuneError
+from ..errors import GalaxyTuneError
 from .kaggle import CLASS_COLUMNS, CSV_NAME, IMAGE_SIZE_PX, IMAGES_DIR
-from .layout import write_atomically
+from ..layout import write_atomically
 from .pixels import decode_rows, finish_cache, image_path, keep_rows, source_fingerprint, temporary_cache
 from .tasks import DEFAULT_TASK, Task, get_task
 SPLITS = ("train", "val", "test")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .errors import GalaxyTuneError
+from ..errors import GalaxyTuneError
 from .kaggle import ANSWERS_PER_QUESTION, CLASS_COLUMNS, PARENT_ANSWER, question_columns
 
 
@@ -121,10 +121,10 @@ class Classification(Task):
         return float((logits.argmax(1) == targets).mean())
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:
-        """Class probabilities (as the retrain's test predictions compute them)."""
-        from .calibration import probabilities
+        """Class probabilities: the softmax of the logits, as the retrain's test predictions compute them."""
+        from scipy.special import softmax
 
-        return probabilities(logits)
+        return softmax(logits, axis=1)
 
     def head_bias(self, train: np.ndarray) -> np.ndarray | None:
         """A fresh head's bias: None keeps the model's own (zero)."""

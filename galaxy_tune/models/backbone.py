@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from galaxy_tune.errors import GalaxyTuneError
+from ..errors import GalaxyTuneError
 
 DEFAULT_MODEL = "microsoft/resnet-50"
 RANDOM_RESNET50 = "resnet50-random"

@@ -3,7 +3,7 @@
 `<method>-seed<S>/hf/` holds `config.json` + weights (LoRA merged in), the image processor that feeds the model
 the pixels it was trained on, and `galaxy_tune.json` (image size, crop, class names, task): what `predict`
 needs and the model cannot know. A `kaggle-votes` model's 37 logits become vote fractions through
-`galaxy_tune.tasks.per_question_softmax` (a plain softmax over all 37 would be wrong).
+`galaxy_tune.data.tasks.per_question_softmax` (a plain softmax over all 37 would be wrong).
 `<method>-seed<S>/adapters.safetensors` holds a LoRA result's adapters alone.
 """
 
@@ -12,18 +12,20 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from transformers import ConvNextImageProcessor, ResNetForImageClassification
 
-from .data import Prepared
-
-from .errors import GalaxyTuneError
-from .kaggle import IMAGE_SIZE_PX
-from .loader import IMAGENET_MEAN, IMAGENET_STD
+from ..data.kaggle import IMAGE_SIZE_PX
+from ..data.loader import IMAGENET_MEAN, IMAGENET_STD
+from ..data.tasks import DEFAULT_TASK
+from ..errors import GalaxyTuneError
 from .lora import save_adapters, to_plain_model
-from .tasks import DEFAULT_TASK
+
+if TYPE_CHECKING:
+    from ..data.prepare import Prepared
 
 MODEL_INFO = "galaxy_tune.json"  # beside config.json: {"image_size_px", "crop_px", "class_names", "task"}
 HF_FOLDER = "hf"

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from transformers import ResNetForImageClassification
 from transformers.models.resnet.modeling_resnet import ResNetBottleNeckLayer, ResNetConvLayer
 
-from galaxy_tune.errors import GalaxyTuneError
+from ..errors import GalaxyTuneError
 
 # bottleneck: the 1x1, 3x3, 1x1 convs of every bottleneck block's main path (not shortcuts, not the stem);
 # conv3x3: only the 3x3 convs of those blocks; all: every nn.Conv2d in the model.

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from .. import layout
-from ..calibration import nll, probabilities, reliability
-from ..data import read_consensus
+from ..models.calibration import nll, probabilities, reliability
+from ..data.prepare import read_consensus
 from ..errors import GalaxyTuneError
 from .evaluation_figures import (plot_consensus, plot_coverage, plot_frontier, plot_reliability,
                                  plot_winners_curse)

@@ -10,7 +10,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from ..calibration import probabilities, reliability
+from ..models.calibration import probabilities, reliability
 from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, Metric, padded_limits, percent_axis
 from .runs import correct_and_confidence, logits_of, present, seed_predictions
 from .stats import coverage_curve, largest_coverage, wilson_interval

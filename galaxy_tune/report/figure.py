@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..tasks import Task, get_task
+from ..data.tasks import Task, get_task
 
 METHOD_ORDER = ("direct", "full", "lora")
 METHOD_COLORS = {"direct": "#8c8c8c", "full": "#1f77b4", "lora": "#ff7f0e"}

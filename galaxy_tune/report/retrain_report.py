@@ -21,11 +21,11 @@ from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from .. import layout
-from ..data import load_prepared
-from ..pixels import image_path
+from ..data.prepare import load_prepared
+from ..data.pixels import image_path
 from ..errors import GalaxyTuneError
-from ..kaggle import IMAGE_SIZE_PX
-from ..tasks import get_task
+from ..data.kaggle import IMAGE_SIZE_PX
+from ..data.tasks import get_task
 from .evaluation import evaluation_sections, full_vs_lora, selection_section
 from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, Metric, class_label, embed, percent_axis
 from .runs import predicted_class, seed_predictions, selected_runs
@@ -238,7 +238,7 @@ def plot_confusion_matrices(predictions: pd.DataFrame, class_names: list[str]) -
 def galaxy_pictures(data: dict, galaxy_ids: list[int]) -> dict[int, np.ndarray]:
     """RGB pixels of test galaxies: the centre crop of the original JPEG (what the model sees before resizing),
     else the prepared pixel cache (what it sees after)."""
-    from ..loader import open_split  # torch: only when the gallery falls back to the pixel cache
+    from ..data.loader import open_split  # torch: only when the gallery falls back to the pixel cache
 
     crop = data["crop_px"] or IMAGE_SIZE_PX
     low, high = (IMAGE_SIZE_PX - crop) // 2, (IMAGE_SIZE_PX + crop) // 2

@@ -19,8 +19,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from .. import layout
-from ..data import majority_share
-from ..tasks import Task
+from ..data.prepare import majority_share
+from ..data.tasks import Task
 from .figure import FigureSkipped, Metric, embed
 from .search_curves import matching_random_curve
 

@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from ..kaggle import CLASS_COLUMNS, PARENT_ANSWER, question_columns
-from ..tasks import rmse
+from ..data.kaggle import CLASS_COLUMNS, PARENT_ANSWER, question_columns
+from ..data.tasks import rmse
 from .figure import METHOD_COLORS, embed
 from .runs import paired_seeds, present, seed_predictions
 from .stats import bootstrap, mean_and_sd, root_mean, t_interval

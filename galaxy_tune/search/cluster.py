@@ -12,7 +12,7 @@ import grpc
 import ray
 from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-from .errors import GalaxyTuneError
+from ..errors import GalaxyTuneError
 
 PROBE_TIMEOUT_S = 5.0
 

@@ -13,7 +13,7 @@ When the search ends `finish_study` makes the study equal to what Ray ran, one t
 when the mirror agrees with Ray's results, else by rebuilding it in a new file swapped in atomically.
 
 `LiveTables` rewrites trials.csv and best.json (`"running": true`) atomically whenever a trial finishes;
-`write_results` (search.py) writes the final ones (`"running": false`, `"complete"`: whether every trial ran).
+`write_results` (`search.run`) writes the final ones (`"running": false`, `"complete"`: whether every trial ran).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from ray import tune
 
-from . import layout
-from .layout import write_atomically
+from .. import layout
+from ..layout import write_atomically
 from .space import SearchSpace
-from .tasks import TASKS, Task
-from .train import TrainConfig
+from ..data.tasks import TASKS, Task
+from ..train import TrainConfig
 
 METRICS = tuple(dict.fromkeys(task.val_metric for task in TASKS.values()))  # val_accuracy, val_rmse
 KEPT = ("epoch", *METRICS, "epoch_seconds", "node_id")  # what the tables and the study need of a report

@@ -8,7 +8,7 @@ scheduler, the checkpoints kept, the tables and the study.
 An experiment folder `results/<name>/` holds Ray Tune's own results (open it with `tune.ExperimentAnalysis` or
 `Tuner.restore`), `optuna.db` (the study, for `optuna-dashboard` / `optuna.load_study`), `trials.csv`,
 `best.json` and `search.json` (what the search was asked to do). The study, trials.csv and best.json grow while
-trials finish (monitor.py), and are made final when the search ends.
+trials finish (`monitor`), and are made final when the search ends.
 """
 
 from __future__ import annotations
@@ -29,17 +29,17 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from . import layout
+from .. import layout
 from .cluster import check_resources, start_ray
-from .data import DataConfig, Prepared, data_summary, prepare, prepared_folder
-from .errors import GalaxyTuneError
-from .model import describe_weights, load_backbone
+from ..data.prepare import DataConfig, Prepared, data_summary, prepare, prepared_folder
+from ..errors import GalaxyTuneError
+from ..models.backbone import describe_weights, load_backbone
 from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
-from .provenance import library_versions
+from ..provenance import library_versions
 from .space import SearchSpace, default_space_path, load_space
-from .tasks import Task, get_task
+from ..data.tasks import Task, get_task
 from .trainable import train_trial
-from .train import DEVICES, METHODS, TrainConfig
+from ..train import DEVICES, METHODS, TrainConfig
 
 SAMPLERS = {  # --sampler: what proposes each trial's config
     "tpe": "Optuna's TPE, multivariate over grouped parameters, constant liar when trials run at once",

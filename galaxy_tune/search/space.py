@@ -15,8 +15,8 @@ from typing import Any
 import optuna
 import yaml
 
-from .errors import GalaxyTuneError
-from .train import TrainConfig
+from ..errors import GalaxyTuneError
+from ..train import TrainConfig
 
 TYPES = ("loguniform", "uniform", "int", "categorical")
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"

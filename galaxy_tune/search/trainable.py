@@ -19,13 +19,13 @@ import torch
 import ray
 from ray import tune
 
-from .data import load_prepared
+from ..data.prepare import load_prepared
 
-from .errors import GalaxyTuneError
-from .loader import open_splits
-from .model import count_parameters
-from .tasks import get_task
-from .train import TrainConfig, fit, limit_gpu_memory, make_model, pick_device
+from ..errors import GalaxyTuneError
+from ..data.loader import open_splits
+from ..models.backbone import count_parameters
+from ..data.tasks import get_task
+from ..train import TrainConfig, fit, limit_gpu_memory, make_model, pick_device
 
 STATE_FILE = "state.pt"
 

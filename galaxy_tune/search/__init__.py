@@ -1,0 +1,6 @@
+"""The search wing: Ray Tune runs the trials, Optuna proposes their configs, ASHA stops weak ones.
+
+`run` drives a search (`run_search`), `space` reads a search-space file, `trainable` is the trial Ray runs,
+`monitor` keeps the live tables and the mirrored Optuna study, and `cluster` starts or joins Ray. It imports
+`train`, `models` and `data` below it, never `retrain`, `report`, `api` or `cli`.
+"""
