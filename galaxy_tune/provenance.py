@@ -2,7 +2,7 @@
 
 from importlib.metadata import version
 
-LIBRARIES = ("torch", "torchvision", "transformers", "loralib", "ray", "optuna", "numpy")
+LIBRARIES = ("galaxy_tune", "torch", "torchvision", "transformers", "loralib", "ray", "optuna", "numpy")
 
 
 def library_versions() -> dict[str, str]:

@@ -21,6 +21,7 @@ from galaxy_tune.bench import bench_loader, bench_search, bench_train, write_jso
 from galaxy_tune.bench.loader import timed_epochs_in_turns
 from galaxy_tune.bench.measure import MB, interleaved, rate, ratio_spread, split_evenly
 from galaxy_tune.bench.searching import STRATEGIES, most_at_once, search_figures
+from galaxy_tune.search.run import SAMPLERS, SCHEDULERS
 from galaxy_tune.report.search_curves import best_so_far, epochs_to_reach, median_interval, summarize
 from galaxy_tune.errors import GalaxyTuneError
 
@@ -304,16 +305,23 @@ def test_bench_train_on_cuda_uses_bf16_channels_last_and_compile(demo_dir, tmp_p
     assert figures["methods"]["lora"]["peak_memory_mb"] > 0 and figures["methods"]["lora"]["merged_matches_branch"]
 
 
+# Every sampler and every scheduler once, the baseline first, as `bench search --strategies` takes them.
+EVERY_PART = ["random+fifo", "tpe-independent+asha", "tpe+hyperband"]
+
+
 def test_bench_search_runs_every_strategy_repeatedly_and_summarises_them(ray_local, demo_dir, tmp_path):
+    assert {s.partition("+")[0] for s in EVERY_PART} == set(SAMPLERS)
+    assert {s.partition("+")[2] for s in EVERY_PART} == set(SCHEDULERS) and set(EVERY_PART) <= set(STRATEGIES)
     figures = bench_search(demo_dir, tmp_path, model="tiny", num_samples=2, max_epochs=2, repeats=2,
-                           image_size_px=IMAGE_SIZE_PX, crop_px=CROP_PX, device="cpu", gpus_per_trial=0)
+                           image_size_px=IMAGE_SIZE_PX, crop_px=CROP_PX, device="cpu", gpus_per_trial=0,
+                           strategies=EVERY_PART)
     assert set(figures) == {"benchmark", "settings", "baseline", "target_val_accuracy", "random_trial_epochs",
                             "strategies", "ray_start_seconds", "model_build_seconds", "data_open_seconds",
                             "environment", "figure"}
     settings = figures["settings"]
-    assert settings["repeats"] == 2 and settings["strategies"] == list(STRATEGIES) and settings["concurrency"] == 2
+    assert settings["repeats"] == 2 and settings["strategies"] == EVERY_PART and settings["concurrency"] == 2
     assert settings["device"] == "cpu" and settings["gpus_per_trial"] == 0
-    assert list(figures["strategies"]) == list(STRATEGIES) and figures["baseline"] == "random+fifo"
+    assert list(figures["strategies"]) == EVERY_PART and figures["baseline"] == "random+fifo"
     random = figures["strategies"]["random+fifo"]
     assert figures["random_trial_epochs"] == 4  # 2 trials x 2 epochs, none stopped
     assert figures["target_val_accuracy"] == pytest.approx(

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from galaxy_tune.cli import main
+from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.data.kaggle import CSV_NAME
 from galaxy_tune.search.cluster import dashboard_hint
 
@@ -70,6 +71,17 @@ def test_resume_with_the_wrong_method_is_refused(tmp_path, capsys):
         {"method": "lora", "data_dir": str(tmp_path), "results_dir": str(tmp_path), "name": "s"}))
     assert main(["search", "full", "--resume", "--name", "s", "--results-dir", str(tmp_path)]) == 2
     assert "is a lora search: resume it with `search lora --resume --name s`" in capsys.readouterr().err
+
+
+def test_an_experiment_saved_before_the_modules_moved_is_refused_in_one_line(tmp_path):
+    from galaxy_tune.search.run import restore
+    from galaxy_tune.search.trainable import train_trial
+
+    # What galaxy_tune 0.1's tuner.pkl starts with: a pickled reference to its flat module galaxy_tune.space.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tuner.pkl").write_bytes(b"cgalaxy_tune.space\nSearchSpace\n.")
+    with pytest.raises(GalaxyTuneError, match=r"saved by galaxy_tune 0.1 .*galaxy_tune.space.*galaxy_tune 0.1.0"):
+        restore(tmp_path / "old", train_trial)
 
 
 @pytest.mark.parametrize("early_stopping, scheduler", [(True, "asha"), (False, "fifo")])

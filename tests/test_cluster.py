@@ -43,18 +43,22 @@ def start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Po
     deadline = time.monotonic() + 90
     while READY not in log.read_text():
         if node.poll() is not None or time.monotonic() > deadline:
-            stop_node(node)
+            stop_nodes(node)
             pytest.fail(f"`ray start {' '.join(args)}` did not come up:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     return node
 
 
-def stop_node(node: subprocess.Popen) -> None:
-    """SIGTERM to the blocking `ray start`, which stops the processes it started (and only those)."""
-    if node.poll() is None:
+def stop_nodes(*nodes: subprocess.Popen) -> None:
+    """SIGTERM to each blocking `ray start`, which stops the processes it started (and only those); the nodes
+    stop at once, not one after the other."""
+    running = [node for node in nodes if node.poll() is None]
+    for node in running:
         os.killpg(node.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    for node in running:
         try:
-            node.wait(timeout=60)
+            node.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(node.pid, signal.SIGKILL)
             node.wait()
@@ -95,8 +99,7 @@ def cluster(tmp_path_factory):
         wait_for_nodes(f"127.0.0.1:{port}", 2, env)
         yield f"127.0.0.1:{port}"
     finally:
-        for node in reversed(nodes):
-            stop_node(node)
+        stop_nodes(*nodes)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -165,7 +165,7 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
         print(f"resuming {experiment}: finished trials are kept, unfinished ones continue from their checkpoints")
         # The searcher's in-memory Optuna study is restored from Ray's saved searcher state (a live sqlite
         # study would be newer than that state and break the restore), so TPE keeps every finished trial.
-        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        return restore(experiment, trainable)
     max_epochs = int(space.fixed.get("epochs", TrainConfig().epochs))
     metric, mode = task.val_metric, task.mode
     return tune.Tuner(
@@ -300,6 +300,19 @@ def make_sampler(options: SearchOptions, max_concurrent: int) -> optuna.samplers
     if options.sampler == "tpe-independent":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def restore(experiment: Path, trainable) -> tune.Tuner:
+    """Ray's `Tuner.restore` of an experiment, or one line when galaxy_tune 0.1 saved it: Ray pickled that
+    version's module paths (`galaxy_tune.space`, ...), which the data/, models/ and search/ packages replaced."""
+    try:
+        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("galaxy_tune."):
+            raise
+        raise GalaxyTuneError(f"{experiment} was saved by galaxy_tune 0.1 (it names the module {err.name}): resume "
+                              "it with galaxy_tune 0.1.0, or start a new search; its trials.csv, best.json and "
+                              "optuna.db still serve `retrain --from` and `report`") from None
 
 
 def make_scheduler(name: str, max_epochs: int, task: Task) -> TrialScheduler:
