@@ -72,18 +72,17 @@ def cmd_search(args) -> None:
 def cmd_retrain(args) -> None:
     from . import api
 
-    api.retrain(args.results_dir, args.from_experiments, args.methods, seeds=args.seeds, max_epochs=args.max_epochs,
-                data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop, task=args.task,
-                min_vote=args.min_vote, skip_bad=args.skip_bad, workers=args.workers, seed=args.seed, model=args.model,
-                device=args.device,
-                top_k=args.top_k, augment=not args.no_augment)
+    api.retrain(args.results_dir, from_experiments=args.from_experiments, methods=args.methods, seeds=args.seeds,
+                max_epochs=args.max_epochs, data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop,
+                task=args.task, min_vote=args.min_vote, skip_bad=args.skip_bad, workers=args.workers, seed=args.seed,
+                model=args.model, device=args.device, top_k=args.top_k, augment=not args.no_augment)
 
 
 def cmd_predict(args) -> None:
     from . import api
     from .data.kaggle import CLASS_COLUMNS
 
-    table = api.predict(args.model, args.images, args.out, tta=args.tta, image_size_px=args.image_size,
+    table = api.predict(args.model, args.images, out_csv=args.out, tta=args.tta, image_size_px=args.image_size,
                         crop_px=args.crop, device=args.device)
     kaggle = " (Kaggle's submission format)" if list(table.columns[1:]) == CLASS_COLUMNS else ""
     print(f"wrote {len(table)} predictions to {args.out}{kaggle}")
