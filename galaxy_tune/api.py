@@ -1,4 +1,7 @@
-"""The Python API, one function per CLI command, for notebooks: `galaxy_tune.search(...)`, `retrain`, `predict`.
+"""The Python API, for notebooks: `prepare`, `search`, `retrain` and `predict`, one function per CLI command of
+the same name, with the flags as keyword arguments (docs/reference/python-api.md maps the few whose names differ,
+such as --image-size to `image_size_px`). The other commands have their own functions: `demo-data` is
+`galaxy_tune.data.demo.write_demo_data`, `report` is `galaxy_tune.report.write_report`.
 
 Settings left as None take the defaults of the dataclasses that hold them (`DataConfig`, `SearchOptions`,
 `run_retrain`), so the CLI and the API share one set of defaults. With no `data_dir`, the built-in demo data
@@ -82,14 +85,15 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     return experiment
 
 
-def retrain(results_dir: Path = layout.RESULTS_DIR, from_experiments: list[Path] | None = None,
+def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Path] | None = None,
             methods: list[str] | None = None, seeds: int | None = None, max_epochs: int | None = None,
             data_dir: Path | None = None, image_size_px: int | None = None, crop_px: int | None = None,
             task: str | None = None, min_vote: float | None = None, skip_bad: bool = False, workers: int | None = None,
             seed: int | None = None,
             model: str | None = None, device: str | None = None, augment: bool = True,
             top_k: int | None = None) -> Path:
-    """Retrain the best config of each method, test direct / full / LoRA; returns the retrain folder."""
+    """Retrain the `top_k` best configs of each method's search with `seeds` seeds, test direct / full / LoRA;
+    returns the retrain folder."""
     from .models.backbone import load_backbone
     from .report import write_retrain_report
     from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
@@ -158,10 +162,11 @@ def refuse_other_data(data: dict, searched: dict[str, Path], **settings) -> None
                 f"{DATA_FLAGS[name]}, or search again with it")
 
 
-def predict(model_dir: Path, images_dir: Path, out_csv: Path = Path("predictions.csv"), *, tta: bool = False,
+def predict(model_dir: Path, images_dir: Path, out_csv: Path | None = None, *, tta: bool = False,
             image_size_px: int | None = None, crop_px: int | None = None, device: str | None = None) -> pd.DataFrame:
-    """Classify a folder of galaxy JPEGs with a retrained model; writes and returns GalaxyID + class probabilities."""
+    """GalaxyID and the model's outputs for a folder of galaxy JPEGs; also written to `out_csv` when given
+    (the CLI's --out defaults to predictions.csv)."""
     from .predict import predict_folder
 
-    return predict_folder(Path(model_dir), Path(images_dir), Path(out_csv), tta=tta, image_size_px=image_size_px,
-                          crop_px=crop_px, device=device)
+    return predict_folder(Path(model_dir), Path(images_dir), None if out_csv is None else Path(out_csv), tta=tta,
+                          image_size_px=image_size_px, crop_px=crop_px, device=device)

@@ -1,7 +1,8 @@
-"""Command line: `python -m galaxy_tune {demo-data,prepare,search,retrain,predict,report,bench}`.
+"""Command line: `python -m galaxy_tune COMMAND`, one subcommand per step of the workflow (see WORKFLOW).
 
 Parses flags and hands them to the Python API (`galaxy_tune.api`), and prints a GalaxyTuneError as one line
-(the traceback only with --debug).
+(the traceback only with --debug). The parser imports nothing heavy, so `--help` answers at once;
+docs/reference/cli.md is rendered from it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ from .errors import GalaxyTuneError
 
 DEFAULT_RESULTS = Path("results")
 TASK_NAMES = ("seed-top2", "smooth-featured", "kaggle-votes")  # tasks.TASKS, without importing pandas for --help
+# search.run.SAMPLERS and SCHEDULERS, without importing Ray for --help (tests/test_cli.py checks they agree)
+SAMPLER_NAMES = ("tpe", "tpe-independent", "random")
+SCHEDULER_NAMES = ("asha", "hyperband", "fifo")
+DEVICE_NAMES = ("auto", "cpu", "cuda")  # train.DEVICES
+PURPOSE = "Search, retrain and test full and LoRA fine-tuning of ResNet-50 on Galaxy Zoo images."
+WORKFLOW = """\
+workflow (without --data-dir, every command uses the built-in demo data):
+  python -m galaxy_tune demo-data results/demo-data    # optional: synthetic galaxies in the Kaggle layout
+  python -m galaxy_tune prepare --data-dir galaxy-zoo  # validate, split and cache (search does it too)
+  python -m galaxy_tune search lora --data-dir galaxy-zoo
+  python -m galaxy_tune search full --data-dir galaxy-zoo
+  python -m galaxy_tune retrain                        # retrain the best configs; test direct, full and LoRA
+  python -m galaxy_tune predict --model results/retrain-TIME/lora-seed0/hf --images galaxy-zoo/images_test_rev1
+  python -m galaxy_tune report                         # rebuild every report from disk
+
+Each command's options: python -m galaxy_tune COMMAND --help"""
 
 
 def cmd_demo_data(args) -> None:
@@ -55,18 +72,17 @@ def cmd_search(args) -> None:
 def cmd_retrain(args) -> None:
     from . import api
 
-    api.retrain(args.results_dir, args.from_experiments, args.methods, seeds=args.seeds, max_epochs=args.max_epochs,
-                data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop, task=args.task,
-                min_vote=args.min_vote, skip_bad=args.skip_bad, workers=args.workers, seed=args.seed, model=args.model,
-                device=args.device,
-                top_k=args.top_k, augment=not args.no_augment)
+    api.retrain(args.results_dir, from_experiments=args.from_experiments, methods=args.methods, seeds=args.seeds,
+                max_epochs=args.max_epochs, data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop,
+                task=args.task, min_vote=args.min_vote, skip_bad=args.skip_bad, workers=args.workers, seed=args.seed,
+                model=args.model, device=args.device, top_k=args.top_k, augment=not args.no_augment)
 
 
 def cmd_predict(args) -> None:
     from . import api
     from .data.kaggle import CLASS_COLUMNS
 
-    table = api.predict(args.model, args.images, args.out, tta=args.tta, image_size_px=args.image_size,
+    table = api.predict(args.model, args.images, out_csv=args.out, tta=args.tta, image_size_px=args.image_size,
                         crop_px=args.crop, device=args.device)
     kaggle = " (Kaggle's submission format)" if list(table.columns[1:]) == CLASS_COLUMNS else ""
     print(f"wrote {len(table)} predictions to {args.out}{kaggle}")
@@ -133,35 +149,42 @@ def save_if_asked(args, figures: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m galaxy_tune", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser = argparse.ArgumentParser(prog="python -m galaxy_tune", description=PURPOSE, epilog=WORKFLOW,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also accepted after "
+                        "the command)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def device_flag(p, what: str):
-        p.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                       help=f"where {what}: auto (the default) is CUDA when torch sees a GPU, else the CPU")
+        p.add_argument("--device", choices=DEVICE_NAMES,
+                       help=f"where {what} (default: auto, CUDA when torch sees a GPU, else the CPU)")
 
     def results_flag(p):
-        p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="run outputs (default: results)")
+        p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS,
+                       help="where run outputs go (default: results)")
 
     def data_flags(p):
         p.add_argument("--data-dir", type=Path, help="Kaggle folder (training_solutions_rev1.csv, "
-                       "images_training_rev1/); default: the built-in demo data")
-        p.add_argument("--task", choices=TASK_NAMES, help="seed-top2 (default; the reference study's binary task), "
-                       "smooth-featured (Q1, binary) or kaggle-votes (the Kaggle challenge: 37 vote fractions, RMSE)")
-        p.add_argument("--image-size", type=int, help="pixels per side fed to the model (default 224; demo 64)")
-        p.add_argument("--crop", type=int, help="centre-crop the 424 px frame to this many px first (demo: 256)")
-        p.add_argument("--seed", type=int, help="split seed, and the search's training seed (default 0)")
-        p.add_argument("--min-vote", type=float, help="smooth-featured: least winning vote fraction (default 0.8)")
+                       "images_training_rev1/) (default: the built-in demo data)")
+        p.add_argument("--task", choices=TASK_NAMES, help="seed-top2 (the reference study's binary task), "
+                       "smooth-featured (Q1, binary) or kaggle-votes (the Kaggle challenge: 37 vote fractions, RMSE) "
+                       "(default: seed-top2)")
+        p.add_argument("--image-size", type=int, help="pixels per side fed to the model (default: 224; demo data 64)")
+        p.add_argument("--crop", type=int, help="centre-crop the 424 px frame to this many px first "
+                       "(default: no crop; demo data 256)")
+        p.add_argument("--seed", type=int, help="split seed, and the search's training seed (default: 0)")
+        p.add_argument("--min-vote", type=float, help="smooth-featured: least winning vote fraction (default: 0.8)")
         p.add_argument("--skip-bad", action="store_true", help="drop missing or unreadable images instead of failing")
-        p.add_argument("--workers", type=int, help="processes decoding images into the pixel cache "
-                       "(default: one per core; 1: in this process)")
+        p.add_argument("--workers", type=int, help="processes decoding images into the pixel cache; 1: in this "
+                       "process (default: one per core)")
         results_flag(p)
 
-    p = commands.add_parser("demo-data", help="write a synthetic data set in the Kaggle layout")
-    p.add_argument("out_dir")
-    p.add_argument("--num-images", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
+    p = commands.add_parser("demo-data", help="write a synthetic data set in the Kaggle layout",
+                            description="Write synthetic galaxies (smooth and spiral/barred, vote fractions that "
+                            "obey the decision tree) in the Kaggle layout.")
+    p.add_argument("out_dir", help="folder to write (e.g. results/demo-data)")
+    p.add_argument("--num-images", type=int, default=600, help="galaxies to draw (default: 600)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the drawing (default: 0)")
     p.set_defaults(run=cmd_demo_data)
 
     p = commands.add_parser("prepare", help="validate data, write the split manifest and the pixel cache")
@@ -170,41 +193,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_prepare)
 
     p = commands.add_parser("search", help="Ray Tune + Optuna search over one fine-tuning method")
-    p.add_argument("method", choices=["full", "lora"])
+    p.add_argument("method", choices=["full", "lora"], help="full fine-tuning or LoRA")
     data_flags(p)
     p.add_argument("--space", type=Path, help="search-space YAML (default: search_spaces/<method>.yaml)")
-    p.add_argument("--num-samples", type=int, help="trials (default 20; demo 6)")
-    p.add_argument("--max-epochs", type=int, help="epochs per trial, the ASHA budget (default: the space's)")
+    p.add_argument("--num-samples", type=int, help="how many trials to run (default: 20; demo data 6)")
+    p.add_argument("--max-epochs", type=int, help="epochs per trial, the scheduler's budget (default: the space's "
+                   "epochs; demo data 4)")
     p.add_argument("--model", help="Hugging Face id or local folder, resnet50-random or tiny "
                    "(default: microsoft/resnet-50, falling back to resnet50-random offline)")
     p.add_argument("--name", help="experiment name (default: search-<method>-<time>)")
-    p.add_argument("--cpus-per-trial", type=float, help="default 1")
-    p.add_argument("--gpus-per-trial", type=float, help="at most 1; fractions share a GPU, e.g. 0.25 (default: "
-                   "1 when the cluster has a GPU, else 0)")
-    device_flag(p, "trials train (cpu: they ask for no GPU)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs each trial holds (default: 1)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial holds, at most 1; fractions share a GPU, "
+                   "e.g. 0.25 (default: 1 when the cluster has a GPU, else 0)")
+    device_flag(p, "trials train; cpu: they ask for no GPU")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the resources allow)")
-    p.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting Ray")
-    p.add_argument("--max-failures", type=int, help="retries of a crashed trial from its checkpoint (default 2)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting Ray "
+                   "(default: start Ray on this machine)")
+    p.add_argument("--max-failures", type=int, help="retries of a crashed trial from its checkpoint (default: 2)")
     p.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
                    help="a trial checkpoints after an epoch once this long has passed since its last checkpoint, "
-                   "and after its last epoch (default 60; 0: every epoch)")
-    p.add_argument("--sampler", help="what proposes configs: tpe (the default: multivariate, constant liar when "
-                   "trials run at once), tpe-independent (one parameter at a time) or random")
-    p.add_argument("--scheduler", help="what stops weak trials: asha (the default), hyperband (asynchronous, 3 "
-                   "brackets) or fifo (none: every trial runs --max-epochs)")
+                   "and after its last epoch; 0: every epoch (default: 60)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="what proposes configs: tpe (multivariate, constant "
+                   "liar when trials run at once), tpe-independent (one parameter at a time) or random "
+                   "(default: tpe)")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="what stops weak trials: asha, hyperband "
+                   "(asynchronous, 3 brackets) or fifo (none: every trial runs --max-epochs) (default: asha)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     p.set_defaults(run=cmd_search)
 
-    p = commands.add_parser("retrain", help="retrain the best configs and test direct, full and LoRA")
+    p = commands.add_parser("retrain", help="retrain the top configs of each search and test direct, full and LoRA")
     data_flags(p)
     p.add_argument("--from", dest="from_experiments", nargs="+", help="search experiment folders to take "
-                   "the best configs from (default: the latest search of each method)")
-    p.add_argument("--methods", nargs="+", choices=["direct", "full", "lora"])
-    p.add_argument("--seeds", type=int, help="retrain each method with this many seeds (default 3; demo 2)")
+                   "the top configs from (default: the latest finished search of each method)")
+    p.add_argument("--methods", nargs="+", choices=["direct", "full", "lora"],
+                   help="methods to test (default: direct full lora)")
+    p.add_argument("--seeds", type=int, help="retrain each config with this many seeds (default: 3; demo data 2)")
     p.add_argument("--top-k", type=int, help="retrain the K best configs of each search and report the one with "
-                   "the best mean val metric, accuracy or RMSE (default 3; demo 1)")
-    p.add_argument("--max-epochs", type=int, help="cap the epochs of each recipe")
+                   "the best mean val metric, accuracy or RMSE (default: 3; demo data 1)")
+    p.add_argument("--max-epochs", type=int, help="cap the epochs of each recipe (default: the recipe's; "
+                   "demo data 4)")
     p.add_argument("--model", help="backbone (default: the searches', else microsoft/resnet-50)")
     device_flag(p, "to train and test")
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
@@ -214,71 +242,94 @@ def build_parser() -> argparse.ArgumentParser:
                                  "kaggle-votes model writes a Kaggle submission)")
     p.add_argument("--model", type=Path, required=True, help="a retrain's <method>-seed<S>/hf folder")
     p.add_argument("--images", type=Path, required=True, help="folder of galaxy JPEGs, e.g. images_test_rev1")
-    p.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"),
+                   help="CSV to write: GalaxyID and one column per output (default: predictions.csv)")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
-    p.add_argument("--image-size", type=int, help="only for a model without galaxy_tune.json")
-    p.add_argument("--crop", type=int, help="only for a model without galaxy_tune.json")
+    p.add_argument("--image-size", type=int, help="pixels per side, only for a model without galaxy_tune.json "
+                   "(default: the model's)")
+    p.add_argument("--crop", type=int, help="centre crop in px, only for a model without galaxy_tune.json "
+                   "(default: the model's)")
     device_flag(p, "to classify")
     p.set_defaults(run=cmd_predict)
 
     p = commands.add_parser("report", help="rebuild reports of search and retrain folders from disk")
     p.add_argument("experiments", nargs="*", help="experiment folders (default: all under --results-dir)")
-    p.add_argument("--out", type=Path, help="write the reports here (one folder per experiment)")
+    p.add_argument("--out", type=Path, help="write the reports here, one folder per experiment (default: in each "
+                   "experiment folder)")
     results_flag(p)
     p.set_defaults(run=cmd_report)
 
     add_bench_parser(commands)
+    for _, subparser in list(subparsers(parser)):
+        # After the command too (`search lora --debug`); SUPPRESS keeps the top-level value when absent here.
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show the traceback of an error")
     return parser
 
 
+def subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every subcommand's parser below `parser` as (command words, parser), depth first: ("bench", "gpu") ..."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                yield (*path, name), subparser
+                yield from subparsers(subparser, (*path, name))
+
+
 def add_bench_parser(commands) -> None:
-    """Add `bench {loader,train,search,gpu}` to the CLI's subparsers."""
+    """Add `bench {prepare,loader,train,search,gpu}` to the CLI's subparsers."""
     bench = commands.add_parser("bench", help="measure the data path, training speed and the search; check a GPU")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
 
     def common(p, image_size: int, crop: int | None):
-        p.add_argument("--data-dir", type=Path, help="Kaggle folder; default: the built-in demo data")
-        p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="run outputs (default: results)")
-        p.add_argument("--image-size", type=int, default=image_size, help=f"pixels per side (default {image_size})")
+        p.add_argument("--data-dir", type=Path, help="Kaggle folder (default: the built-in demo data)")
+        p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS,
+                       help="where run outputs go (default: results)")
+        p.add_argument("--image-size", type=int, default=image_size, help=f"pixels per side (default: {image_size})")
         p.add_argument("--crop", type=int, default=crop, help="centre-crop the 424 px frame first "
-                       f"(default: {crop or 'none'})")
-        p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+                       f"(default: {crop or 'no crop'})")
+        p.add_argument("--json", type=Path, help="also write the figures to this JSON file (default: none)")
+
+    def device(p, what: str):
+        p.add_argument("--device", choices=DEVICE_NAMES, help=f"{what} (default: auto, CUDA when torch sees a GPU)")
 
     p = kinds.add_parser("prepare", help="images/s of prepare with 1 decoding process vs one per core, in turns")
     common(p, 224, None)
     p.add_argument("--rounds", type=int, default=3, help="rounds of each, in turns, each into a fresh folder "
-                   "(default 3)")
+                   "(default: 3)")
     p.add_argument("--workers", type=int, help="processes to compare with 1 (default: one per core)")
     p.set_defaults(run=cmd_bench_prepare)
 
     p = kinds.add_parser("loader", help="images/s of galaxy_tune's data path vs the reference PIL DataLoader")
     common(p, 224, None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the reference pipeline")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the reference pipeline "
+                   "(default: 0)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per pipeline, the pipelines taking turns epoch "
-                   "by epoch; the first round is a warm-up, each later one gives a ratio (default 6)")
-    p.add_argument("--readers", type=int, default=2, help="concurrent processes for the memory check")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): cuda when torch sees a GPU")
+                   "by epoch; the first round is a warm-up, each later one gives a ratio (default: 6)")
+    p.add_argument("--readers", type=int, default=2, help="concurrent processes for the memory check (default: 2)")
+    device(p, "where batches go")
     p.add_argument("--threads", type=int, help="torch threads of both pipelines (default: torch's, one per core)")
     p.set_defaults(run=cmd_bench_loader)
 
     p = kinds.add_parser("train", help="training and eval images/s and peak memory of fit's loop, per method")
     common(p, 224, None)
-    p.add_argument("--model", default="resnet50-random", help="Hub id or folder, resnet50-random or tiny")
+    p.add_argument("--model", default="resnet50-random", help="Hub id or folder, resnet50-random or tiny "
+                   "(default: resnet50-random)")
     p.add_argument("--method", nargs="+", choices=["full", "lora"], default=["full"],
-                   help="one method, or `full lora` to compare them in one run, round by round (default full)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lora-rank", type=int, default=8)
+                   help="one method, or `full lora` to compare them in one run, round by round (default: full)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per training step (default: 32)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA's rank r (default: 8)")
     p.add_argument("--lora-batchnorm", choices=["frozen", "stats", "affine"], default="stats",
                    help="LoRA's BatchNorm: frozen (folded into the convolutions in training), stats (the reference "
-                   "recipe's: batch statistics, running ones updated) or affine (γ, β trained too); default stats")
+                   "recipe's: batch statistics, running ones updated) or affine (γ, β trained too) (default: stats)")
     p.add_argument("--steps", type=int, help="timed steps per method (default: 100 on CUDA, 4 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps per method (default: 30 on CUDA, 1 on CPU)")
     p.add_argument("--rounds", type=int, help="the timed steps in this many rounds, methods in turns "
                    "(default: 5 on CUDA, 4 on CPU)")
     p.add_argument("--eval-batches", type=int, help="timed eval batches of 64 per model, 0: none "
                    "(default: 20 on CUDA, 2 on CPU)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): cuda when torch sees a GPU")
+    device(p, "where to train")
     p.add_argument("--compile", action="store_true", help="torch.compile the training model")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.set_defaults(run=cmd_bench_train)
@@ -286,29 +337,30 @@ def add_bench_parser(commands) -> None:
     p = kinds.add_parser("search", help="search strategies, each run --repeats times, against random search with "
                          "the full epoch budget: best so far against trial-epochs, with 95 %% bands")
     common(p, 64, 256)
-    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument("--method", choices=["full", "lora"], default="full", help="method searched (default: full)")
     p.add_argument("--model", default="tiny", help="backbone of every trial (default: tiny)")
-    p.add_argument("--num-samples", type=int, default=12, help="trials per search (default 12)")
-    p.add_argument("--max-epochs", type=int, default=6, help="epoch budget per trial (default 6)")
+    p.add_argument("--num-samples", type=int, default=12, help="trials per search (default: 12)")
+    p.add_argument("--max-epochs", type=int, default=6, help="epoch budget per trial (default: 6)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each strategy, sampler seeds --seed, --seed + 1, "
-                   "... (default 3)")
+                   "... (default: 3)")
     p.add_argument("--strategies", nargs="+", metavar="SAMPLER+SCHEDULER",
                    help="the strategies compared, random+fifo (the baseline) among them (default: random+fifo "
                    "tpe+fifo tpe-independent+asha tpe+asha tpe+hyperband)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial holds (default: 1)")
     p.add_argument("--gpus-per-trial", type=float, help="as `search`: fractions share a GPU, e.g. 0.25 (default: "
                    "1 when the cluster has a GPU, else 0)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where trials train, as `search` (default auto)")
+    device(p, "where trials train, as `search`")
     p.add_argument("--seed", type=int, default=0, help="the split's and trials' training seed, and the first "
-                   "repeat's sampler seed (default 0)")
+                   "repeat's sampler seed (default: 0)")
     p.set_defaults(run=cmd_bench_search)
 
     p = kinds.add_parser("gpu", help="check a GPU machine in one go (under 8 min): training speed full and LoRA, a "
                          "4-trial search sharing the GPU, LoRA under bf16, torch.compile, retrain vs predict")
-    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="run outputs (default: results)")
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where run outputs go "
+                   "(default: results)")
     p.add_argument("--dry-run", action="store_true", help="on the CPU with a tiny model and 32 px images, in "
                    "about a minute: checks that the script runs, not the machine")
-    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file (default: none)")
     p.set_defaults(run=cmd_bench_gpu)
 
 

@@ -31,11 +31,11 @@ from .train import pick_device, place, predict_logits
 IMAGES_PER_CHUNK = 2048  # decoded at a time, so a folder of 80,000 galaxies never sits in memory at once
 
 
-def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool = False,
+def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path | None = None, tta: bool = False,
                    image_size_px: int | None = None, crop_px: int | None = None,
                    batch_size: int = 64, device: str | None = None) -> pd.DataFrame:
     """The outputs (class probabilities, or kaggle-votes' 37 fractions) of every JPEG in `images_dir` (GalaxyID =
-    file name stem), also written to `out_csv`.
+    file name stem), also written to `out_csv` when given.
 
     `tta` averages the logits over the 8 flips and 90° rotations of each image. The image size and crop come
     from the model's galaxy_tune.json; `image_size_px` / `crop_px` are needed only for a model without one.
@@ -60,9 +60,9 @@ def predict_folder(model_dir: Path, images_dir: Path, out_csv: Path, tta: bool =
             progress.update(len(chunk))
     table = pd.DataFrame(np.concatenate(outputs), columns=class_names)
     table.insert(0, "GalaxyID", galaxy_ids(paths))
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_csv, index=False)
+    if out_csv is not None:
+        Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out_csv, index=False)
     return table
 
 

@@ -1,5 +1,6 @@
 """The command line as a user runs it: `python -m galaxy_tune ...`, demo defaults, one-line errors."""
 
+import argparse
 import json
 import socket
 import subprocess
@@ -97,14 +98,75 @@ def test_a_search_json_from_before_the_scheduler_option_resumes_with_its_schedul
     assert (options.scheduler, options.sampler, options.resume) == (scheduler, "tpe", True)
 
 
-@pytest.mark.parametrize("flag, value, choices", [("--scheduler", "pbt", "asha, hyperband, fifo"),
-                                                  ("--sampler", "cmaes", "tpe, tpe-independent, random")])
-def test_an_unknown_sampler_or_scheduler_is_one_line_naming_the_choices(demo_dir, tmp_path, capsys, flag, value,
-                                                                       choices):
-    assert main(["search", "lora", flag, value, "--data-dir", str(demo_dir), "--results-dir", str(tmp_path)]) == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and f"{flag} {value!r} is unknown: choose one of {choices}" in error
+@pytest.mark.parametrize("flag, value, choices", [("--scheduler", "pbt", ("asha", "hyperband", "fifo")),
+                                                  ("--sampler", "cmaes", ("tpe", "tpe-independent", "random"))])
+def test_an_unknown_sampler_or_scheduler_is_refused_naming_the_flag_and_its_choices(tmp_path, capsys, flag, value,
+                                                                                  choices):
+    with pytest.raises(SystemExit) as refused:  # by the parser, which shows the choices in the usage line too
+        main(["search", "lora", flag, value, "--results-dir", str(tmp_path)])
+    assert refused.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: invalid choice: {value!r}" in error and all(repr(c) in error for c in choices)
     assert list(tmp_path.iterdir()) == []  # refused before anything was prepared or started
+
+
+def test_the_python_api_refuses_an_unknown_sampler_in_one_line_naming_the_choices(demo_dir, tmp_path):
+    from galaxy_tune import api
+    from galaxy_tune.errors import GalaxyTuneError
+
+    with pytest.raises(GalaxyTuneError, match="--sampler 'cmaes' is unknown: choose one of tpe, tpe-independent, "
+                       "random"):
+        api.search("lora", demo_dir, results_dir=tmp_path, sampler="cmaes")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_parser_offers_the_samplers_schedulers_and_devices_the_search_knows():
+    from galaxy_tune import cli
+    from galaxy_tune.search.run import SAMPLERS, SCHEDULERS
+    from galaxy_tune.train import DEVICES
+
+    assert (cli.SAMPLER_NAMES, cli.SCHEDULER_NAMES, cli.DEVICE_NAMES) == (tuple(SAMPLERS), tuple(SCHEDULERS), DEVICES)
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    from galaxy_tune.cli import build_parser, subparsers
+
+    missing = []
+    for words, parser in subparsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) or action.dest == "help":
+                continue
+            name = f"{' '.join(words)} {action.option_strings[-1] if action.option_strings else action.dest}"
+            flag = action.nargs == 0  # --resume, --tta, ...: off unless given
+            if not action.help or not (flag or action.required or "default" in action.help):
+                missing.append(name)
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("argv", [["--debug", "prepare"], ["prepare", "--debug"], ["search", "lora", "--debug"],
+                                  ["bench", "gpu", "--debug"]])
+def test_debug_is_accepted_before_or_after_the_command(argv):
+    from galaxy_tune.cli import build_parser
+
+    assert build_parser().parse_args(argv).debug is True
+    assert build_parser().parse_args([a for a in argv if a != "--debug"]).debug is False
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path):
+    from galaxy_tune.errors import GalaxyTuneError
+
+    with pytest.raises(GalaxyTuneError, match="does not exist"):
+        main(["prepare", "--data-dir", str(tmp_path / "missing"), "--debug"])
+
+
+def test_the_top_level_help_gives_the_purpose_and_the_workflow(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "ResNet-50 on Galaxy Zoo" in help_text and "demo-\n" not in help_text
+    steps = [help_text.index(f"python -m galaxy_tune {step}") for step in ("demo-data", "prepare", "search",
+                                                                           "retrain", "predict", "report")]
+    assert steps == sorted(steps)
 
 
 def test_retrain_refuses_searches_made_on_different_data(tmp_path, capsys):

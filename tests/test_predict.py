@@ -53,6 +53,17 @@ def test_predict_writes_galaxy_ids_and_one_probability_per_class(exported, demo_
     assert written[CLASS_NAMES].to_numpy() == pytest.approx(table[CLASS_NAMES].to_numpy(), abs=1e-7)
 
 
+def test_predict_from_python_returns_the_table_and_writes_no_file_unless_asked(exported, demo_dir, tmp_path,
+                                                                               monkeypatch):
+    from galaxy_tune import api
+
+    monkeypatch.chdir(tmp_path)
+    table = api.predict(exported, demo_dir / IMAGES_DIR)
+    assert list(table.columns) == ["GalaxyID", *CLASS_NAMES] and list(tmp_path.iterdir()) == []
+    asked = api.predict(exported, demo_dir / IMAGES_DIR, out_csv="p.csv")
+    assert pd.read_csv(tmp_path / "p.csv")["GalaxyID"].tolist() == asked["GalaxyID"].tolist()
+
+
 @pytest.mark.parametrize("tta", [False, True])
 def test_predictions_match_the_retrain_test_on_the_pixel_cache(exported, demo_dir, prepared, tmp_path, tta):
     # The same JPEGs, decoded by prepare into the cache, classified as retrain's test_model does.

@@ -1,4 +1,4 @@
-"""Benchmarks behind `python -m galaxy_tune bench {loader,train,search}`, each against a baseline run alongside,
+"""Benchmarks behind `python -m galaxy_tune bench {prepare,loader,train,search}`, each against a baseline run alongside,
 and `bench gpu`, which checks a GPU machine in one go.
 
 The machine may be busy with other work, so what matters is a ratio of two figures measured in the same run, in
@@ -7,8 +7,8 @@ printed for context. Each `bench_*` function prints a small table and returns it
 library versions that produced them; `write_json` saves them. Benchmarks are not tests: nothing here asserts a
 speed (`bench gpu` reports its targets as PASS/FAIL, and fails no command for them).
 
-`measure` holds what they share; `loader`, `training` and `searching` one benchmark each, `gpu` the GPU check
-(only `searching` and `gpu` import Ray). The names below are imported on first use, so `bench loader` never
+`measure` holds what they share; `preparing`, `loader`, `training` and `searching` one benchmark each, `gpu` the
+GPU check (only `searching` and `gpu` import Ray). The names below are imported on first use, so `bench loader` never
 loads Ray.
 """
 
