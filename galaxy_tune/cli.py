@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, help="epochs per trial, the ASHA budget (default: the space's)")
     p.add_argument("--model", help="Hugging Face id or local folder, resnet50-random or tiny "
                    "(default: microsoft/resnet-50, falling back to resnet50-random offline)")
-    p.add_argument("--name", help="experiment name (default: search-<method>-<time>)")
+    p.add_argument("--name", help="experiment name: one folder name inside --results-dir, of letters, digits and "
+                   ". _ + - (default: search-<method>-<time>)")
     p.add_argument("--cpus-per-trial", type=float, help="default 1")
     p.add_argument("--gpus-per-trial", type=float, help="at most 1; fractions share a GPU, e.g. 0.25 (default: "
                    "1 when the cluster has a GPU, else 0)")

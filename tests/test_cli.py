@@ -48,14 +48,20 @@ def test_a_results_folder_that_cannot_be_written_is_refused(demo_dir, tmp_path, 
 
 def test_without_data_dir_the_demo_data_is_generated_and_used(ray_local, tmp_path, capsys):
     results = tmp_path / "results"
+    space = tmp_path / "lr.yaml"  # one searched parameter: the console table shows it, and only it
+    space.write_text("params: {lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}, epochs: 1}\n")
     argv = ["search", "lora", "--results-dir", str(results), "--model", "tiny", "--num-samples", "2",
-            "--max-epochs", "1", "--name", "demo", "--no-augment"]
+            "--space", str(space), "--name", "demo", "--no-augment"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "using the built-in demo data" in out
     assert (results / "demo-data" / CSV_NAME).is_file()
     assert len(pd.read_csv(results / "demo" / "trials.csv")) == 2
-    assert json.loads((results / "demo" / "best.json").read_text())["config"]["augment"] is False
+    best = json.loads((results / "demo" / "best.json").read_text())
+    assert best["config"]["augment"] is False and best["complete"] is True
+    assert (results / "demo" / "report.md").is_file()
+    header = [line for line in out.splitlines() if line.startswith("| Trial name")][-1]  # the final table's
+    assert [column.strip() for column in header.strip("|").split("|")][2:] == ["loc", "lr", "epoch", "val accuracy"]
     # With no search of a method, retrain says so and uses the reference recipe.
     assert main(["retrain", "--results-dir", str(results), "--methods", "full", "--model", "tiny",
                  "--max-epochs", "1"]) == 0
@@ -158,6 +164,17 @@ def test_numbers_an_option_cannot_honour_are_refused_before_anything_starts(demo
     assert main([*argv, *data]) == 2
     assert culprit in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing prepared, no experiment started: 0 never means "default"
+
+
+@pytest.mark.parametrize("name", ["{tmp}/elsewhere", "../escape", "a/b", "..", ".hidden", "two words"])
+def test_a_name_that_is_not_one_folder_name_is_refused_at_once(demo_dir, tmp_path, capsys, name):
+    name = name.format(tmp=tmp_path)
+    argv = ["search", "full", "--name", name, "--data-dir", str(demo_dir), "--results-dir", str(tmp_path / "results"),
+            "--model", "tiny", "--image-size", "32", "--num-samples", "1", "--max-epochs", "1"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"--name {name!r} is not allowed: a name is one folder name inside --results-dir" in error
+    assert error.count("\n") == 1 and list(tmp_path.iterdir()) == []  # nothing written, anywhere
 
 
 def test_an_address_where_no_ray_listens_fails_fast_with_how_to_check_it(demo_dir, tmp_path):
