@@ -13,6 +13,11 @@ from pathlib import Path
 from .errors import GalaxyTuneError
 
 DEFAULT_RESULTS = Path("results")
+INTERRUPTED = {  # what Ctrl-C leaves, per command
+    "prepare": "prepare stopped; nothing half-written is kept: run it again",
+    "search": "finished trials are kept; continue with `search ... --resume --name NAME`",
+    "retrain": "retrain stopped; it does not resume: run it again",
+}
 TASK_NAMES = ("seed-top2", "smooth-featured", "kaggle-votes")  # tasks.TASKS, without importing pandas for --help
 
 
@@ -323,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished trials are kept; continue with `search ... --resume --name NAME`",
-              file=sys.stderr)
+        print(f"interrupted: {INTERRUPTED.get(args.command, f'{args.command} stopped')}", file=sys.stderr)
         return 130
     return 0

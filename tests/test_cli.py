@@ -1,6 +1,9 @@
 """The command line as a user runs it: `python -m galaxy_tune ...`, demo defaults, one-line errors."""
 
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -10,7 +13,8 @@ import pandas as pd
 import pytest
 
 from galaxy_tune.cli import main
-from galaxy_tune.data.kaggle import CSV_NAME
+from galaxy_tune.data.kaggle import CSV_NAME, IMAGES_DIR
+from galaxy_tune.data.prepare import read_votes, task_labels
 from galaxy_tune.search.cluster import dashboard_hint
 
 
@@ -37,6 +41,43 @@ def test_bad_input_is_one_line_naming_the_fix_and_debug_shows_the_traceback(tmp_
     assert "Traceback" not in done.stderr
     debug = galaxy_tune("--debug", "prepare", "--data-dir", tmp_path / "missing")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def opened_for_writing(fifo, timeout: float) -> int:
+    """A write end of the named pipe `fifo`, opened once a reader holds the other end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_ctrl_c_during_prepare_says_what_prepare_left_and_leaves_no_folder(demo_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    # The first galaxy to decode is a named pipe: prepare waits there, mid-decoding, until it is interrupted.
+    stalled = data / IMAGES_DIR / f"{task_labels(read_votes(data), 'seed-top2').index[0]}.jpg"
+    stalled.unlink()
+    os.mkfifo(stalled)
+    results = tmp_path / "results"
+    driver = subprocess.Popen([sys.executable, "-m", "galaxy_tune", "prepare", "--data-dir", str(data),
+                               "--results-dir", str(results), "--image-size", "16"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        writer = opened_for_writing(stalled, timeout=120)
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+        if writer is not None:
+            os.close(writer)
+    assert driver.returncode == 130
+    assert err.splitlines()[-1] == "interrupted: prepare stopped; nothing half-written is kept: run it again"
+    assert not results.exists()  # the prepared folder it had begun is gone, and the results folder with it
 
 
 def test_a_results_folder_that_cannot_be_written_is_refused(demo_dir, tmp_path, capsys):
@@ -116,7 +157,7 @@ def test_retrain_refuses_searches_made_on_different_data(tmp_path, capsys):
     (["--image-size", "128"], "--image-size 128 differs from the searches' 64"),
     (["--data-dir", "elsewhere"], "--data-dir"),
     (["--task", "seed-top2", "--image-size", "64"], None),  # the searches' own settings: accepted
-    (["--min-vote", "0.9"], None),  # meaningless to seed-top2 (its split records none), as for `prepare`
+    (["--min-vote", "0.9"], "--min-vote 0.9 is ignored by --task seed-top2"),  # as by `prepare` and `search`
 ])
 def test_retrain_refuses_data_settings_other_than_its_searches(tmp_path, capsys, flags, culprit):
     (tmp_path / "lora").mkdir()
@@ -128,7 +169,7 @@ def test_retrain_refuses_data_settings_other_than_its_searches(tmp_path, capsys,
     error = capsys.readouterr().err
     assert error.count("\n") == 1
     if culprit:
-        assert culprit in error and "retrain tests on its searches' data" in error
+        assert culprit in error and ("retrain tests on its searches' data" in error or "--min-vote" in culprit)
     else:  # past the check, to the next one: the searches' prepared data is gone
         assert "is gone" in error
 
@@ -157,6 +198,9 @@ def test_retrain_from_a_search_whose_prepared_data_is_gone(tmp_path, capsys):
     (["retrain", "--seeds", "0"], "--seeds 0 must be 1 or more"),
     (["retrain", "--max-epochs", "0"], "--max-epochs 0 must be 1 or more"),
     (["predict", "--model", "m", "--images", "i", "--image-size", "0"], "--image-size 0 must be 8 or more"),
+    (["prepare", "--min-vote", "0.9"], "--min-vote 0.9 is ignored by --task seed-top2: only smooth-featured"),
+    (["search", "lora", "--task", "kaggle-votes", "--min-vote", "0.9"], "--min-vote 0.9 is ignored by --task "
+     "kaggle-votes"),
 ])
 def test_numbers_an_option_cannot_honour_are_refused_before_anything_starts(demo_dir, tmp_path, capsys, argv,
                                                                             culprit):
