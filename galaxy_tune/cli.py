@@ -70,11 +70,12 @@ def cmd_retrain(args) -> None:
 def cmd_predict(args) -> None:
     from . import api
     from .data.kaggle import CLASS_COLUMNS
+    from .predict import output_csv
 
     table = api.predict(args.model, args.images, args.out, tta=args.tta, image_size_px=args.image_size,
                         crop_px=args.crop, device=args.device)
     kaggle = " (Kaggle's submission format)" if list(table.columns[1:]) == CLASS_COLUMNS else ""
-    print(f"wrote {len(table)} predictions to {args.out}{kaggle}")
+    print(f"wrote {len(table)} predictions to {output_csv(args.out)}{kaggle}")
 
 
 def cmd_report(args) -> None:
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "kaggle-votes model writes a Kaggle submission)")
     p.add_argument("--model", type=Path, required=True, help="a retrain's <method>-seed<S>/hf folder")
     p.add_argument("--images", type=Path, required=True, help="folder of galaxy JPEGs, e.g. images_test_rev1")
-    p.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write (default "
+                   "predictions.csv); a folder gets predictions.csv inside it")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--image-size", type=int, help="only for a model without galaxy_tune.json")
     p.add_argument("--crop", type=int, help="only for a model without galaxy_tune.json")
