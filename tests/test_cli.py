@@ -91,18 +91,19 @@ def test_without_data_dir_the_demo_data_is_generated_and_used(ray_local, tmp_pat
     results = tmp_path / "results"
     space = tmp_path / "lr.yaml"  # one searched parameter: the console table shows it, and only it
     space.write_text("params: {lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}, epochs: 1}\n")
-    argv = ["search", "lora", "--results-dir", str(results), "--model", "tiny", "--num-samples", "2",
+    argv = ["search", "lora", "--results-dir", str(results), "--model", "tiny", "--num-samples", "1",
             "--space", str(space), "--name", "demo", "--no-augment"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "using the built-in demo data" in out
     assert (results / "demo-data" / CSV_NAME).is_file()
-    assert len(pd.read_csv(results / "demo" / "trials.csv")) == 2
+    assert len(pd.read_csv(results / "demo" / "trials.csv")) == 1
     best = json.loads((results / "demo" / "best.json").read_text())
     assert best["config"]["augment"] is False and best["complete"] is True
     assert (results / "demo" / "report.md").is_file()
     header = [line for line in out.splitlines() if line.startswith("| Trial name")][-1]  # the final table's
     assert [column.strip() for column in header.strip("|").split("|")][2:] == ["loc", "lr", "epoch", "val accuracy"]
+    assert "Current best trial: " in out and "parameters={'lr': " in out  # the line that needs every column
     # With no search of a method, retrain says so and uses the reference recipe.
     assert main(["retrain", "--results-dir", str(results), "--methods", "full", "--model", "tiny",
                  "--max-epochs", "1"]) == 0

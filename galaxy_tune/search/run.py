@@ -344,12 +344,13 @@ def make_scheduler(name: str, max_epochs: int, task: Task) -> TrialScheduler:
 
 def progress_table(space: SearchSpace, task: Task) -> tune.CLIReporter:
     """Ray Tune's progress table, reduced to the columns that tell trials apart: the first searched parameters of
-    the space. Those searched under a condition are left out: Ray fails on a column the best trial lacks."""
+    the space. Those searched under a condition are left out: Ray fails on a column the best trial lacks. The
+    table is asked for: by default Ray prints it in a process's first search only (its verbosity is global)."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores custom reporters
     params = [p.name for p in space.params if not p.when][:TABLE_PARAMETERS] or ["method"]
     return tune.CLIReporter(metric_columns={"epoch": "epoch", task.val_metric: task.metric_label},
                             parameter_columns=params, max_report_frequency=30, metric=task.val_metric, mode=task.mode,
-                            sort_by_metric=True)
+                            sort_by_metric=True, print_intermediate_tables=True)
 
 
 def trials_table(grid: tune.ResultGrid, experiment: Path, task: Task) -> pd.DataFrame:
