@@ -22,6 +22,7 @@ import pandas as pd
 from . import layout
 from .data.prepare import DataConfig, Prepared, data_summary, load_prepared, prepare as _prepare, prepared_folder
 from .data.demo import DEMO, DEMO_FOLDER, demo_data_dir
+from .data.tasks import DEFAULT_TASK, TASKS, get_task
 from .errors import GalaxyTuneError
 
 
@@ -34,13 +35,24 @@ def data_config(data_dir: Path | None, results_dir: Path, **settings) -> DataCon
     """The user's data, or the demo data with demo-sized pixels when no folder is given."""
     settings = given(**settings)
     if data_dir is not None:
-        return DataConfig(Path(data_dir), **settings)
+        config = DataConfig(Path(data_dir), **settings)
+        refuse_unused_min_vote(config.task, settings.get("min_vote"))
+        return config
     config = DataConfig(Path(DEMO_FOLDER), **{"image_size_px": DEMO["image_size_px"], "crop_px": DEMO["crop_px"],
                                               **settings})  # validated before any demo image is drawn
+    refuse_unused_min_vote(config.task, settings.get("min_vote"))
     folder = demo_data_dir(results_dir)
     print(f"no data folder given: using the built-in demo data in {folder} ({config.image_size_px} px, "
           "demo-sized defaults)")
     return dataclasses.replace(config, data_dir=folder)
+
+
+def refuse_unused_min_vote(task: str, min_vote: float | None) -> None:
+    """--min-vote given for a task that keeps every galaxy it labels would be ignored: refuse it instead."""
+    if min_vote is not None and not get_task(task).confident:
+        confident = ", ".join(t.name for t in TASKS.values() if t.confident)
+        raise GalaxyTuneError(f"--min-vote {min_vote:g} is ignored by --task {task}: only {confident} keeps "
+                              "galaxies by their vote; drop --min-vote or choose that task")
 
 
 def prepare(data_dir: Path | None = None, out: Path | None = None, *, results_dir: Path = layout.RESULTS_DIR,
@@ -64,8 +76,10 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
            augment: bool = True, sampler: str | None = None, scheduler: str | None = None) -> Path:
     """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder."""
     from .report import write_search_report
-    from .search.run import SearchOptions, run_search
+    from .search.run import SearchOptions, check_name, run_search
 
+    if name is not None:
+        check_name(name)  # before anything is made, the demo data included
     if resume:
         if not name:
             raise GalaxyTuneError("--resume needs the --name of the search to continue")
@@ -152,9 +166,10 @@ def refuse_other_data(data: dict, searched: dict[str, Path], **settings) -> None
     """Retrain tests on its searches' data: a data setting given that differs from theirs is an error, not ignored."""
     if settings.get("data_dir") is not None:
         settings["data_dir"] = str(Path(settings["data_dir"]).resolve())
+    searched_task = data.get("task", DEFAULT_TASK)  # best.json before tasks: the only task there was
+    if settings.get("task") in (None, searched_task):
+        refuse_unused_min_vote(searched_task, settings.get("min_vote"))
     for name, value in given(**settings).items():
-        if name == "min_vote" and data.get(name) is None:
-            continue  # the searches' task keeps every galaxy: --min-vote means nothing to it (as to `prepare`)
         if value != data.get(name):
             raise GalaxyTuneError(
                 f"{DATA_FLAGS[name]} {value} differs from the searches' {data.get(name)} "

@@ -14,6 +14,11 @@ from pathlib import Path
 from .errors import GalaxyTuneError
 
 DEFAULT_RESULTS = Path("results")
+INTERRUPTED = {  # what Ctrl-C leaves, per command
+    "prepare": "prepare stopped; nothing half-written is kept: run it again",
+    "search": "finished trials are kept; continue with `search ... --resume --name NAME`",
+    "retrain": "retrain stopped; it does not resume: run it again",
+}
 TASK_NAMES = ("seed-top2", "smooth-featured", "kaggle-votes")  # tasks.TASKS, without importing pandas for --help
 # search.run.SAMPLERS and SCHEDULERS, without importing Ray for --help (tests/test_cli.py checks they agree)
 SAMPLER_NAMES = ("tpe", "tpe-independent", "random")
@@ -81,11 +86,12 @@ def cmd_retrain(args) -> None:
 def cmd_predict(args) -> None:
     from . import api
     from .data.kaggle import CLASS_COLUMNS
+    from .predict import output_csv
 
     table = api.predict(args.model, args.images, out_csv=args.out, tta=args.tta, image_size_px=args.image_size,
                         crop_px=args.crop, device=args.device)
     kaggle = " (Kaggle's submission format)" if list(table.columns[1:]) == CLASS_COLUMNS else ""
-    print(f"wrote {len(table)} predictions to {args.out}{kaggle}")
+    print(f"wrote {len(table)} predictions to {output_csv(args.out)}{kaggle}")
 
 
 def cmd_report(args) -> None:
@@ -201,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "epochs; demo data 4)")
     p.add_argument("--model", help="Hugging Face id or local folder, resnet50-random or tiny "
                    "(default: microsoft/resnet-50, falling back to resnet50-random offline)")
-    p.add_argument("--name", help="experiment name (default: search-<method>-<time>)")
+    p.add_argument("--name", help="experiment name: one folder name inside --results-dir, of letters, digits and "
+                   ". _ + - (default: search-<method>-<time>)")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs each trial holds (default: 1)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial holds, at most 1; fractions share a GPU, "
                    "e.g. 0.25 (default: 1 when the cluster has a GPU, else 0)")
@@ -243,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="a retrain's <method>-seed<S>/hf folder")
     p.add_argument("--images", type=Path, required=True, help="folder of galaxy JPEGs, e.g. images_test_rev1")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"),
-                   help="CSV to write: GalaxyID and one column per output (default: predictions.csv)")
+                   help="CSV to write: GalaxyID and one column per output (default: predictions.csv); a folder "
+                   "gets predictions.csv inside it")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--image-size", type=int, help="pixels per side, only for a model without galaxy_tune.json "
                    "(default: the model's)")
@@ -374,7 +382,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished trials are kept; continue with `search ... --resume --name NAME`",
-              file=sys.stderr)
+        print(f"interrupted: {INTERRUPTED.get(args.command, f'{args.command} stopped')}", file=sys.stderr)
         return 130
     return 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 RESULTS_DIR = Path("results")  # the default --results-dir
@@ -50,3 +52,25 @@ def write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
+
+
+@contextmanager
+def new_folder(path: Path, exist_ok: bool = True) -> Iterator[Path]:
+    """Make `path` and its missing parents for the work inside; on an error or Ctrl-C there, remove those of them
+    that are still empty, so a refused or failed command leaves no empty folder behind.
+
+    With exist_ok False an existing `path` raises FileExistsError: mkdir is atomic, so of two commands claiming
+    one folder at once exactly one gets it.
+    """
+    path = Path(path)
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=exist_ok)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # something was written there: keep it, and its parents
+                break
+        raise

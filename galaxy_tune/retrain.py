@@ -125,6 +125,13 @@ def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | 
     return out
 
 
+def top_k_shortfalls(plans: list[Recipe], experiments: dict[str, Path], top_k: int) -> list[str]:
+    """A line for each search that has fewer distinct finished configs than --top-k asks for."""
+    found = {method: sum(r.method == method for r in plans) for method in experiments}
+    return [f"{method}: --top-k {top_k}, but {experiments[method]} has {n} distinct finished config(s): "
+            f"{n} retrained" for method, n in found.items() if 0 < n < top_k]
+
+
 def select_configs(results: pd.DataFrame, task: Task) -> pd.Series:
     """Each method's reported config: the rank with the best mean val metric over seeds (ties: the search's
     better one). Test numbers play no part. Returns a bool per row of `results`."""
@@ -151,6 +158,9 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     task = get_task(prepared.task)
     splits = dict(zip(("train", "val", "test"), open_splits(prepared, "train", "val", "test")))
     plans = recipes(experiments, methods, max_epochs, task, top_k)
+    notes = top_k_shortfalls(plans, experiments, top_k)
+    for note in notes:
+        print(note)
     head_bias = task.head_bias(splits["train"].labels)  # kaggle-votes: fresh heads start at the prior
     tested = []
     progress = tqdm(total=seeds * sum(r.config.epochs for r in plans), desc="retrain", unit="epoch")
@@ -197,7 +207,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     baseline = task.baseline(splits["train"].labels, splits["test"].labels)
     (out_dir / layout.RETRAIN).write_text(json.dumps({
         "data": summary, "model": model_name, "seeds": seeds, "methods": list(methods),
-        "top_k": top_k, "selected_rank": {m: int(r) for m, r in selected.items()},
+        "top_k": top_k, "notes": notes, "selected_rank": {m: int(r) for m, r in selected.items()},
         "recipes": {r.folder: {"method": r.method, "rank": r.rank, "source": r.source, "config": r.config.to_dict(),
                                f"search_{task.val_metric}": r.search_val} for r in plans},
         "metric": task.metric, "mode": task.mode,

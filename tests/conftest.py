@@ -1,14 +1,27 @@
-"""Shared fixtures: a small generated Kaggle-format data set, its prepared cache, and one local Ray."""
+"""Shared fixtures: a small generated Kaggle-format data set, its prepared cache, one local Ray; a bomb JPEG."""
 
+import io
+import struct
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from galaxy_tune.data.prepare import DataConfig, prepare
 from galaxy_tune.data.demo import write_demo_data
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGE_SIZE_PX, CROP_PX = 32, 256
+
+
+def jpeg_claiming(side: int) -> bytes:
+    """A tiny JPEG whose header claims side x side pixels: a decompression bomb to PIL, in 631 bytes."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (40, 40, 40)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    frame = data.index(b"\xff\xc0")  # SOF0: marker, length, precision, then height and width
+    data[frame + 5:frame + 9] = struct.pack(">HH", side, side)
+    return bytes(data)
 
 
 @pytest.fixture(scope="session")

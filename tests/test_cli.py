@@ -2,6 +2,9 @@
 
 import argparse
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +15,8 @@ import pytest
 
 from galaxy_tune.cli import main
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.data.kaggle import CSV_NAME
+from galaxy_tune.data.kaggle import CSV_NAME, IMAGES_DIR
+from galaxy_tune.data.prepare import read_votes, task_labels
 from galaxy_tune.search.cluster import dashboard_hint
 
 
@@ -41,6 +45,43 @@ def test_bad_input_is_one_line_naming_the_fix_and_debug_shows_the_traceback(tmp_
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+def opened_for_writing(fifo, timeout: float) -> int:
+    """A write end of the named pipe `fifo`, opened once a reader holds the other end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_ctrl_c_during_prepare_says_what_prepare_left_and_leaves_no_folder(demo_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    # The first galaxy to decode is a named pipe: prepare waits there, mid-decoding, until it is interrupted.
+    stalled = data / IMAGES_DIR / f"{task_labels(read_votes(data), 'seed-top2').index[0]}.jpg"
+    stalled.unlink()
+    os.mkfifo(stalled)
+    results = tmp_path / "results"
+    driver = subprocess.Popen([sys.executable, "-m", "galaxy_tune", "prepare", "--data-dir", str(data),
+                               "--results-dir", str(results), "--image-size", "16"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        writer = opened_for_writing(stalled, timeout=120)
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+        if writer is not None:
+            os.close(writer)
+    assert driver.returncode == 130
+    assert err.splitlines()[-1] == "interrupted: prepare stopped; nothing half-written is kept: run it again"
+    assert not results.exists()  # the prepared folder it had begun is gone, and the results folder with it
+
+
 def test_a_results_folder_that_cannot_be_written_is_refused(demo_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -50,14 +91,21 @@ def test_a_results_folder_that_cannot_be_written_is_refused(demo_dir, tmp_path, 
 
 def test_without_data_dir_the_demo_data_is_generated_and_used(ray_local, tmp_path, capsys):
     results = tmp_path / "results"
-    argv = ["search", "lora", "--results-dir", str(results), "--model", "tiny", "--num-samples", "2",
-            "--max-epochs", "1", "--name", "demo", "--no-augment"]
+    space = tmp_path / "lr.yaml"  # one searched parameter: the console table shows it, and only it
+    space.write_text("params: {lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}, epochs: 1}\n")
+    argv = ["search", "lora", "--results-dir", str(results), "--model", "tiny", "--num-samples", "1",
+            "--space", str(space), "--name", "demo", "--no-augment"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "using the built-in demo data" in out
     assert (results / "demo-data" / CSV_NAME).is_file()
-    assert len(pd.read_csv(results / "demo" / "trials.csv")) == 2
-    assert json.loads((results / "demo" / "best.json").read_text())["config"]["augment"] is False
+    assert len(pd.read_csv(results / "demo" / "trials.csv")) == 1
+    best = json.loads((results / "demo" / "best.json").read_text())
+    assert best["config"]["augment"] is False and best["complete"] is True
+    assert (results / "demo" / "report.md").is_file()
+    header = [line for line in out.splitlines() if line.startswith("| Trial name")][-1]  # the final table's
+    assert [column.strip() for column in header.strip("|").split("|")][2:] == ["loc", "lr", "epoch", "val accuracy"]
+    assert "Current best trial: " in out and "parameters={'lr': " in out  # the line that needs every column
     # With no search of a method, retrain says so and uses the reference recipe.
     assert main(["retrain", "--results-dir", str(results), "--methods", "full", "--model", "tiny",
                  "--max-epochs", "1"]) == 0
@@ -184,7 +232,7 @@ def test_retrain_refuses_searches_made_on_different_data(tmp_path, capsys):
     (["--image-size", "128"], "--image-size 128 differs from the searches' 64"),
     (["--data-dir", "elsewhere"], "--data-dir"),
     (["--task", "seed-top2", "--image-size", "64"], None),  # the searches' own settings: accepted
-    (["--min-vote", "0.9"], None),  # meaningless to seed-top2 (its split records none), as for `prepare`
+    (["--min-vote", "0.9"], "--min-vote 0.9 is ignored by --task seed-top2"),  # as by `prepare` and `search`
 ])
 def test_retrain_refuses_data_settings_other_than_its_searches(tmp_path, capsys, flags, culprit):
     (tmp_path / "lora").mkdir()
@@ -196,7 +244,7 @@ def test_retrain_refuses_data_settings_other_than_its_searches(tmp_path, capsys,
     error = capsys.readouterr().err
     assert error.count("\n") == 1
     if culprit:
-        assert culprit in error and "retrain tests on its searches' data" in error
+        assert culprit in error and ("retrain tests on its searches' data" in error or "--min-vote" in culprit)
     else:  # past the check, to the next one: the searches' prepared data is gone
         assert "is gone" in error
 
@@ -225,6 +273,9 @@ def test_retrain_from_a_search_whose_prepared_data_is_gone(tmp_path, capsys):
     (["retrain", "--seeds", "0"], "--seeds 0 must be 1 or more"),
     (["retrain", "--max-epochs", "0"], "--max-epochs 0 must be 1 or more"),
     (["predict", "--model", "m", "--images", "i", "--image-size", "0"], "--image-size 0 must be 8 or more"),
+    (["prepare", "--min-vote", "0.9"], "--min-vote 0.9 is ignored by --task seed-top2: only smooth-featured"),
+    (["search", "lora", "--task", "kaggle-votes", "--min-vote", "0.9"], "--min-vote 0.9 is ignored by --task "
+     "kaggle-votes"),
 ])
 def test_numbers_an_option_cannot_honour_are_refused_before_anything_starts(demo_dir, tmp_path, capsys, argv,
                                                                             culprit):
@@ -232,6 +283,17 @@ def test_numbers_an_option_cannot_honour_are_refused_before_anything_starts(demo
     assert main([*argv, *data]) == 2
     assert culprit in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing prepared, no experiment started: 0 never means "default"
+
+
+@pytest.mark.parametrize("name", ["{tmp}/elsewhere", "../escape", "a/b", "..", ".hidden", "two words"])
+def test_a_name_that_is_not_one_folder_name_is_refused_at_once(demo_dir, tmp_path, capsys, name):
+    name = name.format(tmp=tmp_path)
+    argv = ["search", "full", "--name", name, "--data-dir", str(demo_dir), "--results-dir", str(tmp_path / "results"),
+            "--model", "tiny", "--image-size", "32", "--num-samples", "1", "--max-epochs", "1"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"--name {name!r} is not allowed: a name is one folder name inside --results-dir" in error
+    assert error.count("\n") == 1 and list(tmp_path.iterdir()) == []  # nothing written, anywhere
 
 
 def test_an_address_where_no_ray_listens_fails_fast_with_how_to_check_it(demo_dir, tmp_path):

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CROP_PX, FIXTURES, IMAGE_SIZE_PX
+from conftest import CROP_PX, FIXTURES, IMAGE_SIZE_PX, jpeg_claiming
 from galaxy_tune.data.prepare import DataConfig, prepare, read_votes, split_manifest, task_labels
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.data.kaggle import CSV_NAME, IMAGES_DIR
+from galaxy_tune.data.kaggle import CLASS_COLUMNS, CSV_NAME, IMAGES_DIR
+from galaxy_tune.data.tasks import get_task
 from galaxy_tune.data.loader import batches, open_split, orient
 
 
@@ -53,6 +54,35 @@ def test_bad_csv_names_the_culprit(tmp_path, damage, culprit):
     damage(pd.read_csv(folder / CSV_NAME)).to_csv(folder / CSV_NAME, index=False)
     with pytest.raises(GalaxyTuneError, match=re.escape(culprit)):
         read_votes(folder)
+
+
+@pytest.mark.parametrize("rows, culprit", [
+    ("none", "has a header but no rows"),
+    ("all zero", "leaves class 0 empty (0 galaxies kept): check the CSV's vote fractions, or choose another --task"),
+])
+def test_a_prepare_refused_for_its_csv_says_why_and_leaves_no_folder(tmp_path, rows, culprit):
+    folder = real_rows(tmp_path)
+    votes = pd.read_csv(folder / CSV_NAME)
+    votes = votes.iloc[:0] if rows == "none" else votes.assign(**{column: 0.0 for column in CLASS_COLUMNS})
+    votes.to_csv(folder / CSV_NAME, index=False)
+    with pytest.raises(GalaxyTuneError, match=re.escape(culprit)) as err:
+        prepare(DataConfig(folder), tmp_path / "results" / "prepared" / "real")
+    assert "--min-vote" not in str(err.value)  # seed-top2 has no vote threshold to lower
+    assert not (tmp_path / "results").exists()
+
+
+def test_kaggle_votes_warns_once_about_rows_that_break_the_decision_tree(demo_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    votes = pd.read_csv(data / CSV_NAME)
+    votes.loc[3, ["Class1.1", "Class1.2", "Class1.3"]] = 0.9
+    votes.loc[7, CLASS_COLUMNS] = 0.0
+    votes.to_csv(data / CSV_NAME, index=False)
+    prepare(DataConfig(data, task="kaggle-votes", image_size_px=16), tmp_path / "out")
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and f"2 of {len(votes)} rows break the decision tree" in err
+    assert f"The worst is GalaxyID {votes['GalaxyID'][3]}: its Class1 answers sum to 2.7, not 1." in err
+    assert get_task("kaggle-votes").vote_problems(read_votes(real_rows(tmp_path))) == []  # real rows obey it
 
 
 def test_missing_csv_and_folder(tmp_path):
@@ -107,25 +137,32 @@ def test_cache_is_reused_and_rebuilt_when_an_image_changes(demo_dir, tmp_path):
     assert np.load(again.cache_path, mmap_mode="r")[0].min() > 240  # the new white image is in the cache
 
 
-def test_bad_images_are_listed_and_can_be_skipped(demo_dir, tmp_path, capsys):
+def test_bad_images_are_listed_and_can_be_skipped(demo_dir, tmp_path, capsys, recwarn):
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
     ids = pd.read_csv(data / CSV_NAME)["GalaxyID"]
     kept = task_labels(read_votes(data), "seed-top2").index
-    missing, truncated, small = [data / IMAGES_DIR / f"{i}.jpg" for i in kept[:3]]
+    missing, truncated, small, bomb, warned = [data / IMAGES_DIR / f"{i}.jpg" for i in kept[:5]]
     missing.unlink()
     truncated.write_bytes(truncated.read_bytes()[:2000])
     Image.new("RGB", (100, 100)).save(small)
+    bomb.write_bytes(jpeg_claiming(20000))  # PIL's Image.open raises on it
+    warned.write_bytes(jpeg_claiming(12000))  # PIL's Image.open warns about it
     config = DataConfig(data, image_size_px=16)
     with pytest.raises(GalaxyTuneError) as err:
         prepare(config, tmp_path / "out")
     message = str(err.value)
-    assert "3 bad image(s)" in message and "--skip-bad" in message
+    assert "5 bad image(s)" in message and "--skip-bad" in message
     for path in (missing, truncated, small):
         assert path.name in message
+    for path, side in ((bomb, 20000), (warned, 12000)):
+        assert f"{path.name}: not a 424x424 RGB JPEG (JPEG RGB {side}x{side})" in message
     prepared = prepare(dataclasses.replace(config, skip_bad=True), tmp_path / "out")
-    assert len(prepared.manifest()) == len(kept) - 3 and len(ids) > len(kept)
-    assert "skipping 3 bad image(s)" in capsys.readouterr().out
+    assert len(prepared.manifest()) == len(kept) - 5 and len(ids) > len(kept)
+    printed = capsys.readouterr()
+    assert "skipping 5 bad image(s)" in printed.out
+    shown = printed.out + printed.err + "".join(str(w.message) for w in recwarn)
+    assert "decompression" not in shown  # PIL's warning neither printed nor raised
     # The split made with --skip-bad stays valid for later runs without the flag (search, retrain).
     assert prepare(config, tmp_path / "out").manifest().equals(prepared.manifest())
 

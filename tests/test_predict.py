@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import ResNetForImageClassification
 
-from conftest import CROP_PX, IMAGE_SIZE_PX
+from conftest import CROP_PX, IMAGE_SIZE_PX, jpeg_claiming
+from galaxy_tune.cli import main
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.models.export import MODEL_INFO
 from galaxy_tune.data.kaggle import IMAGES_DIR
@@ -105,24 +106,35 @@ def test_a_model_without_galaxy_tune_json_needs_the_image_size(exported, demo_di
     assert given.equals(predict_folder(exported, demo_dir / IMAGES_DIR, tmp_path / "q.csv"))
 
 
-def break_folder(demo_dir, tmp_path, how: str):
-    """A folder of a few good JPEGs and one bad file; returns (folder, the culprit's name)."""
+def good_images(demo_dir, tmp_path):
+    """A folder of three good galaxy JPEGs."""
     folder = tmp_path / "images"
     folder.mkdir()
     for path in sorted((demo_dir / IMAGES_DIR).glob("*.jpg"))[:3]:
         shutil.copy(path, folder)
+    return folder
+
+
+def test_every_bad_jpeg_is_named_in_one_run_and_nothing_is_written(exported, demo_dir, tmp_path):
+    folder = good_images(demo_dir, tmp_path)
     good = next(folder.iterdir()).read_bytes()
-    bad = {"not a jpeg": b"these are not the pixels you are looking for", "truncated": good[:len(good) // 3]}[how]
-    (folder / "999999.jpg").write_bytes(bad)
-    return folder, "999999.jpg"
-
-
-@pytest.mark.parametrize("how", ["not a jpeg", "truncated"])
-def test_an_unreadable_jpeg_is_named(exported, demo_dir, tmp_path, how):
-    folder, culprit = break_folder(demo_dir, tmp_path, how)
-    with pytest.raises(GalaxyTuneError, match=rf"{culprit} is not a readable galaxy image.*move it out"):
+    (folder / "999997.jpg").write_bytes(b"these are not the pixels you are looking for")
+    (folder / "999998.jpg").write_bytes(good[:len(good) // 3])
+    (folder / "999999.jpg").write_bytes(jpeg_claiming(20000))  # a decompression bomb by its header
+    with pytest.raises(GalaxyTuneError) as err:
         predict_folder(exported, folder, tmp_path / "p.csv")
+    message = str(err.value)
+    assert message.startswith(f"3 bad image(s) in {folder}: 999997.jpg: unreadable") and "move them out" in message
+    assert "999998.jpg: unreadable" in message and "999999.jpg: not a 424x424 RGB JPEG (JPEG RGB 20000x20000)" in message
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_out_naming_a_folder_writes_predictions_csv_inside_it(exported, demo_dir, tmp_path, capsys):
+    folder, out = good_images(demo_dir, tmp_path), tmp_path / "out"
+    out.mkdir()
+    assert main(["predict", "--model", str(exported), "--images", str(folder), "--out", str(out)]) == 0
+    assert len(pd.read_csv(out / "predictions.csv")) == 3
+    assert f"wrote 3 predictions to {out / 'predictions.csv'}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case, culprit", [

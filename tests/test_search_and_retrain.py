@@ -3,6 +3,10 @@
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -25,16 +29,16 @@ SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model",
 
 @pytest.fixture(scope="module")
 def searched(ray_local, demo_dir, tmp_path_factory):
-    """A results folder holding a finished lora search (4 trials) and full search (3 trials)."""
+    """A results folder holding a finished lora search (2 trials) and full search (1 trial)."""
     results = tmp_path_factory.mktemp("results")
-    for method, samples in (("lora", "4"), ("full", "3")):
+    for method, samples in (("lora", "2"), ("full", "1")):
         argv = ["search", method, "--data-dir", str(demo_dir), "--results-dir", str(results), "--name",
                 f"search-{method}", "--num-samples", samples, *SEARCH]
         assert main(argv) == 0
     return results
 
 
-@pytest.mark.parametrize("method, samples", [("lora", 4), ("full", 3)])
+@pytest.mark.parametrize("method, samples", [("lora", 2), ("full", 1)])
 def test_search_writes_trials_best_and_a_readable_optuna_study(searched, method, samples):
     experiment = searched / f"search-{method}"
     trials = pd.read_csv(experiment / "trials.csv")
@@ -75,18 +79,61 @@ def test_a_second_search_with_the_same_name_is_refused(searched, demo_dir, capsy
     (["--cpus-per-trial", "64"], "largest node has 2 CPU"),
 ])
 def test_impossible_resources_fail_before_any_trial(ray_local, demo_dir, tmp_path, capsys, flags, culprit):
-    argv = ["search", "full", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), *SEARCH, *flags]
+    argv = ["search", "full", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path / "results"), *SEARCH,
+            *flags]
     assert main(argv) == 2
     assert culprit in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no experiment folder left behind
 
 
-def test_broken_space_file_fails_before_ray_starts(demo_dir, tmp_path, capsys):
+@pytest.mark.parametrize("param, culprit", [
+    ("lr: {type: loguniform, low: 1.0e-2, high: 1.0e-4}", "'lr' has low 0.01 > high 0.0001"),
+    ("label_smoothing: 1.5", "'label_smoothing' is fixed to a value training refuses"),  # TrainConfig's own rule
+])
+def test_broken_space_file_fails_before_ray_starts(demo_dir, tmp_path, capsys, param, culprit):
     space = tmp_path / "space.yaml"
-    space.write_text("params:\n  lr: {type: loguniform, low: 1.0e-2, high: 1.0e-4}\n")
-    argv = ["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--space", str(space)]
+    space.write_text(f"params:\n  {param}\n")
+    argv = ["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path / "results"), "--space",
+            str(space), "--num-samples", "1", *SEARCH]
+    started = time.monotonic()
     assert main(argv) == 2
+    assert time.monotonic() - started < 10
     err = capsys.readouterr().err
-    assert "'lr' has low 0.01 > high 0.0001" in err and "Traceback" not in err
+    assert culprit in err and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()  # refused before anything was prepared, no experiment folder left
+
+
+def test_a_search_started_while_another_of_its_name_starts_is_refused_at_once(ray_local, demo_dir, tmp_path,
+                                                                                capsys):
+    # The first search makes its experiment folder before anything else, then waits to read its space file, a named
+    # pipe. A second search of that name, meanwhile, is refused at once. The first then gets a space of one
+    # parameter, which the console table shows.
+    space, experiment = tmp_path / "lr.yaml", tmp_path / "results" / "same"
+    os.mkfifo(space)
+    argv = ["search", "full", "--data-dir", demo_dir, "--results-dir", tmp_path / "results", "--name", "same",
+            "--space", space, "--num-samples", "1", "--address", ray_local.get_runtime_context().gcs_address,
+            "--image-size", IMAGE_SIZE_PX, "--crop", CROP_PX, "--model", "tiny"]
+    first = subprocess.Popen([sys.executable, "-m", "galaxy_tune", *map(str, argv)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not experiment.is_dir():
+            assert first.poll() is None and time.monotonic() < deadline, "the first search made no folder"
+            time.sleep(0.2)
+        assert main(list(map(str, argv))) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"experiment {experiment} already exists" in err and "--name" in err
+        assert experiment.is_dir()  # the first search's, untouched
+        space.write_text("params: {lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}, epochs: 1}\n")
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["running"] is False and best["complete"] is True and (experiment / "report.md").is_file()
+    header = [line for line in out.splitlines() if line.startswith("| Trial name")][-1]  # the final table's
+    assert [column.strip() for column in header.strip("|").split("|")][2:] == ["loc", "lr", "epoch", "val accuracy"]
+    assert "Current best trial: " in out and "parameters={'lr': " in out  # the line that needs every column
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +149,13 @@ def test_retrain_reports_all_three_methods_and_exports_usable_models(retrained):
     out, printed = retrained
     results = pd.read_csv(out / "test_results.csv")
     # 3 seeds by default, of each search's 2 best configs; each method reports the config it picked on val.
-    assert results.groupby("method").size().to_dict() == {"direct": 3, "full": 6, "lora": 6}
+    # The full search ran 1 trial: its one config is retrained, and the console and the report say so.
+    assert results.groupby("method").size().to_dict() == {"direct": 3, "full": 3, "lora": 6}
     assert results[results["selected"]].groupby("method").size().to_dict() == {"direct": 3, "full": 3, "lora": 3}
     assert set(results["rank"]) == {1, 2} and (results["temperature"] > 0).all()
+    shortfall = f"full: --top-k 2, but {out.parent / 'search-full'} has 1 distinct finished config(s): 1 retrained"
+    assert shortfall in printed and f"Note: {shortfall}." in (out / "report.md").read_text()
+    assert "lora: --top-k" not in printed
     assert (results["val_nll_calibrated"] <= results["val_nll"] + 1e-9).all()  # fitted on val: never worse there
     results = results[(results["seed"] == 0) & (results["rank"] == 1)]
     assert {"method", "seed", "config", "val_accuracy", "test_accuracy", "trainable_params", "epochs",

@@ -1,5 +1,7 @@
 """Search spaces: the shipped YAML files, conditional parameters, and clear errors for broken files."""
 
+import re
+
 import optuna
 import pytest
 
@@ -62,3 +64,23 @@ def test_broken_space_files_name_the_key(tmp_path, text, culprit):
 def test_missing_space_file(tmp_path):
     with pytest.raises(GalaxyTuneError, match="does not exist"):
         load_space(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, culprit", [
+    ('lora_stages: "5"', "'lora_stages' is fixed to a value training refuses: lora_stages='5' must list"),
+    ("lr_decay: 0", "'lr_decay' is fixed to a value training refuses: hyperparameter lr_decay=0.0 must be positive"),
+    ("frozen_stages: 7", "'frozen_stages' is fixed to a value training refuses: frozen_stages=7 must be 0"),
+    ("lora_batchnorm: maybe", "lora_batchnorm='maybe' is not one of frozen, stats, affine"),
+    ("lora_scaling: x", "lora_scaling='x' is not one of standard, rslora"),
+    ("label_smoothing: 1.5", "label_smoothing=1.5 must be in [0, 1)"),
+    ("lora_targets: {type: categorical, choices: [bottleneck, everything, all]}",
+     "'lora_targets' has a choice training refuses: lora_targets='everything' is not one of"),
+    ("lr_decay: {type: uniform, low: -1, high: 0.5}",
+     "'lr_decay' has a range training refuses (low -1.0): hyperparameter lr_decay=-1.0 must be positive"),
+])
+def test_values_training_refuses_are_refused_with_the_space_file(tmp_path, text, culprit):
+    # The same rules as TrainConfig's: no trial could start with these, so the file is refused before Ray starts.
+    path = tmp_path / "space.yaml"
+    path.write_text(f"params:\n  lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-2}}\n  {text}\n")
+    with pytest.raises(GalaxyTuneError, match=re.escape(culprit)):
+        load_space(path, {"method": "lora"})

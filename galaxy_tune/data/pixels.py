@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 from tqdm import tqdm
 
 from ..errors import GalaxyTuneError
 from .kaggle import CSV_NAME, IMAGE_SIZE_PX, IMAGES_DIR
-from ..layout import write_atomically
+from ..layout import new_folder, write_atomically
 
 CHUNK_ROWS = 256  # images per task sent to a decoding process: about 0.5-1 s of work at 224 px
 POOL_MIN_IMAGES = 1000  # with the default --workers, fewer images are decoded in-process (no pool to start)
@@ -38,9 +38,10 @@ class NotGalaxyImage(ValueError):
 def decode(path: Path, image_size_px: int, crop_px: int | None) -> np.ndarray:
     """One galaxy JPEG as (3, size, size) uint8: centre-crop, then resize, as the reference's transforms do.
 
-    Channels first, as the model reads them: a batch then converts to float without transposing.
+    Channels first, as the model reads them: a batch then converts to float without transposing. The size is
+    checked from the JPEG header before any pixel is decoded (see `open_jpeg`).
     """
-    with Image.open(path) as image:
+    with open_jpeg(path) as image:
         if image.format != "JPEG" or image.mode != "RGB" or image.size != (IMAGE_SIZE_PX, IMAGE_SIZE_PX):
             raise NotGalaxyImage(f"not a {IMAGE_SIZE_PX}x{IMAGE_SIZE_PX} RGB JPEG ({image.format} {image.mode} "
                                  f"{image.size[0]}x{image.size[1]})")
@@ -51,6 +52,15 @@ def decode(path: Path, image_size_px: int, crop_px: int | None) -> np.ndarray:
         lo, hi = (IMAGE_SIZE_PX - crop) / 2 * scale, (IMAGE_SIZE_PX + crop) / 2 * scale
         image = image.resize((image_size_px, image_size_px), Image.Resampling.BILINEAR, box=(lo, lo, hi, hi))
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def open_jpeg(path: Path) -> JpegImagePlugin.JpegImageFile:
+    """The JPEG at `path`, its header read and no pixel decoded yet.
+
+    Not `Image.open`, whose decompression-bomb check raises (over 179 Mpx) or prints a warning (over 89 Mpx) from
+    the header alone: a huge image is a wrong-sized galaxy, listed with the other bad images.
+    """
+    return JpegImagePlugin.JpegImageFile(str(path))
 
 
 def source_fingerprint(data_dir: Path, ids: np.ndarray) -> str:
@@ -182,13 +192,13 @@ def temporary_cache(path: Path, count: int, image_size_px: int) -> Iterator[Path
     Moving it with os.replace is atomic: concurrent readers see the old cache or the whole new one, and a
     half-written cache never outlives an error or Ctrl-C.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, 3, image_size_px, image_size_px))
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
+    with new_folder(path.parent):  # removed again if a failure leaves it empty
+        try:
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, 3, image_size_px, image_size_px))
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def finish_cache(tmp: Path, path: Path, meta: dict) -> None:

@@ -18,6 +18,8 @@ import hashlib
 import json
 import math
 import os
+import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import pandas as pd
 
 from ..errors import GalaxyTuneError
 from .kaggle import CLASS_COLUMNS, CSV_NAME, IMAGE_SIZE_PX, IMAGES_DIR
-from ..layout import write_atomically
+from ..layout import new_folder, write_atomically
 from .pixels import decode_rows, finish_cache, image_path, keep_rows, source_fingerprint, temporary_cache
 from .tasks import DEFAULT_TASK, Task, get_task
 SPLITS = ("train", "val", "test")
@@ -116,6 +118,8 @@ def read_votes(data_dir: Path) -> pd.DataFrame:
         parts = ([f"missing columns {', '.join(missing)}"] if missing else []) + (
             [f"unexpected columns {', '.join(map(str, extra))}"] if extra else [])
         raise GalaxyTuneError(f"{csv}: {'; '.join(parts)}: the header must be GalaxyID,Class1.1,...,Class11.6")
+    if votes.empty:
+        raise GalaxyTuneError(f"{csv} has a header but no rows: restore the Kaggle file, one row per galaxy")
     for column in expected:
         if not pd.api.types.is_numeric_dtype(votes[column]):
             raise GalaxyTuneError(f"{csv}: column {column} has non-numeric values: fix or remove those rows")
@@ -153,11 +157,12 @@ def read_consensus(data_dir: Path, task: str) -> pd.Series:
 
 
 def split_manifest(labels: pd.Series, seed: int, val_fraction: float, test_fraction: float,
-                   every_class: bool = True) -> pd.DataFrame:
+                   every_class: bool = True, fix: str = "choose another --task") -> pd.DataFrame:
     """Seeded, stratified train/val/test split: a frame with GalaxyID, label, split in GalaxyID order.
 
     With `every_class` (binary tasks) both classes must be in every split. Without it (`labels` are strata, as
-    for kaggle-votes), a stratum too small to be split joins the largest one for the split's sake.
+    for kaggle-votes), a stratum too small to be split joins the largest one for the split's sake. `fix` ends the
+    message of a class left empty.
     """
     ids, y = labels.index.to_numpy(), labels.to_numpy()
     held = val_fraction + test_fraction
@@ -166,7 +171,7 @@ def split_manifest(labels: pd.Series, seed: int, val_fraction: float, test_fract
     counts = np.bincount(y, minlength=2)
     if every_class and counts.min() == 0:
         raise GalaxyTuneError(f"the task leaves class {int(np.argmin(counts))} empty ({len(y)} galaxies kept): "
-                              "choose another --task or a lower --min-vote")
+                              f"{fix}")
     if not every_class:  # each stratum needs 2 galaxies in the smaller held-out split
         y = np.where(counts[y] < max(10, math.ceil(2 / min(val_fraction, test_fraction))), int(np.argmax(counts)), y)
     from sklearn.model_selection import train_test_split  # here: trial workers never split, and it costs 0.7 s
@@ -226,19 +231,31 @@ def bad_listing(data_dir: Path, bad: dict[int, str], what: str = "image(s)") -> 
 
 
 def prepare(config: DataConfig, out_dir: Path) -> Prepared:
-    """Validate the data, write the split manifest and build the pixel cache (all reused when unchanged)."""
+    """Validate the data, write the split manifest and build the pixel cache (all reused when unchanged).
+
+    A prepare that fails or is interrupted removes the folders it made while they are still empty.
+    """
     out_dir = Path(out_dir).resolve()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise GalaxyTuneError(f"cannot write to {out_dir} ({err.strerror}): "
-                              "choose a writable --out/--results-dir") from None
+    with ExitStack() as made:
+        try:
+            made.enter_context(new_folder(out_dir))
+            probe = out_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise GalaxyTuneError(f"cannot write to {out_dir} ({err.strerror}): "
+                                  "choose a writable --out/--results-dir") from None
+        return prepare_in(config, out_dir)
+
+
+def prepare_in(config: DataConfig, out_dir: Path) -> Prepared:
+    """`prepare` in its output folder, made already."""
     data_dir = Path(config.data_dir).resolve()
     task = get_task(config.task)
-    targets = task.targets(read_votes(data_dir), config.min_vote)
+    votes = read_votes(data_dir)
+    for problem in task.vote_problems(votes):
+        print(f"warning: {problem}", file=sys.stderr)
+    targets = task.targets(votes, config.min_vote)
     # What decides the split. --skip-bad is not part of it: a split made with it stays valid without it.
     split_settings = {"data_dir": str(data_dir), "task": config.task,
                       "min_vote": config.min_vote if task.confident else None,
@@ -269,7 +286,9 @@ def make_split(prepared: Prepared, data_dir: Path, task: Task, targets: pd.DataF
     labels = strata(task, targets)
     ids = labels.index.to_numpy()
     every_class = not task.regression  # a binary task needs both classes in every split: refused up front
-    manifest = split_manifest(labels, config.seed, config.val_fraction, config.test_fraction, every_class)
+    fix = "choose another --task or a lower --min-vote" if task.confident else \
+        "check the CSV's vote fractions, or choose another --task"
+    manifest = split_manifest(labels, config.seed, config.val_fraction, config.test_fraction, every_class, fix)
     meta = cache_meta(prepared, data_dir, ids)
     bad: dict[int, str] = {}
     with temporary_cache(prepared.cache_path, len(ids), config.image_size_px) as tmp:

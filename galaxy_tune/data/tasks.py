@@ -27,6 +27,8 @@ import pandas as pd
 from ..errors import GalaxyTuneError
 from .kaggle import ANSWERS_PER_QUESTION, CLASS_COLUMNS, PARENT_ANSWER, question_columns
 
+TREE_TOLERANCE = 1e-3  # the real rows obey the decision tree to about 1e-6 (fractions rounded to 6 digits)
+
 
 @dataclass(frozen=True)
 class Task:
@@ -100,6 +102,10 @@ class Classification(Task):
     def strata(self, targets: pd.DataFrame) -> np.ndarray:
         return targets["label"].to_numpy()
 
+    def vote_problems(self, votes: pd.DataFrame) -> list[str]:
+        """What in the vote table deserves a warning: nothing, as a binary label needs no more than an arg-max."""
+        return []
+
     def labels(self, manifest: pd.DataFrame) -> np.ndarray:
         """The training targets of a split manifest's rows: (N,) int labels."""
         return manifest["label"].to_numpy()
@@ -145,6 +151,24 @@ class VoteRegression(Task):
     def strata(self, targets: pd.DataFrame) -> np.ndarray:
         """The split is stratified by each galaxy's Q1 answer (smooth, features/disk, star/artifact)."""
         return targets[question_columns(1)].to_numpy().argmax(1)
+
+    def vote_problems(self, votes: pd.DataFrame) -> list[str]:
+        """One line on the rows that break the decision tree (the outputs obey it, so they cannot fit those rows):
+        their count and the worst of them."""
+        reached = {q: pd.Series(1.0, index=votes.index) if parent is None else votes[parent]
+                   for q, parent in PARENT_ANSWER.items()}
+        sums = pd.DataFrame({q: votes[question_columns(q)].sum(axis=1) for q in PARENT_ANSWER})
+        errors = (sums - pd.DataFrame(reached)).abs()
+        broken = int((errors.max(axis=1) > TREE_TOLERANCE).sum())
+        if not broken:
+            return []
+        galaxy, question = errors.stack().idxmax()
+        parent = PARENT_ANSWER[question]
+        expected = "1" if parent is None else f"{parent}'s {reached[question][galaxy]:.6g}"
+        return [f"{broken} of {len(votes)} rows break the decision tree: a question's answers must sum to the "
+                f"fraction that reached it (within {TREE_TOLERANCE:g}). The worst is GalaxyID {galaxy}: its "
+                f"Class{question} answers sum to {sums[question][galaxy]:.6g}, not {expected}. kaggle-votes trains "
+                "on these rows as they are: check the CSV"]
 
     def labels(self, manifest: pd.DataFrame) -> np.ndarray:
         """(N, 37) float32 vote fractions."""

@@ -56,6 +56,7 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
          f"`{data['data_dir']}`, {data['image_size_px']} px images (crop {data['crop_px'] or 'none'}), split seed "
          f"{data['seed']}; test split {test_images} images. Each method was retrained with {len(seeds)} seed(s)."),
         f"Backbone: {base_weights(results['weights'].iloc[0])} (`{info['model']}`).",
+        *(f"Note: {note}." for note in info.get("notes", [])),
     ]
     if votes:
         lines += [*votes_sections(out, results, predictions, info),

@@ -16,10 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +54,8 @@ SCHEDULERS = {  # --scheduler: what stops weak trials early
     "hyperband": "Ray's asynchronous HyperBand: ASHA in 3 brackets, whose first rungs are 1, 2 and 4 epochs",
     "fifo": "none: every trial runs its full epoch budget",
 }
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # one folder name inside --results-dir
+TABLE_PARAMETERS = 5  # searched parameters shown in the console table
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class SearchOptions:
     def __post_init__(self):
         if not self.name:
             object.__setattr__(self, "name", f"search-{self.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        check_name(self.name)
         for flag, value, low in (("--num-samples", self.num_samples, 1), ("--max-epochs", self.max_epochs, 1),
                                  ("--max-concurrent", self.max_concurrent, 1), ("--max-failures", self.max_failures, 0),
                                  ("--checkpoint-every", self.checkpoint_every_s, 0)):
@@ -98,20 +104,44 @@ class SearchOptions:
                 raise GalaxyTuneError(f"{flag} {value!r} is unknown: choose one of {', '.join(known)}")
 
 
+def check_name(name: str) -> None:
+    """Refuse an experiment name that is not one folder name of safe characters (it could write elsewhere)."""
+    if not NAME.fullmatch(name):
+        raise GalaxyTuneError(f"--name {name!r} is not allowed: a name is one folder name inside --results-dir, "
+                              "of letters, digits and . _ + - (first a letter or digit, at most 100), e.g. lora-1")
+
+
 def run_search(options: SearchOptions) -> Path:
     """Run (or resume) a search; returns the experiment folder with trials.csv, best.json and optuna.db."""
     if options.method not in METHODS:
         raise GalaxyTuneError(f"unknown method {options.method!r}: choose one of {', '.join(METHODS)}")
-    results_dir = Path(options.results_dir).resolve()
-    experiment = results_dir / options.name
+    experiment = Path(options.results_dir).resolve() / options.name
     if options.resume:
         method, options = options.method, saved_options(experiment)
         if method != options.method:
             raise GalaxyTuneError(f"{experiment} is a {options.method} search: resume it with "
                                   f"`search {options.method} --resume --name {options.name}`")
-    elif experiment.exists():
-        raise GalaxyTuneError(f"experiment {experiment} already exists: pass --resume to continue it, "
-                              "or choose another --name")
+        return search_in(experiment, options)
+    with claim_experiment(experiment):
+        return search_in(experiment, options)
+
+
+@contextmanager
+def claim_experiment(experiment: Path) -> Iterator[None]:
+    """Make the new experiment folder first, atomically: of two searches started with one --name, one gets it and
+    the other is refused at once. A search refused before its first trial leaves no folder behind."""
+    with ExitStack() as claimed:
+        try:
+            claimed.enter_context(layout.new_folder(experiment, exist_ok=False))
+        except FileExistsError:
+            raise GalaxyTuneError(f"experiment {experiment} already exists (a search may be running there): choose "
+                                  "another --name, or pass --resume to continue it once it has stopped") from None
+        yield
+
+
+def search_in(experiment: Path, options: SearchOptions) -> Path:
+    """The search of `options` in its experiment folder, made already (or resumed)."""
+    results_dir = experiment.parent
     task = get_task(options.data.task)
     overrides = {"method": options.method, "seed": options.data.seed, "augment": options.augment,
                  **dict(task.fixed)}
@@ -127,7 +157,6 @@ def run_search(options: SearchOptions) -> Path:
     prepared = prepare(options.data, prepared_folder(results_dir, options.data))
     _, model_name = load_backbone(options.model, num_labels=len(prepared.class_names), seed=options.data.seed)
     if not options.resume:
-        experiment.mkdir(parents=True)
         # The resolved model is saved as the explicit one: a resumed search never falls back to other weights.
         (experiment / layout.SEARCH_OPTIONS).write_text(json.dumps(
             {**asdict(options), "model": model_name, "prepared": str(prepared.folder),
@@ -180,7 +209,7 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=options.name, storage_path=str(experiment.parent), verbose=1,
-            progress_reporter=progress_table(options.method, task),
+            progress_reporter=progress_table(space, task),
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=metric, checkpoint_score_order=mode),
             callbacks=[PruneCheckpoints(experiment, task),  # then optuna.db, trials.csv and best.json as trials run
                        *watchers(experiment, options.name, space, about, max_concurrent, task)],
@@ -326,13 +355,15 @@ def make_scheduler(name: str, max_epochs: int, task: Task) -> TrialScheduler:
     return ASHAScheduler(**rungs)
 
 
-def progress_table(method: str, task: Task) -> tune.CLIReporter:
-    """Ray Tune's progress table, reduced to the columns that tell trials apart."""
+def progress_table(space: SearchSpace, task: Task) -> tune.CLIReporter:
+    """Ray Tune's progress table, reduced to the columns that tell trials apart: the first searched parameters of
+    the space. Those searched under a condition are left out: Ray fails on a column the best trial lacks. The
+    table is asked for: by default Ray prints it in a process's first search only (its verbosity is global)."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine ignores custom reporters
-    params = ["method", "lr"] + (["lora_rank"] if method == "lora" else ["weight_decay"]) + ["scheduler"]
+    params = [p.name for p in space.params if not p.when][:TABLE_PARAMETERS] or ["method"]
     return tune.CLIReporter(metric_columns={"epoch": "epoch", task.val_metric: task.metric_label},
                             parameter_columns=params, max_report_frequency=30, metric=task.val_metric, mode=task.mode,
-                            sort_by_metric=True)
+                            sort_by_metric=True, print_intermediate_tables=True)
 
 
 def trials_table(grid: tune.ResultGrid, experiment: Path, task: Task) -> pd.DataFrame:

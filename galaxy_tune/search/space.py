@@ -121,10 +121,37 @@ def load_space(path: Path, overrides: dict | None = None) -> SearchSpace:
         if unknown:
             raise GalaxyTuneError(f"{where}: points_to_evaluate sets {', '.join(unknown)}, which is not searched: "
                                   "remove it from the point or make it a searched parameter")
+    check_values(where, params, fixed)
     space = SearchSpace(tuple(params), fixed, tuple(points))
     for point in points:  # every point and the fixed values must make a valid training config
         TrainConfig.from_dict({**fixed, **point})
     return space
+
+
+def check_values(where: str, params: list[Param], fixed: dict) -> None:
+    """Refuse any value a trial could get that training refuses, by TrainConfig's own validation.
+
+    Each fixed value, each categorical choice and both bounds of each range are checked. TrainConfig's rules are
+    intervals and sets, so a range whose bounds pass holds only valid values.
+    """
+    for name, value in fixed.items():
+        _check(where, f"parameter '{name}' is fixed to a value training refuses", {name: value})
+    for param in params:
+        dist = param.distribution
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            for choice in dist.choices:
+                _check(where, f"parameter '{param.name}' has a choice training refuses", {**fixed, param.name: choice})
+        else:
+            for bound, value in (("low", dist.low), ("high", dist.high)):
+                _check(where, f"parameter '{param.name}' has a range training refuses ({bound} {value})",
+                       {**fixed, param.name: value})
+
+
+def _check(where: str, what: str, values: dict) -> None:
+    try:
+        TrainConfig.from_dict(values)
+    except GalaxyTuneError as err:
+        raise GalaxyTuneError(f"{where}: {what}: {err}") from None
 
 
 def parse_param(where: str, name: str, spec: dict) -> Param:
