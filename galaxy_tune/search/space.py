@@ -19,7 +19,7 @@ from ..errors import GalaxyTuneError
 from ..train import TrainConfig
 
 TYPES = ("loguniform", "uniform", "int", "categorical")
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"  # at the repository root
 
 
 @dataclass(frozen=True)
