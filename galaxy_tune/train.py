@@ -138,25 +138,31 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def pick_device(request: str | None = "auto") -> torch.device:
-    """The device every command runs on: CUDA when torch sees a GPU ("auto"), or the one asked for."""
+    """The device every command runs on: a GPU when torch sees one ("auto"), or the one asked for."""
     request = request or "auto"
     if request not in DEVICES:
         raise GalaxyTuneError(f"--device {request!r} is unknown: choose one of {', '.join(DEVICES)}")
     if request == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-        return torch.device("cuda")
+        return use_gpu(0)  # the first GPU torch sees (CUDA_VISIBLE_DEVICES chooses which)
     if request == "cuda":
         raise GalaxyTuneError("a GPU was asked for but torch sees none: use --device cpu (or 0 GPUs), or check "
                               "the CUDA driver and that torch is a CUDA build")
     return torch.device("cpu")
 
 
-def limit_gpu_memory(device: torch.device, share: float) -> None:
-    """Cap this process at `share` of the GPU's memory, so trials sharing a GPU can't run each other out of it."""
-    if device.type == "cuda" and 0 < share < 1:
-        torch.cuda.set_per_process_memory_fraction(share, device)
+def use_gpu(index: int, memory_share: float = 1.0) -> torch.device:
+    """GPU `index` as a device with its index, set up to train: cuDNN autotuning on, and this process capped at
+    `memory_share` of the GPU's memory, so trials sharing a GPU can't run each other out of it.
+
+    The index matters: `torch.cuda.set_per_process_memory_fraction` refuses a bare "cuda".
+    """
+    device = torch.device("cuda", index)
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    if memory_share < 1:
+        torch.cuda.set_per_process_memory_fraction(memory_share, device)
+    return device
 
 
 def make_model(config: TrainConfig, model_name: str, num_labels: int = 2,
