@@ -16,6 +16,7 @@ import torch
 from torch.cuda._utils import _get_device_index
 
 from conftest import CROP_PX, IMAGE_SIZE_PX, RAY, free_port, shell_environment, start_node, stop_node
+from galaxy_tune.cli import main
 
 pytestmark = pytest.mark.skipif(RAY is None, reason="the ray CLI is not installed")
 GPU_IDS = ("98", "99")
@@ -93,3 +94,12 @@ def test_the_readme_gpu_search_takes_a_trial_to_its_gpu_from_a_driver_without_on
     searched = json.loads((tmp_path / "gpus" / "search.json").read_text())
     assert (searched["gpus_per_trial"], searched["concurrency"]) == (0.5, 4)  # 4 CPUs, 4 half GPUs
 
+
+def test_cuda_trials_with_no_gpu_are_refused_in_one_line(gpu_cluster, demo_dir, tmp_path, capsys):
+    assert main(["search", "full", "--address", gpu_cluster, "--device", "cuda", "--gpus-per-trial", "0",
+                 "--num-samples", "1", "--max-epochs", "1", "--data-dir", str(demo_dir), "--results-dir",
+                 str(tmp_path), *TINY_SEARCH]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--device cuda with --gpus-per-trial 0" in error, error
+    assert "--gpus-per-trial 0.5" in error and "--device cpu" in error  # the fixes
+    assert list(tmp_path.iterdir()) == []

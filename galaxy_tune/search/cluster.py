@@ -110,8 +110,6 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float | None, device:
     gpus = gpus_per_trial
     if gpus is None:
         gpus = 1.0 if device == "cuda" or (device == "auto" and total_gpus > 0) else 0.0
-    if device == "cpu" and gpus > 0:
-        raise GalaxyTuneError(f"--device cpu with --gpus-per-trial {gpus:g}: drop one of the two")
     if (gpus > 0 or device == "cuda") and total_gpus == 0:
         raise GalaxyTuneError(f"a trial asks for {gpus:g} GPU but this Ray cluster has no GPU: use --device cpu "
                               "(or --gpus-per-trial 0), or join a cluster with GPUs via --address")
