@@ -20,7 +20,7 @@ from galaxy_tune import cli, layout
 from galaxy_tune.bench import bench_loader, bench_search, bench_train, write_json
 from galaxy_tune.bench.loader import timed_epochs_in_turns
 from galaxy_tune.bench.measure import MB, interleaved, rate, ratio_spread, split_evenly
-from galaxy_tune.bench.searching import STRATEGIES, most_at_once, search_figures
+from galaxy_tune.bench.searching import STRATEGIES, most_at_once, search_environment, search_figures
 from galaxy_tune.report.search_curves import best_so_far, epochs_to_reach, median_interval, summarize
 from galaxy_tune.errors import GalaxyTuneError
 
@@ -112,6 +112,18 @@ def test_search_figures_of_a_finished_experiment_folder(tmp_path):
     saved = saved_and_read_back(figures, tmp_path / "search.json")
     assert saved["events"] == [[1002, 1, 0.5], [1003, 1, 0.8], [1004, 2, 0.6]]
     assert {k: v for k, v in saved.items() if k != "events"} == {k: v for k, v in figures.items() if k != "events"}
+
+
+def test_bench_search_describes_the_trials_devices_on_a_driver_without_a_gpu(tmp_path):
+    """Searches whose trials ran on GPU nodes, read on a driver that has no GPU (torch here sees none)."""
+    for strategy, gpu in (("random+fifo-r0", "NVIDIA H200"), ("tpe+asha-r0", "NVIDIA A100")):
+        (tmp_path / strategy / "trial_a").mkdir(parents=True)
+        (tmp_path / strategy / layout.SEARCH_OPTIONS).write_text(json.dumps({"gpus_per_trial": 0.5}))
+        report = {"epoch": 1, "val_accuracy": 0.5, "device": "cuda:0", "gpu_name": gpu}
+        (tmp_path / strategy / "trial_a" / layout.RAY_RESULT).write_text(json.dumps(report) + "\n")
+    env = search_environment(tmp_path)
+    assert env["trial_devices"] == ["cuda:0 (NVIDIA A100)", "cuda:0 (NVIDIA H200)"]
+    assert env["device"] == "cpu" and set(env) == ENVIRONMENT | {"trial_devices"}  # the driver's own
 
 
 def test_most_at_once_counts_overlapping_spans_and_not_touching_ones():
@@ -342,6 +354,7 @@ def test_bench_search_runs_every_strategy_repeatedly_and_summarises_them(ray_loc
     folder = Path(settings["experiments"])
     assert json.loads((folder / "search_bench.json").read_text()) == json.loads(json.dumps(figures))
     assert Path(figures["figure"]).stat().st_size > 10_000
+    assert figures["environment"]["trial_devices"] == ["cpu"]
     assert figures["ray_start_seconds"] is None  # the test's Ray was already running, and is left running
     assert ray_local.is_initialized()
 
