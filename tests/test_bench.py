@@ -23,6 +23,7 @@ from galaxy_tune.bench.measure import MB, interleaved, rate, ratio_spread, split
 from galaxy_tune.bench.searching import STRATEGIES, most_at_once, search_environment, search_figures
 from galaxy_tune.report.search_curves import best_so_far, epochs_to_reach, median_interval, summarize
 from galaxy_tune.errors import GalaxyTuneError
+from galaxy_tune.train import training_precision
 
 CPU = torch.device("cpu")
 ENVIRONMENT = {"device", "device_name", "cpu_count", "torch_threads", "python", "torch", "torchvision", "platform",
@@ -248,7 +249,7 @@ def test_bench_train_compares_full_and_lora_in_one_run(demo_dir, tmp_path, capsy
     settings = figures["settings"]
     assert settings["methods"] == ["full", "lora"] and settings["steps_per_round"] == [2, 1]
     assert (settings["warmup"], settings["eval_batches"], settings["eval_batch_size"]) == (1, 2, 64)  # CPU defaults
-    assert settings["compiled"] is None and settings["bf16_autocast"] is False and settings["lora_rank"] == 8
+    assert settings["compiled"] is None and settings["precision"] == "fp32" and settings["lora_rank"] == 8
     assert settings["lora_batchnorm"] == "stats"  # the reference recipe's
     full, lora = figures["methods"]["full"], figures["methods"]["lora"]
     common = {"train_images_per_s", "train_images_per_s_per_round", "peak_memory_mb", "state_mb", "peak_working_mb",
@@ -310,7 +311,8 @@ def full_state_dict(figures: dict) -> list[torch.Tensor]:
 def test_bench_train_on_cuda_uses_bf16_channels_last_and_compile(demo_dir, tmp_path):
     figures = bench_train(demo_dir, tmp_path, model="tiny", image_size_px=32, crop_px=CROP_PX, batch_size=16,
                           method=["full", "lora"], steps=3, warmup=2, device="cuda", compile_model=True)
-    assert figures["settings"]["bf16_autocast"] and figures["settings"]["channels_last"]
+    assert figures["settings"]["precision"] == training_precision(torch.device("cuda"))  # bf16 from Ampere on
+    assert figures["settings"]["channels_last"]
     assert figures["settings"]["compiled"] == "inductor"
     assert figures["memory_measure"].startswith("torch.cuda.max_memory_allocated")
     assert figures["methods"]["lora"]["peak_memory_mb"] > 0 and figures["methods"]["lora"]["merged_matches_branch"]

@@ -27,7 +27,7 @@ from ..errors import GalaxyTuneError
 from ..data.loader import ImageSplit, batches, open_split
 from ..models.lora import BATCHNORM_MODES, save_adapters, set_lora_merging, to_plain_model
 from ..train import (METHODS, REFERENCE_CONFIGS, make_model, make_optimizer, make_scheduler, pick_device, place,
-                     predict_logits, train_steps)
+                     predict_logits, train_steps, training_precision)
 from .measure import (bench_dir, environment, fmt_spread, full_precision, interleaved, peak_memory_mb,
                       peak_memory_start, print_table, rate, ratio_spread, resolve_data_dir, split_evenly,
                       synchronize, tensors_mb, torch_threads)
@@ -132,7 +132,7 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
                      "batch_size": batch_size, "lora_rank": lora_rank if "lora" in methods else None,
                      "lora_batchnorm": lora_batchnorm if "lora" in methods else None,
                      **counts, "steps_per_round": sizes, "eval_batch_size": EVAL_BATCH, "device": str(device),
-                     "torch_threads": threads, "bf16_autocast": device.type == "cuda", "channels_last": True,
+                     "torch_threads": threads, "precision": training_precision(device), "channels_last": True,
                      "compiled": compile_backend if compile_model else None, "data_dir": str(data_config.data_dir)},
         "methods": per_method,
         "lora_to_full": None,

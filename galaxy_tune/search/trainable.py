@@ -25,7 +25,7 @@ from ..errors import GalaxyTuneError
 from ..data.loader import open_splits
 from ..models.backbone import count_parameters
 from ..data.tasks import get_task
-from ..train import TrainConfig, fit, make_model, use_gpu
+from ..train import TrainConfig, fit, make_model, training_precision, use_gpu
 from .cluster import trial_device
 
 STATE_FILE = "state.pt"
@@ -51,7 +51,6 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
     torch.set_num_threads(max(1, int(cpus)))
     prepared = load_prepared_on_this_node(Path(prepared_dir), image_size_px, crop_px)
     device, memory_share = trial_device(gpus)
-    where = {"device": str(device)}  # reported with every epoch: the driver may have no GPU, or another one
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise GalaxyTuneError(
@@ -59,7 +58,10 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
                 f"{os.environ.get('CUDA_VISIBLE_DEVICES')}, {memory_share:.0%} of its memory) but torch there sees no "
                 "GPU: check `nvidia-smi` on that node and that its torch is a CUDA build")
         use_gpu(device.index, memory_share)
-        where["gpu_name"] = torch.cuda.get_device_name(device)
+    # Reported with every epoch: the driver may have no GPU, or another one.
+    where = {"device": str(device), "precision": training_precision(device), **(
+        {"gpu_name": torch.cuda.get_device_name(device), "gpu_memory_share": memory_share}
+        if device.type == "cuda" else {})}
     train, val = open_splits(prepared, "train", "val")
     model = make_model(train_config, model_name, num_labels=len(prepared.class_names),
                        head_bias=get_task(prepared.task).head_bias(train.labels))
