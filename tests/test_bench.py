@@ -386,13 +386,16 @@ def test_bench_gpu_dry_run_runs_every_check_on_the_cpu(ray_local, tmp_path, caps
     folder = tmp_path / "bench" / os.path.basename(figures["folder"])
     assert json.loads((folder / "gpu.json").read_text()) == figures
     assert figures["dry_run"] is True and figures["environment"]["device"] == "cpu"
+    assert figures["precision"] == "fp32" and "training in fp32" in out  # bf16 autocast only on a GPU that has it
     assert (folder / "demo-data" / "training_solutions_rev1.csv").is_file()  # demo data made on the spot
 
     checks = figures["checks"]
-    assert list(checks) == ["training", "compile", "search", "lora_bf16", "retrain_predict"]
+    assert list(checks) == ["training", "compile", "gradients", "lora_bf16", "lora_sum", "resume", "votes", "search",
+                            "retrain_predict"]
     for name, check in checks.items():
         assert "error" not in check, f"{name}: {check.get('error')}"
-        assert {"passed", "summary", "target", "seconds"} <= set(check)
+        assert {"passed", "summary", "seconds"} <= set(check)
+        assert ("target" in check) == (check["passed"] is not None or name == "training")
     training = checks["training"]
     assert training["passed"] is None  # no speed target on a dry run
     assert training["full_images_per_s"] > 0 and training["lora_images_per_s"] > 0
@@ -402,18 +405,29 @@ def test_bench_gpu_dry_run_runs_every_check_on_the_cpu(ray_local, tmp_path, caps
     assert frozen["settings"]["lora_batchnorm"] == "frozen" and training["bench_train"]["settings"]["lora_batchnorm"] \
         == "stats"
     assert training["frozen_batchnorm_lora_to_full"] == frozen["lora_to_full"]["train_speed"]["median"] > 0
-    assert checks["compile"]["backend"] == "eager" and checks["compile"]["compiled_images_per_s"] > 0
-    assert checks["compile"]["uncompiled_images_per_s"] == training["full_images_per_s"]
+    compiled = checks["compile"]  # full and LoRA, each against itself uncompiled, in turns
+    assert compiled["passed"] is True and compiled["backend"] == "eager"
+    assert set(compiled["images_per_s"]) == {"full", "full_compiled", "lora", "lora_compiled"}
+    assert compiled["speedup"]["full"] > 0 and compiled["speedup"]["lora"] > 0
+    assert max(compiled["loss_relative_difference"].values()) <= 1e-5  # the same weights, the same batch
+    gradients = checks["gradients"]  # the training path against fp32: the same on the CPU, which trains in fp32
+    assert gradients["passed"] is True and max(gradients["gradient_error"].values()) < 1e-6
+    bf16 = checks["lora_bf16"]  # CPU bf16 arithmetic: the roundings a GPU's bf16 makes too
+    assert bf16["passed"] is True and bf16["branch_error"] < 0.01 < 0.5 < min(bf16["merged_error"],
+                                                                              bf16["cast_sum_error"])
+    lora_sum = checks["lora_sum"]
+    assert lora_sum["passed"] is None and set(lora_sum["images_per_s"]) == {"fp32", "autocast"}
+    assert lora_sum["cast_to_fp32_speed"]["median"] > 0 and lora_sum["cast_to_fp32_memory"] > 0
+    resume = checks["resume"]  # deterministic on the CPU
+    assert resume["passed"] is True and max(resume["relative_difference"].values()) <= 1e-5
+    votes = checks["votes"]
+    assert votes["passed"] is True and votes["outputs"] == 37 and votes["gradient_error"] < 1e-6
+    assert len(votes["val_rmse"]) == 2 and 0 < votes["constant_predictor_val_rmse"] < 1
     search = checks["search"]
-    assert search["passed"] is True and search["trials"] == 4 and search["errored_trials"] == 0
-    assert search["gpus_per_trial"] == 0 and search["cpus_per_trial"] == 0.5  # 4 slots on the test's 2 CPUs
-    assert 1 <= search["processes"] <= 4 and 0 <= search["most_trials_at_once"] <= 4  # trials under a second
-    bf16 = checks["lora_bf16"]
-    assert bf16["passed"] is True and bf16["branch_error"] < 0.01 < 0.5 < bf16["merged_error"]
+    assert search["passed"] is True and search["trials"] == 8 and search["errored_trials"] == 0
+    assert search["gpus_per_trial"] == 0 and search["cpus_per_trial"] == 0.5  # 4 at once on the test's 2 CPUs
+    assert search["devices"] == ["cpu"] and 0 <= search["stopped_trials"] < 8
+    assert 1 <= search["processes"] <= 8 and 0 <= search["most_trials_at_once"] <= 4  # trials under a second
     agreement = checks["retrain_predict"]
     assert agreement["passed"] is True and agreement["galaxies"] > 0 and agreement["max_abs_prob_diff"] <= 1e-4
     assert figures["passed"] is True
-
-    summary = (folder / "summary.txt").read_text()
-    assert summary.startswith("bench gpu, dry run on the CPU") and "all checks passed" in summary
-    assert len(summary.splitlines()) == 6 and summary in out
