@@ -362,8 +362,9 @@ def add_bench_parser(commands) -> None:
                    "repeat's sampler seed (default: 0)")
     p.set_defaults(run=cmd_bench_search)
 
-    p = kinds.add_parser("gpu", help="check a GPU machine in one go (under 8 min): training speed full and LoRA, a "
-                         "4-trial search sharing the GPU, LoRA under bf16, torch.compile, retrain vs predict")
+    p = kinds.add_parser("gpu", help="check a GPU machine in one go (about 10 min): training speed full and LoRA, "
+                         "torch.compile, gradients and LoRA under bf16 vs fp32, a resumed checkpoint, kaggle-votes, "
+                         "LoRA trials sharing the GPU in a search, retrain vs predict")
     p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where run outputs go "
                    "(default: results)")
     p.add_argument("--dry-run", action="store_true", help="on the CPU with a tiny model and 32 px images, in "

@@ -12,6 +12,7 @@ import functools
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -138,25 +139,31 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def pick_device(request: str | None = "auto") -> torch.device:
-    """The device every command runs on: CUDA when torch sees a GPU ("auto"), or the one asked for."""
+    """The device every command runs on: a GPU when torch sees one ("auto"), or the one asked for."""
     request = request or "auto"
     if request not in DEVICES:
         raise GalaxyTuneError(f"--device {request!r} is unknown: choose one of {', '.join(DEVICES)}")
     if request == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-        return torch.device("cuda")
+        return use_gpu(0)  # the first GPU torch sees (CUDA_VISIBLE_DEVICES chooses which)
     if request == "cuda":
         raise GalaxyTuneError("a GPU was asked for but torch sees none: use --device cpu (or 0 GPUs), or check "
                               "the CUDA driver and that torch is a CUDA build")
     return torch.device("cpu")
 
 
-def limit_gpu_memory(device: torch.device, share: float) -> None:
-    """Cap this process at `share` of the GPU's memory, so trials sharing a GPU can't run each other out of it."""
-    if device.type == "cuda" and 0 < share < 1:
-        torch.cuda.set_per_process_memory_fraction(share, device)
+def use_gpu(index: int, memory_share: float = 1.0) -> torch.device:
+    """GPU `index` as a device with its index, set up to train: cuDNN autotuning on, and this process capped at
+    `memory_share` of the GPU's memory, so trials sharing a GPU can't run each other out of it.
+
+    The index matters: `torch.cuda.set_per_process_memory_fraction` refuses a bare "cuda".
+    """
+    device = torch.device("cuda", index)
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    if memory_share < 1:
+        torch.cuda.set_per_process_memory_fraction(memory_share, device)
+    return device
 
 
 def make_model(config: TrainConfig, model_name: str, num_labels: int = 2,
@@ -220,9 +227,23 @@ def place(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device, memory_format=torch.channels_last)
 
 
+@functools.cache
+def training_precision(device: torch.device) -> str:
+    """"bf16" (autocast) on a GPU that computes bf16 natively, of compute capability 8 (Ampere) or later; "fp32"
+    on older GPUs, which emulate bf16 slowly (a warning says so), and on the CPU, where training is deterministic."""
+    if device.type != "cuda":
+        return "fp32"
+    capability = torch.cuda.get_device_capability(device)
+    if capability[0] >= 8:
+        return "bf16"
+    warnings.warn(f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}) has "
+                  "no native bf16: galaxy_tune trains and predicts in fp32 on it")
+    return "fp32"
+
+
 def autocast(device: torch.device):
-    """bf16 mixed precision on CUDA; full precision on the CPU, where it is deterministic."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 mixed precision where `training_precision` says so; full precision elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=training_precision(device) == "bf16")
 
 
 @torch.no_grad()
@@ -259,11 +280,17 @@ def evaluate(model: nn.Module, split: ImageSplit, device: torch.device, batch_si
     return {"loss": loss, task.metric: task.score(logits, split.labels)}
 
 
+def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                  label_smoothing: float = 0.0, task: Task = get_task(DEFAULT_TASK)) -> torch.Tensor:
+    """The task's loss of a batch as training computes it: the forward in `training_precision`, the loss in fp32."""
+    with autocast(device):
+        return task.loss(model(pixel_values=x).logits.float(), y, label_smoothing)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                device: torch.device, label_smoothing: float = 0.0, task: Task = get_task(DEFAULT_TASK)) -> torch.Tensor:
-    """One optimisation step on a batch (mixed precision on CUDA) with the task's loss; returns the loss."""
-    with autocast(device):
-        loss = task.loss(model(pixel_values=x).logits.float(), y, label_smoothing)
+    """One optimisation step on a batch with the task's loss (`training_loss`); returns the loss."""
+    loss = training_loss(model, x, y, device, label_smoothing, task)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -1,7 +1,15 @@
-"""Shared fixtures: a small generated Kaggle-format data set, its prepared cache, one local Ray; a bomb JPEG."""
+"""Shared fixtures: a small generated Kaggle-format data set, its prepared cache, one local Ray, a bomb JPEG;
+helpers that start Ray nodes with the `ray start` CLI."""
 
 import io
+import os
+import shutil
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +53,48 @@ def ray_local():
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)  # the same on a GPU machine
     yield ray
     ray.shutdown()
+
+
+RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+READY = "This command will now block forever"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def shell_environment() -> dict[str, str]:
+    """This test process's environment without what its own local Ray set (RAY_AUTH_MODE, RAY_ADDRESS)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+
+
+def start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`ray start ... --block` in its own process group; returns once the node is up."""
+    env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # stop at once (not drain 30 s for a dead GCS)
+    with log.open("w") as out:
+        node = subprocess.Popen([RAY, "start", *args, "--block", "--disable-usage-stats"], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while READY not in log.read_text():
+        if node.poll() is not None or time.monotonic() > deadline:
+            stop_nodes(node)
+            pytest.fail(f"`ray start {' '.join(args)}` did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return node
+
+
+def stop_nodes(*nodes: subprocess.Popen) -> None:
+    """SIGTERM to each blocking `ray start`, which stops the processes it started (and only those); the nodes
+    stop at once, not one after the other."""
+    running = [node for node in nodes if node.poll() is None]
+    for node in running:
+        os.killpg(node.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    for node in running:
+        try:
+            node.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()

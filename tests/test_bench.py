@@ -20,10 +20,11 @@ from galaxy_tune import cli, layout
 from galaxy_tune.bench import bench_loader, bench_search, bench_train, write_json
 from galaxy_tune.bench.loader import timed_epochs_in_turns
 from galaxy_tune.bench.measure import MB, interleaved, rate, ratio_spread, split_evenly
-from galaxy_tune.bench.searching import STRATEGIES, most_at_once, search_figures
+from galaxy_tune.bench.searching import STRATEGIES, most_at_once, search_environment, search_figures
 from galaxy_tune.search.run import SAMPLERS, SCHEDULERS
 from galaxy_tune.report.search_curves import best_so_far, epochs_to_reach, median_interval, summarize
 from galaxy_tune.errors import GalaxyTuneError
+from galaxy_tune.train import training_precision
 
 CPU = torch.device("cpu")
 ENVIRONMENT = {"device", "device_name", "cpu_count", "torch_threads", "python", "torch", "torchvision", "platform",
@@ -113,6 +114,18 @@ def test_search_figures_of_a_finished_experiment_folder(tmp_path):
     saved = saved_and_read_back(figures, tmp_path / "search.json")
     assert saved["events"] == [[1002, 1, 0.5], [1003, 1, 0.8], [1004, 2, 0.6]]
     assert {k: v for k, v in saved.items() if k != "events"} == {k: v for k, v in figures.items() if k != "events"}
+
+
+def test_bench_search_describes_the_trials_devices_on_a_driver_without_a_gpu(tmp_path):
+    """Searches whose trials ran on GPU nodes, read on a driver that has no GPU (torch here sees none)."""
+    for strategy, gpu in (("random+fifo-r0", "NVIDIA H200"), ("tpe+asha-r0", "NVIDIA A100")):
+        (tmp_path / strategy / "trial_a").mkdir(parents=True)
+        (tmp_path / strategy / layout.SEARCH_OPTIONS).write_text(json.dumps({"gpus_per_trial": 0.5}))
+        report = {"epoch": 1, "val_accuracy": 0.5, "device": "cuda:0", "gpu_name": gpu}
+        (tmp_path / strategy / "trial_a" / layout.RAY_RESULT).write_text(json.dumps(report) + "\n")
+    env = search_environment(tmp_path)
+    assert env["trial_devices"] == ["cuda:0 (NVIDIA A100)", "cuda:0 (NVIDIA H200)"]
+    assert env["device"] == "cpu" and set(env) == ENVIRONMENT | {"trial_devices"}  # the driver's own
 
 
 def test_most_at_once_counts_overlapping_spans_and_not_touching_ones():
@@ -237,7 +250,7 @@ def test_bench_train_compares_full_and_lora_in_one_run(demo_dir, tmp_path, capsy
     settings = figures["settings"]
     assert settings["methods"] == ["full", "lora"] and settings["steps_per_round"] == [2, 1]
     assert (settings["warmup"], settings["eval_batches"], settings["eval_batch_size"]) == (1, 2, 64)  # CPU defaults
-    assert settings["compiled"] is None and settings["bf16_autocast"] is False and settings["lora_rank"] == 8
+    assert settings["compiled"] is None and settings["precision"] == "fp32" and settings["lora_rank"] == 8
     assert settings["lora_batchnorm"] == "stats"  # the reference recipe's
     full, lora = figures["methods"]["full"], figures["methods"]["lora"]
     common = {"train_images_per_s", "train_images_per_s_per_round", "peak_memory_mb", "state_mb", "peak_working_mb",
@@ -299,7 +312,8 @@ def full_state_dict(figures: dict) -> list[torch.Tensor]:
 def test_bench_train_on_cuda_uses_bf16_channels_last_and_compile(demo_dir, tmp_path):
     figures = bench_train(demo_dir, tmp_path, model="tiny", image_size_px=32, crop_px=CROP_PX, batch_size=16,
                           method=["full", "lora"], steps=3, warmup=2, device="cuda", compile_model=True)
-    assert figures["settings"]["bf16_autocast"] and figures["settings"]["channels_last"]
+    assert figures["settings"]["precision"] == training_precision(torch.device("cuda"))  # bf16 from Ampere on
+    assert figures["settings"]["channels_last"]
     assert figures["settings"]["compiled"] == "inductor"
     assert figures["memory_measure"].startswith("torch.cuda.max_memory_allocated")
     assert figures["methods"]["lora"]["peak_memory_mb"] > 0 and figures["methods"]["lora"]["merged_matches_branch"]
@@ -350,6 +364,7 @@ def test_bench_search_runs_every_strategy_repeatedly_and_summarises_them(ray_loc
     folder = Path(settings["experiments"])
     assert json.loads((folder / "search_bench.json").read_text()) == json.loads(json.dumps(figures))
     assert Path(figures["figure"]).stat().st_size > 10_000
+    assert figures["environment"]["trial_devices"] == ["cpu"]
     assert figures["ray_start_seconds"] is None  # the test's Ray was already running, and is left running
     assert ray_local.is_initialized()
 
@@ -379,13 +394,16 @@ def test_bench_gpu_dry_run_runs_every_check_on_the_cpu(ray_local, tmp_path, caps
     folder = tmp_path / "bench" / os.path.basename(figures["folder"])
     assert json.loads((folder / "gpu.json").read_text()) == figures
     assert figures["dry_run"] is True and figures["environment"]["device"] == "cpu"
+    assert figures["precision"] == "fp32" and "training in fp32" in out  # bf16 autocast only on a GPU that has it
     assert (folder / "demo-data" / "training_solutions_rev1.csv").is_file()  # demo data made on the spot
 
     checks = figures["checks"]
-    assert list(checks) == ["training", "compile", "search", "lora_bf16", "retrain_predict"]
+    assert list(checks) == ["training", "compile", "gradients", "lora_bf16", "lora_sum", "resume", "votes", "search",
+                            "retrain_predict"]
     for name, check in checks.items():
         assert "error" not in check, f"{name}: {check.get('error')}"
-        assert {"passed", "summary", "target", "seconds"} <= set(check)
+        assert {"passed", "summary", "seconds"} <= set(check)
+        assert ("target" in check) == (check["passed"] is not None or name == "training")
     training = checks["training"]
     assert training["passed"] is None  # no speed target on a dry run
     assert training["full_images_per_s"] > 0 and training["lora_images_per_s"] > 0
@@ -395,18 +413,29 @@ def test_bench_gpu_dry_run_runs_every_check_on_the_cpu(ray_local, tmp_path, caps
     assert frozen["settings"]["lora_batchnorm"] == "frozen" and training["bench_train"]["settings"]["lora_batchnorm"] \
         == "stats"
     assert training["frozen_batchnorm_lora_to_full"] == frozen["lora_to_full"]["train_speed"]["median"] > 0
-    assert checks["compile"]["backend"] == "eager" and checks["compile"]["compiled_images_per_s"] > 0
-    assert checks["compile"]["uncompiled_images_per_s"] == training["full_images_per_s"]
+    compiled = checks["compile"]  # full and LoRA, each against itself uncompiled, in turns
+    assert compiled["passed"] is True and compiled["backend"] == "eager"
+    assert set(compiled["images_per_s"]) == {"full", "full_compiled", "lora", "lora_compiled"}
+    assert compiled["speedup"]["full"] > 0 and compiled["speedup"]["lora"] > 0
+    assert max(compiled["loss_relative_difference"].values()) <= 1e-5  # the same weights, the same batch
+    gradients = checks["gradients"]  # the training path against fp32: the same on the CPU, which trains in fp32
+    assert gradients["passed"] is True and max(gradients["gradient_error"].values()) < 1e-6
+    bf16 = checks["lora_bf16"]  # CPU bf16 arithmetic: the roundings a GPU's bf16 makes too
+    assert bf16["passed"] is True and bf16["branch_error"] < 0.01 < 0.5 < min(bf16["merged_error"],
+                                                                              bf16["cast_sum_error"])
+    lora_sum = checks["lora_sum"]
+    assert lora_sum["passed"] is None and set(lora_sum["images_per_s"]) == {"fp32", "autocast"}
+    assert lora_sum["cast_to_fp32_speed"]["median"] > 0 and lora_sum["cast_to_fp32_memory"] > 0
+    resume = checks["resume"]  # deterministic on the CPU
+    assert resume["passed"] is True and max(resume["relative_difference"].values()) <= 1e-5
+    votes = checks["votes"]
+    assert votes["passed"] is True and votes["outputs"] == 37 and votes["gradient_error"] < 1e-6
+    assert len(votes["val_rmse"]) == 2 and 0 < votes["constant_predictor_val_rmse"] < 1
     search = checks["search"]
-    assert search["passed"] is True and search["trials"] == 4 and search["errored_trials"] == 0
-    assert search["gpus_per_trial"] == 0 and search["cpus_per_trial"] == 0.5  # 4 slots on the test's 2 CPUs
-    assert 1 <= search["processes"] <= 4 and 0 <= search["most_trials_at_once"] <= 4  # trials under a second
-    bf16 = checks["lora_bf16"]
-    assert bf16["passed"] is True and bf16["branch_error"] < 0.01 < 0.5 < bf16["merged_error"]
+    assert search["passed"] is True and search["trials"] == 8 and search["errored_trials"] == 0
+    assert search["gpus_per_trial"] == 0 and search["cpus_per_trial"] == 0.5  # 4 at once on the test's 2 CPUs
+    assert search["devices"] == ["cpu"] and 0 <= search["stopped_trials"] < 8
+    assert 1 <= search["processes"] <= 8 and 0 <= search["most_trials_at_once"] <= 4  # trials under a second
     agreement = checks["retrain_predict"]
     assert agreement["passed"] is True and agreement["galaxies"] > 0 and agreement["max_abs_prob_diff"] <= 1e-4
     assert figures["passed"] is True
-
-    summary = (folder / "summary.txt").read_text()
-    assert summary.startswith("bench gpu, dry run on the CPU") and "all checks passed" in summary
-    assert len(summary.splitlines()) == 6 and summary in out

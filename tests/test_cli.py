@@ -270,6 +270,7 @@ def test_retrain_from_a_search_whose_prepared_data_is_gone(tmp_path, capsys):
     (["search", "lora", "--max-failures", "-1"], "--max-failures -1 must be 0 or more"),
     (["search", "lora", "--cpus-per-trial", "0"], "--cpus-per-trial 0 must be more than 0"),
     (["search", "lora", "--gpus-per-trial", "2"], "--gpus-per-trial 2: a trial trains on at most one GPU"),
+    (["search", "lora", "--device", "cpu", "--gpus-per-trial", "0.5"], "--device cpu with --gpus-per-trial 0.5"),
     (["retrain", "--seeds", "0"], "--seeds 0 must be 1 or more"),
     (["retrain", "--max-epochs", "0"], "--max-epochs 0 must be 1 or more"),
     (["predict", "--model", "m", "--images", "i", "--image-size", "0"], "--image-size 0 must be 8 or more"),

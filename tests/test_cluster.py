@@ -2,10 +2,7 @@
 authentication as Ray defaults it, and `search --address` from a shell with no extra environment."""
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,53 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import RAY, free_port, shell_environment, start_node, stop_nodes
 from galaxy_tune.search.cluster import check_cluster
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.search.trainable import load_prepared_on_this_node
 
-RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
 pytestmark = pytest.mark.skipif(RAY is None, reason="the ray CLI is not installed")
-READY = "This command will now block forever"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def shell_environment() -> dict[str, str]:
-    """This test process's environment without what its own local Ray set (RAY_AUTH_MODE, RAY_ADDRESS)."""
-    return {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-
-
-def start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`ray start ... --block` in its own process group; returns once the node is up."""
-    with log.open("w") as out:
-        node = subprocess.Popen([RAY, "start", *args, "--block", "--disable-usage-stats"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while READY not in log.read_text():
-        if node.poll() is not None or time.monotonic() > deadline:
-            stop_nodes(node)
-            pytest.fail(f"`ray start {' '.join(args)}` did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    return node
-
-
-def stop_nodes(*nodes: subprocess.Popen) -> None:
-    """SIGTERM to each blocking `ray start`, which stops the processes it started (and only those); the nodes
-    stop at once, not one after the other."""
-    running = [node for node in nodes if node.poll() is None]
-    for node in running:
-        os.killpg(node.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    for node in running:
-        try:
-            node.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait()
 
 
 def wait_for_nodes(address: str, count: int, env: dict[str, str]) -> None:

@@ -18,6 +18,7 @@ from galaxy_tune.search.trainable import train_trial
 from galaxy_tune.train import TrainConfig
 
 TINY_SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny"]
+A_BIGGER_MACHINE = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16, "GPU": 1})}  # what a Ray started here would see
 
 
 def run_trial(prepared, tmp_path, name, **kwargs):
@@ -52,11 +53,26 @@ def test_a_trial_that_crashes_in_epoch_2_resumes_from_its_latest_checkpoint(ray_
         assert history[column].tolist() == pytest.approx(expected[column].tolist(), rel=1e-5)
 
 
-def wait_for(predicate, timeout, what):
+def start_search(ray_local, method: str, name: str, demo_dir, results_dir, **popen) -> subprocess.Popen:
+    """`search` as a user starts it, in its own process group, joining the test's Ray.
+
+    Its own Ray would see this machine's CPUs and GPUs; the test's has 2 CPUs and no GPU on any machine. The
+    driver is told it runs on a 16-core machine with a GPU, which must change nothing.
+    """
+    argv = [sys.executable, "-m", "galaxy_tune", "search", method, "--data-dir", str(demo_dir), "--results-dir",
+            str(results_dir), "--name", name, "--num-samples", "40", "--max-epochs", "3", *TINY_SEARCH,
+            "--address", ray_local.get_runtime_context().gcs_address]
+    return subprocess.Popen(argv, start_new_session=True, env={**os.environ, **A_BIGGER_MACHINE}, **popen)
+
+
+def wait_for(predicate, timeout, what, driver: subprocess.Popen):
+    """Until `predicate()` holds; fails at once if the driver ends first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
+        if driver.poll() is not None:
+            raise AssertionError(f"the search ended (exit {driver.returncode}) before {what}")
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -79,19 +95,19 @@ def finished_trials(experiment, epochs):
 
 def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials(ray_local, demo_dir, tmp_path):
     experiment = tmp_path / "killed"
-    argv = [sys.executable, "-m", "galaxy_tune", "search", "lora", "--data-dir", str(demo_dir), "--results-dir",
-            str(tmp_path), "--name", "killed", "--num-samples", "40", "--max-epochs", "3", *TINY_SEARCH]
-    driver = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = start_search(ray_local, "lora", "killed", demo_dir, tmp_path, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: finished_trials(experiment, 3), 240, "a finished trial")
+        wait_for(lambda: finished_trials(experiment, 3), 240, "a finished trial", driver)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, as a crash or reboot would
+        os.killpg(driver.pid, signal.SIGKILL)  # as a crash would: Ray ends the dead driver's trials
         driver.wait()
     before = finished_trials(experiment, 3)
     # The default strategy is the one resumed: multivariate TPE with constant liar (2 trials at once) and ASHA.
     searched = json.loads((experiment / "search.json").read_text())
     assert (searched["sampler"], searched["scheduler"], searched["concurrency"], searched["constant_liar"]) == (
         "tpe", "asha", 2, True)
+    assert searched["gpus_per_trial"] == 0
     if (experiment / "best.json").exists():  # the live one: the search had not ended
         assert json.loads((experiment / "best.json").read_text())["complete"] is False
     # The live study survived the kill readable, with the finished trials' epochs in it.
@@ -104,6 +120,7 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
     trials = pd.read_csv(experiment / "trials.csv")
     assert len(trials) == 40 and trials["trial_id"].is_unique
     assert set(trials["status"]) <= {"COMPLETED", "STOPPED"}
+    assert set(trials["node_id"]) == {ray_local.get_runtime_context().get_node_id()}  # all on the test's Ray
     after = {f"trial_{t}": n for t, n in zip(trials["trial_id"], trials["epochs"])}
     for trial, epochs in before.items():  # finished before the kill: kept, and not run again
         assert after[trial] == epochs
@@ -121,14 +138,13 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
 
 def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(ray_local, demo_dir, tmp_path):
     experiment = tmp_path / "stopped"
-    argv = [sys.executable, "-m", "galaxy_tune", "search", "full", "--data-dir", str(demo_dir), "--results-dir",
-            str(tmp_path), "--name", "stopped", "--num-samples", "40", "--max-epochs", "3", *TINY_SEARCH]
-    driver = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    driver = start_search(ray_local, "full", "stopped", demo_dir, tmp_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
     try:
         # The live trials.csv is rewritten once Ray has recorded a trial's end (its checkpoint, written with the
         # last report, can appear before that: Ctrl+C in between leaves that trial unfinished).
-        wait_for(lambda: "COMPLETED" in live_statuses(experiment), 240, "a completed trial in the live trials.csv")
+        wait_for(lambda: "COMPLETED" in live_statuses(experiment), 240, "a completed trial in the live trials.csv",
+                 driver)
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=120)
     finally:

@@ -18,6 +18,7 @@ from galaxy_tune.models.lora import (
     load_adapter_state,
     load_adapters,
     save_adapters,
+    set_lora_sum,
     to_plain_model,
 )
 from galaxy_tune.models.backbone import RANDOM_RESNET50, TINY, build_model, count_parameters
@@ -175,6 +176,27 @@ def test_the_adapter_effect_survives_bf16_autocast_where_a_merged_weight_loses_i
     assert (out.grad_fn is not None) == training  # training: _LoraConvFunction's bf16 forward
     assert error(branch) < 0.01  # the branch: within 1 % of fp32
     assert error(merged) > 0.5  # bf16(W + ΔW) rounds most of ΔW away: what the branch avoids
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training-function", "no-grad-branch"])
+def test_a_lora_sum_cast_back_to_bf16_rounds_a_small_adapter_effect_away(training):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    lora = _small_adapter(conv, relative_size=3e-4).train()
+    x = torch.randn(4, 64, 16, 16, requires_grad=training)
+    with torch.no_grad():
+        reference = lora(x) - conv(x)
+    set_lora_sum(lora, "autocast")
+    with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora(x)
+        effect = (out - conv(x)).float().detach()
+    assert out.dtype == torch.bfloat16  # what BatchNorm after it sees, as after a plain convolution
+    assert ((effect - reference).norm() / reference.norm()).item() > 0.5  # the fp32 sum keeps it within 1 %
+    if training:
+        out.float().sum().backward()
+        assert lora.lora_A.weight.grad is not None and lora.lora_B.weight.grad.norm() > 0
+    with pytest.raises(GalaxyTuneError, match="LoRA sum 'bf16' is unknown; use one of fp32, autocast"):
+        set_lora_sum(lora, "bf16")
 
 
 @pytest.mark.parametrize("kernel, stride, bias", [(1, 1, False), (3, 1, False), (3, 2, True), (7, 2, True)])

@@ -7,9 +7,9 @@ printed for context. Each `bench_*` function prints a small table and returns it
 library versions that produced them; `write_json` saves them. Benchmarks are not tests: nothing here asserts a
 speed (`bench gpu` reports its targets as PASS/FAIL, and fails no command for them).
 
-`measure` holds what they share; `preparing`, `loader`, `training` and `searching` one benchmark each, `gpu` the
-GPU check (only `searching` and `gpu` import Ray). The names below are imported on first use, so `bench loader` never
-loads Ray.
+`measure` holds what they share; `preparing`, `loader`, `training` and `searching` one benchmark each, `gpu` the GPU check,
+whose checks are in `gpu_training` and `gpu_runs` (only `searching` and `gpu_runs` import Ray). The names below
+are imported on first use, so `bench loader` never loads Ray.
 """
 
 from importlib import import_module

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
+import torch
 
 from .measure import bench_dir, environment, print_table, resolve_data_dir, write_json
 from .. import layout
@@ -24,7 +25,7 @@ from ..data.loader import open_split
 from ..report.search_curves import (BENCH_FILE, best_so_far, epochs_to_reach, fmt_median_interval,
                                     plot_search_benchmark, summarize)
 from ..search.run import SAMPLERS, SCHEDULERS, SearchOptions, run_search
-from ..train import TrainConfig, make_model, pick_device
+from ..train import TrainConfig, make_model
 
 STRATEGIES = ("random+fifo", "tpe+fifo", "tpe-independent+asha", "tpe+asha", "tpe+hyperband")  # sampler+scheduler
 BASELINE = "random+fifo"  # random search, every trial at the full epoch budget
@@ -99,13 +100,21 @@ def bench_search(data_dir: Path | None = None, results_dir: Path = Path("results
                               "runs": runs[name]} for name in strategies},
         "ray_start_seconds": ray_start_seconds, "model_build_seconds": model_build_seconds,
         "data_open_seconds": data_open_seconds,
-        "environment": environment(pick_device("cpu" if searched["gpus_per_trial"] == 0 else "cuda")),
+        "environment": search_environment(folder),
         "figure": str(folder / BENCH_FILE.replace(".json", ".png")),
     }
     plot_search_benchmark(figures).savefig(figures["figure"], dpi=110)
     write_json(figures, folder / BENCH_FILE)
     print_summary(figures)
     return figures
+
+
+def search_environment(folder: Path) -> dict:
+    """The driver's environment, with the devices the trials of every search under `folder` reported: the driver
+    may have no GPU, or another one, than the nodes the trials ran on."""
+    devices = {f"{r['device']} ({r['gpu_name']})" if "gpu_name" in r else r["device"]
+               for trial in folder.glob("*/trial_*") for r in layout.trial_reports(trial) if "device" in r}
+    return {**environment(torch.device("cpu")), "trial_devices": sorted(devices)}
 
 
 def describe(name: str) -> str:

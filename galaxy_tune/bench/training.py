@@ -27,7 +27,7 @@ from ..errors import GalaxyTuneError
 from ..data.loader import ImageSplit, batches, open_split
 from ..models.lora import BATCHNORM_MODES, save_adapters, set_lora_merging, to_plain_model
 from ..train import (METHODS, REFERENCE_CONFIGS, make_model, make_optimizer, make_scheduler, pick_device, place,
-                     predict_logits, train_steps)
+                     predict_logits, train_steps, training_precision)
 from .measure import (bench_dir, environment, fmt_spread, full_precision, interleaved, peak_memory_mb,
                       peak_memory_start, print_table, rate, ratio_spread, resolve_data_dir, split_evenly,
                       synchronize, tensors_mb, torch_threads)
@@ -114,10 +114,7 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
         threads = torch.get_num_threads()
         trainees = {m: trainee(m, model, len(prepared.class_names), train, batch_size, lora_rank, lora_batchnorm,
                                device, compile_backend if compile_model else None) for m in methods}
-        for one in trainees.values():  # the allocator, cuDNN's autotuning, compilation, the optimizer's state
-            one.steps(counts["warmup"], device)
-        timings = interleaved({m: (lambda n, one=one: one.timed(sizes[n], device)) for m, one in trainees.items()},
-                              len(sizes))
+        timings = train_in_turns(trainees, counts["warmup"], sizes, device)
         memory = {m: one.peak_memory(device) for m, one in trainees.items()}
         evals = eval_timings(trainees, train, counts["eval_batches"], counts["rounds"], device)
         agreement = merged_vs_branch(trainees["lora"].net, train, device) if "lora" in trainees else None
@@ -132,7 +129,7 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
                      "batch_size": batch_size, "lora_rank": lora_rank if "lora" in methods else None,
                      "lora_batchnorm": lora_batchnorm if "lora" in methods else None,
                      **counts, "steps_per_round": sizes, "eval_batch_size": EVAL_BATCH, "device": str(device),
-                     "torch_threads": threads, "bf16_autocast": device.type == "cuda", "channels_last": True,
+                     "torch_threads": threads, "precision": training_precision(device), "channels_last": True,
                      "compiled": compile_backend if compile_model else None, "data_dir": str(data_config.data_dir)},
         "methods": per_method,
         "lora_to_full": None,
@@ -154,6 +151,16 @@ def bench_train(data_dir: Path | None = None, results_dir: Path = Path("results"
                 f"{threads} torch thread(s), {counts['warmup']} warm-up + {counts['steps']} timed steps in "
                 f"{len(sizes)} round(s)", table_rows(figures))
     return figures
+
+
+def train_in_turns(trainees: dict[str, Trainee], warmup: int, sizes: list[int],
+                   device: torch.device) -> dict[str, list[dict]]:
+    """Warm each trainee up (the allocator, cuDNN's autotuning, compilation, the optimizer's state), then time
+    `sizes[n]` steps of each in round n, the trainees taking turns; per trainee, its rounds' images and seconds."""
+    for one in trainees.values():
+        one.steps(warmup, device)
+    return interleaved({name: (lambda n, one=one: one.timed(sizes[n], device)) for name, one in trainees.items()},
+                       len(sizes))
 
 
 def trainee(method: str, model: str, num_labels: int, split: ImageSplit, batch_size: int, lora_rank: int,

@@ -35,6 +35,9 @@ from ..errors import GalaxyTuneError
 LORA_TARGETS = ("bottleneck", "conv3x3", "all")
 BATCHNORM_MODES = ("frozen", "stats", "affine")
 SCALINGS = ("standard", "rslora")
+# Under autocast, the dtype of a LoRA layer's output, base + effect: "fp32" (the sum's own, so BatchNorm, ReLU and the
+# residual add after it run in fp32) or "autocast" (the fp32 sum cast back, as a plain convolution's output is).
+LORA_SUMS = ("fp32", "autocast")
 # Recorded with results: adapters of "loralib-convlora" (before this layer) hold rank r·k deltas, not rank r.
 LORA_LAYER = "branch"
 
@@ -54,6 +57,7 @@ class LoraConv2d(nn.Module, loralib.LoRALayer):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as loralib and PEFT initialise A
         nn.init.zeros_(self.lora_B.weight)  # so the model is unchanged until training moves B
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank  # rsLoRA: rank-stabilised scaling
+        self.cast_sum = False  # see LORA_SUMS and set_lora_sum
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW of the branch as one conv weight: the 1×1 conv B after the k×k conv A is the conv with B·A."""
@@ -67,11 +71,12 @@ class LoraConv2d(nn.Module, loralib.LoRALayer):
             return F.conv2d(x, base.weight + self.delta_weight(), base.bias, **_geometry(base))
         weights = (x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights):
-            return _LoraConvFunction.apply(*weights, self.scaling, _geometry(base))
+            return _LoraConvFunction.apply(*weights, self.scaling, _geometry(base), self.cast_sum)
         effect = self.lora_B(self.lora_A(x) * self.scaling)  # scaled at rank r, where it is cheap
         out = base(x)
         # The sum in fp32: under bf16 autocast a small effect added to the bf16 base output would round away.
-        return (out.float() if out.dtype != torch.float32 else out).add_(effect)
+        total = (out.float() if out.dtype != torch.float32 else out).add_(effect)
+        return total.to(out.dtype) if self.cast_sum else total
 
     def folded(self, x: torch.Tensor, batchnorm: nn.BatchNorm2d) -> torch.Tensor:
         """batchnorm(self(x)) for a frozen BatchNorm in eval mode, in training: its scale folded into W and B, its
@@ -84,7 +89,7 @@ class LoraConv2d(nn.Module, loralib.LoRALayer):
             shift = shift + base.bias * scale
         per_channel = scale.view(-1, 1, 1, 1)
         return _LoraConvFunction.apply(x, base.weight * per_channel, shift, self.lora_A.weight,
-                                       self.lora_B.weight * per_channel, self.scaling, _geometry(base))
+                                       self.lora_B.weight * per_channel, self.scaling, _geometry(base), self.cast_sum)
 
 
 class FrozenBatchNormLoraLayer(ResNetConvLayer):
@@ -119,7 +124,7 @@ class _LoraConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a_weight, b_weight, scaling, geometry):
+    def forward(ctx, x, weight, bias, a_weight, b_weight, scaling, geometry, cast_sum):
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
@@ -131,6 +136,8 @@ class _LoraConvFunction(torch.autograd.Function):
                 out.add_(F.conv2d(a, (b_weight * scaling).to(dtype)))
                 if bias is not None:  # in fp32, as the BatchNorm shift it may be is added unfolded
                     out.add_(bias.float().view(-1, 1, 1))
+                if cast_sum:
+                    out = out.to(dtype)
             else:
                 out = F.conv2d(x, _merged(weight, a_weight, b_weight, scaling), bias, **geometry)
         ctx.save_for_backward(x, a, weight, a_weight, b_weight)
@@ -155,7 +162,7 @@ class _LoraConvFunction(torch.autograd.Function):
                                                      [need_x, need_weight], **geometry)
         return (grad_x, grad_weight, grad.sum((0, 2, 3)) if need_bias else None,
                 None if grad_a is None else grad_a.to(a_weight.dtype),
-                None if grad_b is None else (grad_b * scaling).to(b_weight.dtype), None, None)
+                None if grad_b is None else (grad_b * scaling).to(b_weight.dtype), None, None, None)
 
 
 def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: list[bool],
@@ -357,6 +364,15 @@ def require_plain_conv(conv: nn.Conv2d, name: str) -> None:
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child_name = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child_name, new)
+
+
+def set_lora_sum(model: nn.Module, sum_dtype: str) -> None:
+    """Set where the model's LoRA layers add the adapter's effect under autocast (LORA_SUMS; "fp32" by default)."""
+    if sum_dtype not in LORA_SUMS:
+        raise GalaxyTuneError(f"LoRA sum {sum_dtype!r} is unknown; use one of {', '.join(LORA_SUMS)}")
+    for module in model.modules():
+        if isinstance(module, LoraConv2d):
+            module.cast_sum = sum_dtype == "autocast"
 
 
 def set_lora_merging(model: nn.Module, merge: bool) -> None:

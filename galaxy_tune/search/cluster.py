@@ -1,5 +1,5 @@
 """The Ray cluster a search runs on: start Ray locally, or join a cluster (token authentication included),
-and check that the trials' resources exist before any trial is queued."""
+check that the trials' resources exist before any trial is queued, and tell a trial which device Ray gave it."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import math
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import ray
 from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
 from ..errors import GalaxyTuneError
+
+if TYPE_CHECKING:
+    import torch
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -106,8 +110,6 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float | None, device:
     gpus = gpus_per_trial
     if gpus is None:
         gpus = 1.0 if device == "cuda" or (device == "auto" and total_gpus > 0) else 0.0
-    if device == "cpu" and gpus > 0:
-        raise GalaxyTuneError(f"--device cpu with --gpus-per-trial {gpus:g}: drop one of the two")
     if (gpus > 0 or device == "cuda") and total_gpus == 0:
         raise GalaxyTuneError(f"a trial asks for {gpus:g} GPU but this Ray cluster has no GPU: use --device cpu "
                               "(or --gpus-per-trial 0), or join a cluster with GPUs via --address")
@@ -121,3 +123,18 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float | None, device:
                 min(math.floor(n.get("CPU", 0) / cpus_per_trial + 1e-9),
                     math.floor(n.get("GPU", 0) / gpus + 1e-9)) for n in fits)
     return gpus, max(1, min(slots, max_concurrent or slots))
+
+
+def trial_device(gpus: float) -> tuple[torch.device, float]:
+    """The device this trial trains on, with its index, and the share of its memory the trial may use.
+
+    Ray lists the trial's GPU alone in CUDA_VISIBLE_DEVICES, so torch numbers it 0; the index is looked up there in
+    case Ray was told to leave that variable alone. Nothing here opens the GPU.
+    """
+    import torch  # here, not above: starting or joining Ray needs no torch
+
+    if gpus == 0:
+        return torch.device("cpu"), 1.0
+    [gpu] = [str(i) for i in ray.get_gpu_ids()]  # one, even for a fraction of a GPU
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", visible.split(",").index(gpu) if visible else int(gpu)), gpus

@@ -38,7 +38,7 @@ from ..data.tasks import TASKS, Task
 from ..train import TrainConfig
 
 METRICS = tuple(dict.fromkeys(task.val_metric for task in TASKS.values()))  # val_accuracy, val_rmse
-KEPT = ("epoch", *METRICS, "epoch_seconds", "node_id")  # what the tables and the study need of a report
+KEPT = ("epoch", *METRICS, "epoch_seconds", "node_id", "device")  # what the tables and the study need of a report
 FINISHED = ("COMPLETED", "STOPPED")  # trials.csv statuses of trials that ran to their end
 
 
@@ -73,6 +73,7 @@ def trial_row(trial_id: str, config: dict, reports: list[dict], state: str, path
             "train_seconds": round(float(np.sum([float(r.get("epoch_seconds", 0.0)) for r in history])), 2)
             if curve else 0.0,
             "node_id": reports[-1].get("node_id") if reports else None,
+            "device": reports[-1].get("device") if reports else None,
             **{k: v for k, v in train_config.searched().items() if k != "epochs"},  # epochs: run, above
             "config": json.dumps(train_config.to_dict()),
             f"{metric}_curve": json.dumps(curve), "path": path}

@@ -99,6 +99,12 @@ class SearchOptions:
                                   "(no data parallelism); use 1, or a fraction such as 0.5 to share a GPU")
         if self.device not in DEVICES:
             raise GalaxyTuneError(f"--device {self.device!r} is unknown: choose one of {', '.join(DEVICES)}")
+        if self.device == "cpu" and self.gpus_per_trial:
+            raise GalaxyTuneError(f"--device cpu with --gpus-per-trial {self.gpus_per_trial:g}: drop one of the two")
+        if self.device == "cuda" and self.gpus_per_trial == 0:
+            raise GalaxyTuneError("--device cuda with --gpus-per-trial 0: a trial without a GPU trains on the CPU; "
+                                  "give each trial a GPU or a share of one (e.g. --gpus-per-trial 0.5), or use "
+                                  "--device cpu")
         for flag, value, known in (("--sampler", self.sampler, SAMPLERS), ("--scheduler", self.scheduler, SCHEDULERS)):
             if value not in known:
                 raise GalaxyTuneError(f"{flag} {value!r} is unknown: choose one of {', '.join(known)}")

@@ -25,7 +25,8 @@ from ..errors import GalaxyTuneError
 from ..data.loader import open_splits
 from ..models.backbone import count_parameters
 from ..data.tasks import get_task
-from ..train import TrainConfig, fit, limit_gpu_memory, make_model, pick_device
+from ..train import TrainConfig, fit, make_model, training_precision, use_gpu
+from .cluster import trial_device
 
 STATE_FILE = "state.pt"
 
@@ -49,8 +50,18 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint is noise
     torch.set_num_threads(max(1, int(cpus)))
     prepared = load_prepared_on_this_node(Path(prepared_dir), image_size_px, crop_px)
-    device = pick_device("cuda" if gpus > 0 else "cpu")  # Ray makes only the trial's own GPU visible
-    limit_gpu_memory(device, gpus)  # a fractional trial gets its share of the GPU's memory, no more
+    device, memory_share = trial_device(gpus)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GalaxyTuneError(
+                f"node {ray.util.get_node_ip_address()} gave this trial {device} (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')}, {memory_share:.0%} of its memory) but torch there sees no "
+                "GPU: check `nvidia-smi` on that node and that its torch is a CUDA build")
+        use_gpu(device.index, memory_share)
+    # Reported with every epoch: the driver may have no GPU, or another one.
+    where = {"device": str(device), "precision": training_precision(device), **(
+        {"gpu_name": torch.cuda.get_device_name(device), "gpu_memory_share": memory_share}
+        if device.type == "cuda" else {})}
     train, val = open_splits(prepared, "train", "val")
     model = make_model(train_config, model_name, num_labels=len(prepared.class_names),
                        head_bias=get_task(prepared.task).head_bias(train.labels))
@@ -72,7 +83,7 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
                 marker.touch()
                 raise RuntimeError(f"injected failure in epoch {fail_at_epoch}")
         metrics = {**metrics, "trainable_params": trainable_params, "total_params": total_params,
-                   "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+                   "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **where}
         if (metrics["epoch"] < train_config.epochs
                 and time.monotonic() - last_checkpoint < checkpoint_every_s):
             tune.report(metrics)
