@@ -17,6 +17,7 @@ from galaxy_tune.cli import main
 from galaxy_tune.search.trainable import train_trial
 from galaxy_tune.train import TrainConfig
 
+SAMPLES = 16  # far more than finish before the first does: the kill lands mid-search
 TINY_SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny"]
 A_BIGGER_MACHINE = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16, "GPU": 1})}  # what a Ray started here would see
 
@@ -60,7 +61,7 @@ def start_search(ray_local, method: str, name: str, demo_dir, results_dir, **pop
     driver is told it runs on a 16-core machine with a GPU, which must change nothing.
     """
     argv = [sys.executable, "-m", "galaxy_tune", "search", method, "--data-dir", str(demo_dir), "--results-dir",
-            str(results_dir), "--name", name, "--num-samples", "40", "--max-epochs", "3", *TINY_SEARCH,
+            str(results_dir), "--name", name, "--num-samples", str(SAMPLES), "--max-epochs", "3", *TINY_SEARCH,
             "--address", ray_local.get_runtime_context().gcs_address]
     return subprocess.Popen(argv, start_new_session=True, env={**os.environ, **A_BIGGER_MACHINE}, **popen)
 
@@ -118,7 +119,7 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
 
     assert main(["search", "lora", "--resume", "--name", "killed", "--results-dir", str(tmp_path)]) == 0
     trials = pd.read_csv(experiment / "trials.csv")
-    assert len(trials) == 40 and trials["trial_id"].is_unique
+    assert len(trials) == SAMPLES and trials["trial_id"].is_unique
     assert set(trials["status"]) <= {"COMPLETED", "STOPPED"}
     assert set(trials["node_id"]) == {ray_local.get_runtime_context().get_node_id()}  # all on the test's Ray
     after = {f"trial_{t}": n for t, n in zip(trials["trial_id"], trials["epochs"])}
@@ -130,7 +131,7 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
     # The study holds each trial Ray ran exactly once (none lost, none repeated), as trials.csv has it.
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{experiment / 'optuna.db'}")
     ray_ids = [t.user_attrs["ray_trial_id"] for t in study.trials]
-    assert len(ray_ids) == 40 and sorted(ray_ids) == sorted(trials["trial_id"])
+    assert len(ray_ids) == SAMPLES and sorted(ray_ids) == sorted(trials["trial_id"])
     states = {t.user_attrs["ray_trial_id"]: (t.state.name, len(t.intermediate_values)) for t in study.trials}
     assert states == {t: ({"COMPLETED": "COMPLETE", "STOPPED": "PRUNED"}[s], n)
                       for t, s, n in zip(trials["trial_id"], trials["status"], trials["epochs"])}
@@ -157,7 +158,7 @@ def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(ray_local, demo_dir
     best = json.loads((experiment / "best.json").read_text())  # the best so far, of a search not ended
     assert best["running"] is False and best["complete"] is False
     assert main(["search", "full", "--resume", "--name", "stopped", "--results-dir", str(tmp_path)]) == 0
-    assert len(pd.read_csv(experiment / "trials.csv")) == 40
+    assert len(pd.read_csv(experiment / "trials.csv")) == SAMPLES
 
 
 def test_resume_of_a_search_that_does_not_exist(tmp_path, capsys):
