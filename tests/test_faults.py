@@ -99,11 +99,20 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
     driver = start_search(ray_local, "lora", "killed", demo_dir, tmp_path, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: finished_trials(experiment, 3), 240, "a finished trial", driver)
+        # A trial is finished for a resume once Ray has saved an experiment state that records its end. The live
+        # trials.csv is rewritten after Ray records an end, and Ray saves its state every few seconds.
+        wait_for(lambda: "COMPLETED" in live_statuses(experiment), 240, "a completed trial in the live trials.csv",
+                 driver)
+        recorded = time.time()
+        table = pd.read_csv(experiment / "trials.csv")
+        ended = {f"trial_{t}" for t, s in zip(table["trial_id"], table["status"]) if s == "COMPLETED"}
+        wait_for(lambda: any(state.stat().st_mtime > recorded for state in experiment.glob("experiment_state-*.json")),
+                 120, "an experiment state saved after that", driver)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # as a crash would: Ray ends the dead driver's trials
         driver.wait()
-    before = finished_trials(experiment, 3)
+    before = {trial: epochs for trial, epochs in finished_trials(experiment, 3).items() if trial in ended}
+    assert before
     # The default strategy is the one resumed: multivariate TPE with constant liar (2 trials at once) and ASHA.
     searched = json.loads((experiment / "search.json").read_text())
     assert (searched["sampler"], searched["scheduler"], searched["concurrency"], searched["constant_liar"]) == (
