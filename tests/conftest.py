@@ -1,5 +1,5 @@
-"""Shared fixtures: a small generated Kaggle-format data set, its prepared cache, one local Ray, a bomb JPEG;
-helpers that start Ray nodes with the `ray start` CLI."""
+"""Shared fixtures: a small generated Kaggle-format data set, its prepared cache, one local Ray, one finished
+LoRA search, a bomb JPEG; helpers that start Ray nodes with the `ray start` CLI."""
 
 import io
 import os
@@ -20,6 +20,8 @@ from galaxy_tune.data.demo import write_demo_data
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGE_SIZE_PX, CROP_PX = 32, 256
+# A search of the tiny ResNet on the demo data at 32 px, 2 epochs at most.
+SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
 
 
 def jpeg_claiming(side: int) -> bytes:
@@ -53,6 +55,18 @@ def ray_local():
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)  # the same on a GPU machine
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def lora_search(ray_local, demo_dir, tmp_path_factory) -> Path:
+    """The experiment folder of a finished 3-trial LoRA search, run as a user runs it. Tests never change it: they
+    copy it into a results folder of their own, or add their own experiments beside it."""
+    from galaxy_tune.cli import main
+
+    results = tmp_path_factory.mktemp("lora-search")
+    assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(results), "--name",
+                 "search-lora", "--num-samples", "3", *SEARCH]) == 0
+    return results / "search-lora"
 
 
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")

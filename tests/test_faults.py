@@ -34,14 +34,19 @@ def run_trial(prepared, tmp_path, name, **kwargs):
     return result
 
 
+@pytest.fixture(scope="module")
+def steady(ray_local, prepared, tmp_path_factory):
+    """The trial of `run_trial`, run once without a failure: what a resumed trial must reproduce."""
+    return run_trial(prepared, tmp_path_factory.mktemp("steady"), "steady")
+
+
 @pytest.mark.parametrize("checkpoint_every_s, epochs_run", [
     (0, [1, 2, 3]),  # checkpoints every epoch: the retry starts at epoch 2 from the epoch-1 checkpoint
     (3600, [1, 1, 2, 3]),  # none due before the last epoch: the retry starts over
 ])
-def test_a_trial_that_crashes_in_epoch_2_resumes_from_its_latest_checkpoint(ray_local, prepared, tmp_path,
+def test_a_trial_that_crashes_in_epoch_2_resumes_from_its_latest_checkpoint(prepared, steady, tmp_path,
                                                                             checkpoint_every_s, epochs_run):
     crashed = run_trial(prepared, tmp_path, "crash", fail_at_epoch=2, checkpoint_every_s=checkpoint_every_s)
-    steady = run_trial(prepared, tmp_path, "steady")
     assert crashed.error is None
     assert "injected failure in epoch 2" in (tmp_path / "crash").joinpath(
         next(p.name for p in (tmp_path / "crash").iterdir() if p.is_dir()), "error.txt").read_text()

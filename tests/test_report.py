@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import CROP_PX, IMAGE_SIZE_PX
 from galaxy_tune.models.calibration import fit_temperature
 from galaxy_tune.cli import main
 from galaxy_tune.data.prepare import task_consensus
@@ -28,7 +27,6 @@ ACCURACY = Metric(get_task("seed-top2"))
 from galaxy_tune.report.stats import (coverage_curve, fmt_interval, largest_coverage, mcnemar_exact,
                                       paired_bootstrap, t_interval, wilson_interval)
 
-SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
 SEARCH_FIGURES = {"val_curves.png", "best_vs_trial.png", "best_vs_trial_epochs.png", "best_vs_time.png",
                   "param_slices.png"}
 RETRAIN_FIGURES = {"test_accuracy.png", "winners_curse.png", "accuracy_by_consensus.png", "reliability.png",
@@ -40,11 +38,10 @@ NEW_PREDICTION_COLUMNS = ["rank", "logit_0", "logit_1", "consensus"]
 
 
 @pytest.fixture(scope="module")
-def results(ray_local, demo_dir, tmp_path_factory):
+def results(lora_search, tmp_path_factory):
     """A results folder with a 3-trial LoRA search and a 2-seed retrain of direct, full and LoRA."""
     results = tmp_path_factory.mktemp("results")
-    assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(results), "--name",
-                 "search-lora", "--num-samples", "3", *SEARCH]) == 0
+    shutil.copytree(lora_search, results / lora_search.name)
     assert main(["retrain", "--results-dir", str(results), "--seeds", "2", "--max-epochs", "2"]) == 0
     return results
 

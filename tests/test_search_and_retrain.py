@@ -16,7 +16,7 @@ from ray import tune
 from PIL import Image
 from transformers import AutoImageProcessor, ResNetForImageClassification
 
-from conftest import CROP_PX, IMAGE_SIZE_PX
+from conftest import CROP_PX, IMAGE_SIZE_PX, SEARCH
 from galaxy_tune.cli import main
 from galaxy_tune.data.prepare import load_prepared
 from galaxy_tune.data.loader import open_split
@@ -24,21 +24,18 @@ from galaxy_tune.retrain import select_configs
 from galaxy_tune.data.tasks import get_task
 from galaxy_tune.train import pick_device, place, predict_logits
 
-SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
 
 
 @pytest.fixture(scope="module")
-def searched(ray_local, demo_dir, tmp_path_factory):
-    """A results folder holding a finished lora search (2 trials) and full search (1 trial)."""
-    results = tmp_path_factory.mktemp("results")
-    for method, samples in (("lora", "2"), ("full", "1")):
-        argv = ["search", method, "--data-dir", str(demo_dir), "--results-dir", str(results), "--name",
-                f"search-{method}", "--num-samples", samples, *SEARCH]
-        assert main(argv) == 0
+def searched(lora_search, demo_dir):
+    """A results folder holding a finished lora search (3 trials) and full search (1 trial) of the same data."""
+    results = lora_search.parent
+    assert main(["search", "full", "--data-dir", str(demo_dir), "--results-dir", str(results), "--name",
+                 "search-full", "--num-samples", "1", *SEARCH]) == 0
     return results
 
 
-@pytest.mark.parametrize("method, samples", [("lora", 2), ("full", 1)])
+@pytest.mark.parametrize("method, samples", [("lora", 3), ("full", 1)])
 def test_search_writes_trials_best_and_a_readable_optuna_study(searched, method, samples):
     experiment = searched / f"search-{method}"
     trials = pd.read_csv(experiment / "trials.csv")
