@@ -1,6 +1,8 @@
 """The command line as a user runs it: `python -m galaxy_tune ...`, demo defaults, one-line errors."""
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -89,23 +91,57 @@ def test_a_results_folder_that_cannot_be_written_is_refused(demo_dir, tmp_path, 
     assert "cannot write" in capsys.readouterr().err
 
 
-def test_without_data_dir_the_demo_data_is_generated_and_used(ray_local, tmp_path, capsys):
-    results = tmp_path / "results"
-    space = tmp_path / "lr.yaml"  # one searched parameter: the console table shows it, and only it
-    space.write_text("params: {lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}, epochs: 1}\n")
-    argv = ["search", "lora", "--results-dir", str(results), "--model", "tiny", "--num-samples", "1",
-            "--space", str(space), "--name", "demo", "--no-augment"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo_race(ray_local, tmp_path_factory):
+    """A search without --data-dir, started as a user starts it, and a second one of its name started in the
+    meantime. The first search makes its experiment folder before anything else, then waits to read its space
+    file, a named pipe; the second is started then. The first then gets a space of one parameter.
+
+    Returns the results folder, what the first search printed (stdout, stderr), and what the second one said."""
+    results = tmp_path_factory.mktemp("demo-race") / "results"
+    space, experiment = results.parent / "lr.yaml", results / "demo"
+    os.mkfifo(space)
+    argv = ["search", "lora", "--results-dir", str(results), "--model", "tiny", "--num-samples", "1", "--max-epochs",
+            "1", "--space", str(space), "--name", "demo", "--no-augment", "--address",
+            ray_local.get_runtime_context().gcs_address]
+    first = subprocess.Popen([sys.executable, "-m", "galaxy_tune", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not experiment.is_dir():
+            assert first.poll() is None and time.monotonic() < deadline, "the first search made no folder"
+            time.sleep(0.2)
+        second = io.StringIO()
+        with contextlib.redirect_stderr(second):
+            assert main(argv) == 2
+        assert experiment.is_dir()  # the first search's, untouched
+        space.write_text("params: {lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}, epochs: 1}\n")
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    return results, out, second.getvalue()
+
+
+def test_a_search_started_while_another_of_its_name_starts_is_refused_at_once(demo_race):
+    results, out, refused = demo_race
+    experiment = results / "demo"
+    assert refused.count("\n") == 1 and f"experiment {experiment} already exists" in refused and "--name" in refused
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["running"] is False and best["complete"] is True and (experiment / "report.md").is_file()
+    # One searched parameter: the console table shows it, and only it.
+    header = [line for line in out.splitlines() if line.startswith("| Trial name")][-1]  # the final table's
+    assert [column.strip() for column in header.strip("|").split("|")][2:] == ["loc", "lr", "epoch", "val accuracy"]
+    assert "Current best trial: " in out and "parameters={'lr': " in out  # the line that needs every column
+
+
+def test_without_data_dir_the_demo_data_is_generated_and_used(demo_race, capsys):
+    results, out, _ = demo_race
     assert "using the built-in demo data" in out
     assert (results / "demo-data" / CSV_NAME).is_file()
     assert len(pd.read_csv(results / "demo" / "trials.csv")) == 1
     best = json.loads((results / "demo" / "best.json").read_text())
     assert best["config"]["augment"] is False and best["complete"] is True
-    assert (results / "demo" / "report.md").is_file()
-    header = [line for line in out.splitlines() if line.startswith("| Trial name")][-1]  # the final table's
-    assert [column.strip() for column in header.strip("|").split("|")][2:] == ["loc", "lr", "epoch", "val accuracy"]
-    assert "Current best trial: " in out and "parameters={'lr': " in out  # the line that needs every column
     # With no search of a method, retrain says so and uses the reference recipe.
     assert main(["retrain", "--results-dir", str(results), "--methods", "full", "--model", "tiny",
                  "--max-epochs", "1"]) == 0

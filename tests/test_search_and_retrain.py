@@ -100,39 +100,6 @@ def test_broken_space_file_fails_before_ray_starts(demo_dir, tmp_path, capsys, p
     assert not (tmp_path / "results").exists()  # refused before anything was prepared, no experiment folder left
 
 
-def test_a_search_started_while_another_of_its_name_starts_is_refused_at_once(ray_local, demo_dir, tmp_path,
-                                                                                capsys):
-    # The first search makes its experiment folder before anything else, then waits to read its space file, a named
-    # pipe. A second search of that name, meanwhile, is refused at once. The first then gets a space of one
-    # parameter, which the console table shows.
-    space, experiment = tmp_path / "lr.yaml", tmp_path / "results" / "same"
-    os.mkfifo(space)
-    argv = ["search", "full", "--data-dir", demo_dir, "--results-dir", tmp_path / "results", "--name", "same",
-            "--space", space, "--num-samples", "1", "--address", ray_local.get_runtime_context().gcs_address,
-            "--image-size", IMAGE_SIZE_PX, "--crop", CROP_PX, "--model", "tiny"]
-    first = subprocess.Popen([sys.executable, "-m", "galaxy_tune", *map(str, argv)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not experiment.is_dir():
-            assert first.poll() is None and time.monotonic() < deadline, "the first search made no folder"
-            time.sleep(0.2)
-        assert main(list(map(str, argv))) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"experiment {experiment} already exists" in err and "--name" in err
-        assert experiment.is_dir()  # the first search's, untouched
-        space.write_text("params: {lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}, epochs: 1}\n")
-        out, err = first.communicate(timeout=300)
-    finally:
-        first.kill()
-    assert first.returncode == 0, err[-3000:]
-    best = json.loads((experiment / "best.json").read_text())
-    assert best["running"] is False and best["complete"] is True and (experiment / "report.md").is_file()
-    header = [line for line in out.splitlines() if line.startswith("| Trial name")][-1]  # the final table's
-    assert [column.strip() for column in header.strip("|").split("|")][2:] == ["loc", "lr", "epoch", "val accuracy"]
-    assert "Current best trial: " in out and "parameters={'lr': " in out  # the line that needs every column
-
-
 @pytest.fixture(scope="module")
 def retrained(searched) -> tuple[Path, str]:
     """The retrain of both searches with default settings: its folder and what it printed."""
