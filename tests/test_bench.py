@@ -432,10 +432,10 @@ def test_bench_gpu_dry_run_runs_every_check_on_the_cpu(ray_local, tmp_path, caps
     assert votes["passed"] is True and votes["outputs"] == 37 and votes["gradient_error"] < 1e-6
     assert len(votes["val_rmse"]) == 2 and 0 < votes["constant_predictor_val_rmse"] < 1
     search = checks["search"]
-    assert search["passed"] is True and search["trials"] == 8 and search["errored_trials"] == 0
-    assert search["gpus_per_trial"] == 0 and search["cpus_per_trial"] == 0.5  # 4 at once on the test's 2 CPUs
-    assert search["devices"] == ["cpu"] and 0 <= search["stopped_trials"] < 8
-    assert 1 <= search["processes"] <= 8 and 0 <= search["most_trials_at_once"] <= 4  # trials under a second
+    assert search["passed"] is True and search["trials"] == 4 and search["errored_trials"] == 0
+    assert search["gpus_per_trial"] == 0 and search["cpus_per_trial"] == 1  # 2 at once on the test's 2 CPUs
+    assert search["devices"] == ["cpu"] and 0 <= search["stopped_trials"] < 4
+    assert 1 <= search["processes"] <= 4 and 0 <= search["most_trials_at_once"] <= 2  # trials under a second
     agreement = checks["retrain_predict"]
     assert agreement["passed"] is True and agreement["galaxies"] > 0 and agreement["max_abs_prob_diff"] <= 1e-4
     assert figures["passed"] is True

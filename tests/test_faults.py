@@ -17,7 +17,8 @@ from galaxy_tune.cli import main
 from galaxy_tune.search.trainable import train_trial
 from galaxy_tune.train import TrainConfig
 
-SAMPLES = 16  # far more than finish before the first does: the kill lands mid-search
+SAMPLES = 16  # far more than finish before the first does: the kill lands mid-search, after Ray saved its state
+INTERRUPTED_SAMPLES = 8  # Ctrl+C lands as soon as one trial has finished
 TINY_SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny"]
 A_BIGGER_MACHINE = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16, "GPU": 1})}  # what a Ray started here would see
 
@@ -59,14 +60,15 @@ def test_a_trial_that_crashes_in_epoch_2_resumes_from_its_latest_checkpoint(prep
         assert history[column].tolist() == pytest.approx(expected[column].tolist(), rel=1e-5)
 
 
-def start_search(ray_local, method: str, name: str, demo_dir, results_dir, **popen) -> subprocess.Popen:
+def start_search(ray_local, method: str, name: str, demo_dir, results_dir, samples: int = SAMPLES,
+                 **popen) -> subprocess.Popen:
     """`search` as a user starts it, in its own process group, joining the test's Ray.
 
     Its own Ray would see this machine's CPUs and GPUs; the test's has 2 CPUs and no GPU on any machine. The
     driver is told it runs on a 16-core machine with a GPU, which must change nothing.
     """
     argv = [sys.executable, "-m", "galaxy_tune", "search", method, "--data-dir", str(demo_dir), "--results-dir",
-            str(results_dir), "--name", name, "--num-samples", str(SAMPLES), "--max-epochs", "3", *TINY_SEARCH,
+            str(results_dir), "--name", name, "--num-samples", str(samples), "--max-epochs", "3", *TINY_SEARCH,
             "--address", ray_local.get_runtime_context().gcs_address]
     return subprocess.Popen(argv, start_new_session=True, env={**os.environ, **A_BIGGER_MACHINE}, **popen)
 
@@ -99,25 +101,35 @@ def finished_trials(experiment, epochs):
     return done
 
 
+def completed_with_every_epoch(experiment) -> set[str]:
+    """The trial folders that the live trials.csv calls COMPLETED and whose result.json holds their 3 epochs."""
+    table = experiment / "trials.csv"
+    if not table.is_file():
+        return set()
+    rows = pd.read_csv(table)
+    completed = {f"trial_{t}" for t, status in zip(rows["trial_id"], rows["status"]) if status == "COMPLETED"}
+    return completed & set(finished_trials(experiment, 3))
+
+
 def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials(ray_local, demo_dir, tmp_path):
     experiment = tmp_path / "killed"
     driver = start_search(ray_local, "lora", "killed", demo_dir, tmp_path, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
     try:
         # A trial is finished for a resume once Ray has saved an experiment state that records its end. The live
-        # trials.csv is rewritten after Ray records an end, and Ray saves its state every few seconds.
-        wait_for(lambda: "COMPLETED" in live_statuses(experiment), 240, "a completed trial in the live trials.csv",
-                 driver)
+        # trials.csv is rewritten after Ray records an end. Ray copies its trials' result.json files into the
+        # experiment folder, and saves its state there, every few seconds.
+        wait_for(lambda: completed_with_every_epoch(experiment), 240,
+                 "a trial completed in the live trials.csv, with every epoch in its result.json", driver)
         recorded = time.time()
-        table = pd.read_csv(experiment / "trials.csv")
-        ended = {f"trial_{t}" for t, s in zip(table["trial_id"], table["status"]) if s == "COMPLETED"}
+        ended = completed_with_every_epoch(experiment)
         wait_for(lambda: any(state.stat().st_mtime > recorded for state in experiment.glob("experiment_state-*.json")),
                  120, "an experiment state saved after that", driver)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # as a crash would: Ray ends the dead driver's trials
         driver.wait()
     before = {trial: epochs for trial, epochs in finished_trials(experiment, 3).items() if trial in ended}
-    assert before
+    assert set(before) == ended
     # The default strategy is the one resumed: multivariate TPE with constant liar (2 trials at once) and ASHA.
     searched = json.loads((experiment / "search.json").read_text())
     assert (searched["sampler"], searched["scheduler"], searched["concurrency"], searched["constant_liar"]) == (
@@ -153,8 +165,8 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
 
 def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(ray_local, demo_dir, tmp_path):
     experiment = tmp_path / "stopped"
-    driver = start_search(ray_local, "full", "stopped", demo_dir, tmp_path, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+    driver = start_search(ray_local, "full", "stopped", demo_dir, tmp_path, INTERRUPTED_SAMPLES,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # The live trials.csv is rewritten once Ray has recorded a trial's end (its checkpoint, written with the
         # last report, can appear before that: Ctrl+C in between leaves that trial unfinished).
@@ -172,7 +184,7 @@ def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(ray_local, demo_dir
     best = json.loads((experiment / "best.json").read_text())  # the best so far, of a search not ended
     assert best["running"] is False and best["complete"] is False
     assert main(["search", "full", "--resume", "--name", "stopped", "--results-dir", str(tmp_path)]) == 0
-    assert len(pd.read_csv(experiment / "trials.csv")) == SAMPLES
+    assert len(pd.read_csv(experiment / "trials.csv")) == INTERRUPTED_SAMPLES
 
 
 def test_resume_of_a_search_that_does_not_exist(tmp_path, capsys):

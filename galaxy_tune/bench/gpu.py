@@ -18,7 +18,8 @@ Training runs in bf16 autocast on GPUs of compute capability 8 (Ampere) or later
 emulate bf16 slowly (`train.training_precision`); the figures and the summary say which ran.
 
 `--dry-run` runs the same code on the CPU with a tiny model and 32 px images in about a minute, so the
-script can't rot unnoticed: the test suite runs it. Speed targets are not applied to a dry run.
+script can't rot unnoticed: the test suite runs it. Speed targets are not applied to a dry run, and its search runs
+4 trials, 2 at once.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ PLANS = {
     "gpu": {"device": "cuda", "model": "resnet50-random", "num_images": DEMO["num_images"], "image_size_px": 224,
             "crop_px": None, "batch_size": 32, "train_counts": {}, "compile_backend": "inductor",
             "search_epochs": 8, "gpus_per_trial": 0.25,  # trials long enough (~10 s) to overlap despite start-up
+            "search_trials": 8, "search_at_once": 4,  # twice as many trials as run at once: workers are reused
             # bf16 autocast on both sides, cuDNN's non-deterministic kernels, inductor's fused kernels
             "predict_tolerance": 0.02, "resume_tolerance": 0.05, "compile_tolerance": 0.02},
     "dry_run": {"device": "cpu", "model": "tiny", "num_images": 120, "image_size_px": 32, "crop_px": 256,
                 "batch_size": 16, "train_counts": {"warmup": 1, "steps": 2, "rounds": 2, "eval_batches": 1},
                 "compile_backend": "eager", "search_epochs": 2, "gpus_per_trial": 0.0,
+                "search_trials": 4, "search_at_once": 2,  # each worker process imports torch: seconds of CPU
                 # float32 on both sides, on the CPU: deterministic
                 "predict_tolerance": 1e-4, "resume_tolerance": 1e-5, "compile_tolerance": 1e-5},
 }

@@ -21,7 +21,6 @@ from ..train import METHODS, REFERENCE_CONFIGS, fit, make_model, pick_device
 from .gpu_training import TARGETS as TRAINING_TARGETS
 from .gpu_training import gradient_error, open_demo
 
-TRIALS, AT_ONCE = 8, 4  # the search: twice as many trials as run at once, so finished trials' workers are reused
 
 
 def check_resume(plan: dict, data_dir: Path, folder: Path, done: dict, dry_run: bool) -> dict:
@@ -78,40 +77,41 @@ def check_search(plan: dict, data_dir: Path, folder: Path, done: dict, dry_run: 
     """8 LoRA trials sharing the GPU, 4 at once (0.25 GPU each), ASHA stopping the weaker: none failed (e.g. out of
     memory, or a device without an index), trials ran at once, some stopped, workers reused, each on its GPU.
 
-    The dry run's trials share the CPUs and last under a second: there only the failures count."""
+    The dry run's 4 trials, 2 at once, share the CPUs and last under a second: there only the failures count."""
     import ray
 
     from ..search.cluster import start_ray
     from ..search.run import SearchOptions, run_search
     from .searching import search_figures
 
+    trials, at_once = plan["search_trials"], plan["search_at_once"]
     started_ray = not ray.is_initialized()
     start_ray(None)
-    try:  # as many CPUs per trial as lets 4 run at once, at most 1
-        cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / AT_ONCE)
+    try:  # as many CPUs per trial as lets `at_once` trials run at once, at most 1
+        cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / at_once)
         data = DataConfig(data_dir, image_size_px=plan["image_size_px"], crop_px=plan["crop_px"])
         experiment = run_search(SearchOptions(
-            "lora", data, results_dir=folder / "searches", name="shared-gpu", num_samples=TRIALS,
+            "lora", data, results_dir=folder / "searches", name="shared-gpu", num_samples=trials,
             max_epochs=plan["search_epochs"], model=plan["model"], cpus_per_trial=cpus,
-            gpus_per_trial=plan["gpus_per_trial"], device=plan["device"], max_concurrent=AT_ONCE, scheduler="asha"))
+            gpus_per_trial=plan["gpus_per_trial"], device=plan["device"], max_concurrent=at_once, scheduler="asha"))
     finally:
         if started_ray:
             ray.shutdown()
-    figures = search_figures(experiment, AT_ONCE)
-    processes, at_once = figures["processes"], figures["most_trials_at_once"]
+    figures = search_figures(experiment, at_once)
+    processes, most_at_once = figures["processes"], figures["most_trials_at_once"]
     errored, stopped = figures["errored_trials"], figures["stopped_trials"]
     devices = sorted({r["device"] for trial in experiment.glob("trial_*") for r in layout.trial_reports(trial)})
     share = f"{plan['gpus_per_trial']:g} GPU" if plan["gpus_per_trial"] else f"{cpus:g} CPU, no GPU"
-    return {"trials": figures["trials"], "processes": processes, "most_trials_at_once": at_once,
+    return {"trials": figures["trials"], "processes": processes, "most_trials_at_once": most_at_once,
             "errored_trials": errored, "stopped_trials": stopped, "devices": devices,
             "gpus_per_trial": plan["gpus_per_trial"], "cpus_per_trial": cpus,
             "wall_seconds": figures["wall_seconds"], "experiment": str(experiment),
-            "target": f"{TRIALS} trials, none errored" + ("" if dry_run else f" (e.g. out of memory), {AT_ONCE} at "
+            "target": f"{trials} trials, none errored" + ("" if dry_run else f" (e.g. out of memory), {at_once} at "
                                                           "once, some stopped, fewer processes than trials, on cuda:0"),
-            "passed": figures["trials"] == TRIALS and errored == 0 and (dry_run or (
-                at_once == AT_ONCE and stopped > 0 and processes < TRIALS and devices == ["cuda:0"])),
-            "summary": f"{figures['trials']} LoRA trials at {share} each: {at_once} surely at once, {stopped} stopped "
-                       f"by ASHA, {errored} errored, {processes} worker process{'es' * (processes != 1)}, on "
+            "passed": figures["trials"] == trials and errored == 0 and (dry_run or (
+                most_at_once == at_once and stopped > 0 and processes < trials and devices == ["cuda:0"])),
+            "summary": f"{figures['trials']} LoRA trials at {share} each: {most_at_once} surely at once, {stopped} "
+                       f"stopped by ASHA, {errored} errored, {processes} worker process{'es' * (processes != 1)}, on "
                        f"{', '.join(devices)}"}
 
 
