@@ -20,7 +20,7 @@ INTERRUPTED = {  # what Ctrl-C leaves, per command
     "retrain": "retrain stopped; it does not resume: run it again",
 }
 TASK_NAMES = ("seed-top2", "smooth-featured", "kaggle-votes")  # tasks.TASKS, without importing pandas for --help
-# search.run.SAMPLERS and SCHEDULERS, without importing Ray for --help (tests/test_cli.py checks they agree)
+# search.strategy.SAMPLERS and SCHEDULERS, without importing Ray for --help (tests/test_cli.py checks they agree)
 SAMPLER_NAMES = ("tpe", "tpe-independent", "random")
 SCHEDULER_NAMES = ("asha", "hyperband", "fifo")
 DEVICE_NAMES = ("auto", "cpu", "cuda")  # train.DEVICES

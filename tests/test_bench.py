@@ -21,7 +21,7 @@ from galaxy_tune.bench import bench_loader, bench_search, bench_train, write_jso
 from galaxy_tune.bench.loader import timed_epochs_in_turns
 from galaxy_tune.bench.measure import MB, interleaved, rate, ratio_spread, split_evenly
 from galaxy_tune.bench.searching import STRATEGIES, most_at_once, search_environment, search_figures
-from galaxy_tune.search.run import SAMPLERS, SCHEDULERS
+from galaxy_tune.search.strategy import SAMPLERS, SCHEDULERS
 from galaxy_tune.report.search_curves import best_so_far, epochs_to_reach, median_interval, summarize
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.train import training_precision

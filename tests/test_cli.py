@@ -206,7 +206,7 @@ def test_the_python_api_refuses_an_unknown_sampler_in_one_line_naming_the_choice
 
 def test_the_parser_offers_the_samplers_schedulers_and_devices_the_search_knows():
     from galaxy_tune import cli
-    from galaxy_tune.search.run import SAMPLERS, SCHEDULERS
+    from galaxy_tune.search.strategy import SAMPLERS, SCHEDULERS
     from galaxy_tune.train import DEVICES
 
     assert (cli.SAMPLER_NAMES, cli.SCHEDULER_NAMES, cli.DEVICE_NAMES) == (tuple(SAMPLERS), tuple(SCHEDULERS), DEVICES)

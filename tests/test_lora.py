@@ -160,14 +160,20 @@ def _small_adapter(conv: nn.Conv2d, relative_size: float) -> LoraConv2d:
     return lora
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["training-function", "no-grad-branch"])
-def test_the_adapter_effect_survives_bf16_autocast_where_a_merged_weight_loses_it(training):
+def _small_effect(training: bool):
+    """A conv, its LoRA layer with a small adapter, an input, and the adapter's effect on the layer's output in fp32."""
     torch.manual_seed(0)
     conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
     lora = _small_adapter(conv, relative_size=3e-4).train()
     x = torch.randn(4, 64, 16, 16, requires_grad=training)
     with torch.no_grad():
-        reference = lora(x) - conv(x)  # fp32: the adapter's effect on the layer's output
+        reference = lora(x) - conv(x)
+    return conv, lora, x, reference
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training-function", "no-grad-branch"])
+def test_the_adapter_effect_survives_bf16_autocast_where_a_merged_weight_loses_it(training):
+    conv, lora, x, reference = _small_effect(training)
     with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
         out = lora(x)
         branch = (out - conv(x)).float().detach()
@@ -180,12 +186,7 @@ def test_the_adapter_effect_survives_bf16_autocast_where_a_merged_weight_loses_i
 
 @pytest.mark.parametrize("training", [True, False], ids=["training-function", "no-grad-branch"])
 def test_a_lora_sum_cast_back_to_bf16_rounds_a_small_adapter_effect_away(training):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
-    lora = _small_adapter(conv, relative_size=3e-4).train()
-    x = torch.randn(4, 64, 16, 16, requires_grad=training)
-    with torch.no_grad():
-        reference = lora(x) - conv(x)
+    conv, lora, x, reference = _small_effect(training)
     set_lora_sum(lora, "autocast")
     with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
         out = lora(x)

@@ -86,8 +86,9 @@ def test_the_cli_offers_every_task():
 
 def test_rmse_searches_stop_and_keep_checkpoints_by_the_lowest_value(tmp_path):
     search = importlib.import_module("galaxy_tune.search.run")
+    strategy = importlib.import_module("galaxy_tune.search.strategy")
     for name in ("asha", "hyperband"):
-        scheduler = search.make_scheduler(name, 4, VOTES)
+        scheduler = strategy.make_scheduler(name, 4, VOTES)
         assert (scheduler.metric, scheduler._mode) == ("val_rmse", "min")
     trial = tmp_path / "trial_x"
     for epoch, value in enumerate((0.30, 0.12, 0.20, 0.25), start=1):

@@ -1,7 +1,7 @@
 """The search: Ray Tune runs trials of `trainable.train_trial`, Optuna's TPE proposes configs, ASHA stops weak ones.
 
-`--sampler` and `--scheduler` choose other proposers and stopping rules (SAMPLERS, SCHEDULERS below); what each
-achieves is measured by `bench search`. Every part optimises the task's val metric in its direction
+`--sampler` and `--scheduler` choose other proposers and stopping rules (`strategy.SAMPLERS`, `SCHEDULERS`); what
+each achieves is measured by `bench search`. Every part optimises the task's val metric in its direction
 (`tasks.Task`: val_accuracy, higher is better, or kaggle-votes' val_rmse, lower is better): the sampler, the
 scheduler, the checkpoints kept, the tables and the study.
 
@@ -26,10 +26,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import optuna
 import pandas as pd
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .. import layout
@@ -40,20 +38,11 @@ from ..models.backbone import describe_weights, load_backbone
 from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from ..provenance import library_versions
 from .space import SearchSpace, default_space_path, load_space
+from .strategy import SAMPLERS, SCHEDULERS, make_sampler, make_scheduler, uses_constant_liar
 from ..data.tasks import Task, get_task
 from .trainable import train_trial
 from ..train import DEVICES, METHODS, TrainConfig
 
-SAMPLERS = {  # --sampler: what proposes each trial's config
-    "tpe": "Optuna's TPE, multivariate over grouped parameters, constant liar when trials run at once",
-    "tpe-independent": "Optuna's TPE one parameter at a time, no constant liar (galaxy_tune's earlier default)",
-    "random": "Optuna's random sampler",
-}
-SCHEDULERS = {  # --scheduler: what stops weak trials early
-    "asha": "Ray's ASHA: rungs at 1, 2, 4, ... epochs, the better half of each rung continues",
-    "hyperband": "Ray's asynchronous HyperBand: ASHA in 3 brackets, whose first rungs are 1, 2 and 4 epochs",
-    "fifo": "none: every trial runs its full epoch budget",
-}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # one folder name inside --results-dir
 TABLE_PARAMETERS = 5  # searched parameters shown in the console table
 
@@ -78,8 +67,8 @@ class SearchOptions:
     max_failures: int = 2
     checkpoint_every_s: float = 60.0  # a trial checkpoints when this much time passed since its last one
     resume: bool = False
-    sampler: str = "tpe"  # a key of SAMPLERS
-    scheduler: str = "asha"  # a key of SCHEDULERS
+    sampler: str = "tpe"  # a key of strategy.SAMPLERS
+    scheduler: str = "asha"  # a key of strategy.SCHEDULERS
     sampler_seed: int | None = None  # default: the data's seed (`bench search` varies it, keeping the split)
     augment: bool = True  # random flips / 90-degree rotations of the training images
 
@@ -312,31 +301,6 @@ def prune_checkpoints(trial_folder: Path, task: Task) -> None:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def uses_constant_liar(options: SearchOptions, max_concurrent: int) -> bool:
-    """TPE (multivariate) treats running trials as done with a bad value, so that trials proposed while others run
-    spread out instead of repeating the pending ones: whenever more than one trial runs at once."""
-    return options.sampler == "tpe" and min(options.num_samples, max_concurrent) > 1
-
-
-def make_sampler(options: SearchOptions, max_concurrent: int) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler of `--sampler` (SAMPLERS).
-
-    TPE starts modelling after a third of the budget (Optuna's default waits 10 trials, all of a small search);
-    `group` splits the conditional space (step_size, gamma only under the step scheduler) into the parameter sets
-    that occur together, each modelled jointly.
-    """
-    seed = options.data.seed if options.sampler_seed is None else options.sampler_seed
-    startup = max(2, options.num_samples // 3)
-    if options.sampler == "tpe":
-        with warnings.catch_warnings():  # multivariate, group and constant_liar are marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
-                                              constant_liar=uses_constant_liar(options, max_concurrent))
-    if options.sampler == "tpe-independent":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
 def restore(experiment: Path, trainable) -> tune.Tuner:
     """Ray's `Tuner.restore` of an experiment, or one line when galaxy_tune 0.1 saved it: Ray pickled that
     version's module paths (`galaxy_tune.space`, ...), which the data/, models/ and search/ packages replaced."""
@@ -348,17 +312,6 @@ def restore(experiment: Path, trainable) -> tune.Tuner:
         raise GalaxyTuneError(f"{experiment} was saved by galaxy_tune 0.1 (it names the module {err.name}): resume "
                               "it with galaxy_tune 0.1.0, or start a new search; its trials.csv, best.json and "
                               "optuna.db still serve `retrain --from` and `report`") from None
-
-
-def make_scheduler(name: str, max_epochs: int, task: Task) -> TrialScheduler:
-    """The Ray Tune trial scheduler of `--scheduler` (SCHEDULERS); all of them resume with `Tuner.restore`."""
-    if name == "fifo":
-        return FIFOScheduler()
-    rungs = {"time_attr": "training_iteration", "metric": task.val_metric, "mode": task.mode, "max_t": max_epochs,
-             "grace_period": 1, "reduction_factor": 2}
-    if name == "hyperband":
-        return AsyncHyperBandScheduler(**rungs, brackets=3)
-    return ASHAScheduler(**rungs)
 
 
 def progress_table(space: SearchSpace, task: Task) -> tune.CLIReporter:
