@@ -75,11 +75,11 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
            max_failures: int | None = None, checkpoint_every_s: float | None = None, resume: bool = False,
            augment: bool = True, sampler: str | None = None, scheduler: str | None = None) -> Path:
     """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder."""
-    from .report import write_search_report
-    from .search.run import SearchOptions, check_name, run_search
-
     if name is not None:
-        check_name(name)  # before anything is made, the demo data included
+        layout.check_name(name)  # before anything is made or imported, the demo data included
+    from .report import write_search_report
+    from .search.run import SearchOptions, run_search
+
     if resume:
         if not name:
             raise GalaxyTuneError("--resume needs the --name of the search to continue")

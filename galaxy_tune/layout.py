@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import GalaxyTuneError
+
 RESULTS_DIR = Path("results")  # the default --results-dir
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # an experiment's --name: one folder name inside it
 # A search experiment, results/<name>/
 SEARCH_OPTIONS = "search.json"  # what the search was asked to do (read back by --resume)
 TRIALS = "trials.csv"  # one row per trial
@@ -25,6 +29,13 @@ REPORT = "report.md"
 EVALUATION = "test_evaluation.csv"  # written by the report: one row per (method, rank, seed)
 # Ray Tune's own file in each trial folder: one JSON line per tune.report
 RAY_RESULT = "result.json"
+
+
+def check_name(name: str) -> None:
+    """Refuse an experiment name that is not one folder name of safe characters (it could write elsewhere)."""
+    if not NAME.fullmatch(name):
+        raise GalaxyTuneError(f"--name {name!r} is not allowed: a name is one folder name inside --results-dir, "
+                              "of letters, digits and . _ + - (first a letter or digit, at most 100), e.g. lora-1")
 
 
 def trial_reports(trial_dir: Path) -> list[dict]:

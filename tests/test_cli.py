@@ -352,13 +352,15 @@ def test_the_dashboard_hint_names_the_port_ray_actually_used():
 
 HEAVY = ("torch", "ray", "optuna", "transformers")
 # Each command runs to its first error, all in one interpreter, in this order: the heavy libraries loaded after a
-# command are those of the commands before it and its own. --help, demo-data, prepare and report import nothing
-# heavy; predict and retrain torch and transformers, but no Ray and no Optuna; search all of it.
+# command are those of the commands before it and its own. --help, demo-data, prepare, report and a search refused
+# for its --name import nothing heavy; predict and retrain torch and transformers, but no Ray and no Optuna; search
+# all of it.
 COMMAND_IMPORTS = [
     (["--help"], set()),
     (["demo-data", "{tmp}/demo", "--num-images", "20"], set()),
     (["prepare", "--data-dir", "{tmp}/none"], set()),
     (["report", "{tmp}/none"], set()),
+    (["search", "lora", "--name", "../elsewhere"], set()),  # a name is refused before anything is imported
     (["predict", "--model", "{tmp}/none", "--images", "{tmp}"], {"torch", "transformers"}),
     (["retrain", "--from", "{tmp}/none"], {"torch", "transformers"}),
     (["search", "lora", "--num-samples", "0"], {"torch", "transformers", "ray", "optuna"}),

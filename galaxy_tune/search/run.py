@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -43,7 +42,6 @@ from ..data.tasks import Task, get_task
 from .trainable import train_trial
 from ..train import DEVICES, METHODS, TrainConfig
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # one folder name inside --results-dir
 TABLE_PARAMETERS = 5  # searched parameters shown in the console table
 
 
@@ -75,7 +73,7 @@ class SearchOptions:
     def __post_init__(self):
         if not self.name:
             object.__setattr__(self, "name", f"search-{self.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-        check_name(self.name)
+        layout.check_name(self.name)
         for flag, value, low in (("--num-samples", self.num_samples, 1), ("--max-epochs", self.max_epochs, 1),
                                  ("--max-concurrent", self.max_concurrent, 1), ("--max-failures", self.max_failures, 0),
                                  ("--checkpoint-every", self.checkpoint_every_s, 0)):
@@ -97,13 +95,6 @@ class SearchOptions:
         for flag, value, known in (("--sampler", self.sampler, SAMPLERS), ("--scheduler", self.scheduler, SCHEDULERS)):
             if value not in known:
                 raise GalaxyTuneError(f"{flag} {value!r} is unknown: choose one of {', '.join(known)}")
-
-
-def check_name(name: str) -> None:
-    """Refuse an experiment name that is not one folder name of safe characters (it could write elsewhere)."""
-    if not NAME.fullmatch(name):
-        raise GalaxyTuneError(f"--name {name!r} is not allowed: a name is one folder name inside --results-dir, "
-                              "of letters, digits and . _ + - (first a letter or digit, at most 100), e.g. lora-1")
 
 
 def run_search(options: SearchOptions) -> Path:
