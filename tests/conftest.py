@@ -20,8 +20,9 @@ from galaxy_tune.data.demo import write_demo_data
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGE_SIZE_PX, CROP_PX = 32, 256
-# A search of the tiny ResNet on the demo data at 32 px, 2 epochs at most.
-SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
+# A search of the tiny ResNet on the demo data at 32 px; SEARCH: of 2 epochs at most.
+TINY_SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny"]
+SEARCH = [*TINY_SEARCH, "--max-epochs", "2"]
 
 
 def jpeg_claiming(side: int) -> bytes:

@@ -109,6 +109,7 @@ def test_search_figures_of_a_finished_experiment_folder(tmp_path):
     assert figures["events"] == [(1002, 1, 0.5), (1003, 1, 0.8), (1004, 2, 0.6)]  # all trials, in time order
     # No pid in these reports. Surely running: a from 1000.5 to 1004 s, b from 1001 to 1003 s: both at once.
     assert figures["processes"] == 0 and figures["most_trials_at_once"] == 2 and figures["errored_trials"] is None
+    assert figures["devices"] == []  # nor a device
     assert epochs_to_reach(best_so_far([e[2] for e in figures["events"]]), 0.8) == 2
 
     saved = saved_and_read_back(figures, tmp_path / "search.json")

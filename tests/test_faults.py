@@ -12,14 +12,13 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from conftest import CROP_PX, IMAGE_SIZE_PX
+from conftest import CROP_PX, IMAGE_SIZE_PX, TINY_SEARCH
 from galaxy_tune.cli import main
 from galaxy_tune.search.trainable import train_trial
 from galaxy_tune.train import TrainConfig
 
 SAMPLES = 16  # far more than finish before the first does: the kill lands mid-search, after Ray saved its state
 INTERRUPTED_SAMPLES = 8  # Ctrl+C lands as soon as one trial has finished
-TINY_SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny"]
 A_BIGGER_MACHINE = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16, "GPU": 1})}  # what a Ray started here would see
 
 

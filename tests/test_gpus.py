@@ -15,13 +15,12 @@ import pytest
 import torch
 from torch.cuda._utils import _get_device_index
 
-from conftest import CROP_PX, IMAGE_SIZE_PX, RAY, free_port, shell_environment, start_node, stop_nodes
+from conftest import RAY, TINY_SEARCH, free_port, shell_environment, start_node, stop_nodes
 from galaxy_tune.cli import main
 
 pytestmark = pytest.mark.skipif(RAY is None, reason="the ray CLI is not installed")
 GPU_IDS = ("98", "99")
 CPUS = 4
-TINY_SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny"]
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ import pytest
 from optuna.trial import TrialState
 from ray import tune
 
-from conftest import CROP_PX, IMAGE_SIZE_PX
+from conftest import SEARCH
 from galaxy_tune.search import monitor
 from galaxy_tune.cli import main
 from galaxy_tune.search.space import default_space_path, load_space
 from galaxy_tune.data.tasks import get_task
 
-SEARCH = ["--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "tiny", "--max-epochs", "2"]
 search = importlib.import_module("galaxy_tune.search.run")  # the module (galaxy_tune.search is the API call)
 TASK = get_task("seed-top2")
 LORA = load_space(default_space_path("lora"), {"method": "lora", "seed": 0, "augment": True, "epochs": 2})

@@ -16,7 +16,7 @@ from ray import tune
 from PIL import Image
 from transformers import AutoImageProcessor, ResNetForImageClassification
 
-from conftest import CROP_PX, IMAGE_SIZE_PX, SEARCH
+from conftest import IMAGE_SIZE_PX, SEARCH
 from galaxy_tune.cli import main
 from galaxy_tune.data.prepare import load_prepared
 from galaxy_tune.data.loader import open_split

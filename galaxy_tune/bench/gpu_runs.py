@@ -100,7 +100,7 @@ def check_search(plan: dict, data_dir: Path, folder: Path, done: dict, dry_run: 
     figures = search_figures(experiment, at_once)
     processes, most_at_once = figures["processes"], figures["most_trials_at_once"]
     errored, stopped = figures["errored_trials"], figures["stopped_trials"]
-    devices = sorted({r["device"] for trial in experiment.glob("trial_*") for r in layout.trial_reports(trial)})
+    devices = figures["devices"]
     share = f"{plan['gpus_per_trial']:g} GPU" if plan["gpus_per_trial"] else f"{cpus:g} CPU, no GPU"
     return {"trials": figures["trials"], "processes": processes, "most_trials_at_once": most_at_once,
             "errored_trials": errored, "stopped_trials": stopped, "devices": devices,

@@ -168,12 +168,13 @@ def print_summary(figures: dict) -> None:
 
 def search_figures(experiment: Path, concurrency: int) -> dict:
     """Epochs, best accuracy, overheads and concurrency of one finished search, plus its per-epoch events in time
-    order. `processes` counts the worker processes (pids) that reported; `most_trials_at_once`, the trials that
-    surely ran at the same time: Ray's timestamps are whole seconds (rounded down), so a trial counts from the
-    latest its first report allows (timestamp + 1 s - time_total_s) to the earliest its last one does."""
+    order. `processes` counts the worker processes (pids) that reported, `devices` the devices they trained on;
+    `most_trials_at_once`, the trials that surely ran at the same time: Ray's timestamps are whole seconds (rounded
+    down), so a trial counts from the latest its first report allows (timestamp + 1 s - time_total_s) to the
+    earliest its last one does."""
     trials = pd.read_csv(experiment / layout.TRIALS)
     wall_seconds = json.loads((experiment / layout.BEST).read_text())["wall_seconds"]
-    events, in_trial, trial_starts, spans, pids = [], [], [], [], set()
+    events, in_trial, trial_starts, spans, pids, devices = [], [], [], [], set(), set()
     for path, train_seconds in zip(trials["path"], trials["train_seconds"]):
         results = layout.trial_reports(Path(path))
         events += [(r["timestamp"], r["epoch"], r["val_accuracy"]) for r in results]
@@ -182,6 +183,7 @@ def search_figures(experiment: Path, concurrency: int) -> dict:
             trial_starts.append(results[0]["timestamp"] - results[0]["time_total_s"])
             spans.append((results[0]["timestamp"] + 1 - results[0]["time_total_s"], results[-1]["timestamp"]))
             pids |= {r["pid"] for r in results if "pid" in r}
+            devices |= {r["device"] for r in results if "device" in r}
     # search.json is written just before the tuner starts; Ray's timestamps are whole seconds.
     tuner_start = (experiment / layout.SEARCH_OPTIONS).stat().st_mtime
     train_total = float(trials["train_seconds"].sum())
@@ -192,7 +194,7 @@ def search_figures(experiment: Path, concurrency: int) -> dict:
         "overhead_share": 1 - train_total / (wall_seconds * concurrency),
         "in_trial_overhead_seconds": float(np.mean(in_trial)) if in_trial else 0.0,
         "first_trial_start_seconds": min(trial_starts) - tuner_start if trial_starts else None,
-        "processes": len(pids), "most_trials_at_once": most_at_once(spans),
+        "processes": len(pids), "devices": sorted(devices), "most_trials_at_once": most_at_once(spans),
         "errored_trials": int((trials["status"] == "ERROR").sum()) if "status" in trials else None,
         "stopped_trials": int((trials["status"] == "STOPPED").sum()) if "status" in trials else None,
         "experiment": str(experiment), "tuner_start": tuner_start, "events": sorted(events, key=lambda e: (e[0], e[1])),
