@@ -72,19 +72,30 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
            model: str | None = None,
            cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, device: str | None = None,
            max_concurrent: int | None = None, address: str | None = None, seed: int | None = None,
-           max_failures: int | None = None, checkpoint_every_s: float | None = None, resume: bool = False,
+           max_failures: int | None = None, checkpoint_every_s: float | None = None, resume: bool | str = False,
            augment: bool = True, sampler: str | None = None, scheduler: str | None = None) -> Path:
-    """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder."""
+    """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder.
+
+    `resume="auto"` starts the search `name` when it does not exist yet, and continues it when it does, once the
+    settings given here are found equal to the ones it started with.
+    """
     if name is not None:
         layout.check_name(name)  # before anything is made or imported, the demo data included
+    auto = resume == "auto"
+    if resume and not name:
+        raise GalaxyTuneError(f"--resume{' auto' if auto else ''} needs the --name of the search to continue")
     from .report import write_search_report
-    from .search.run import SearchOptions, run_search
+    from .search.options import SearchOptions, check_unchanged, saved_options
+    from .search.run import run_search
 
-    if resume:
-        if not name:
-            raise GalaxyTuneError("--resume needs the --name of the search to continue")
-        # Everything else comes from the experiment's search.json.
-        options = SearchOptions(method, DataConfig(Path()), results_dir=Path(results_dir), name=name, resume=True)
+    experiment = Path(results_dir).resolve() / name if name else None
+    if auto and not (experiment / layout.SEARCH_OPTIONS).is_file() and experiment.exists():
+        raise GalaxyTuneError(f"--resume auto: {experiment} holds no {layout.SEARCH_OPTIONS}: a search is starting "
+                              "there, or one was stopped before it began; remove the folder once no search runs there")
+    if resume and not auto:
+        # Everything else comes from the experiment's search.json; --address may name the cluster's new head.
+        options = SearchOptions(method, DataConfig(Path()), results_dir=Path(results_dir), name=name, resume=True,
+                                address=address)
     else:
         demo = {"num_samples": DEMO["num_samples"], "max_epochs": DEMO["max_epochs"]} if data_dir is None else {}
         config = data_config(data_dir, results_dir, task=task, min_vote=min_vote, image_size_px=image_size_px,
@@ -94,6 +105,10 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, device=device, max_concurrent=max_concurrent,
             address=address, max_failures=max_failures, checkpoint_every_s=checkpoint_every_s, sampler=sampler,
             scheduler=scheduler)})
+        if auto and experiment.exists():
+            check_unchanged(options, saved_options(experiment), experiment)
+            print(f"--resume auto: {experiment} exists, with these settings: continuing it")
+            options = dataclasses.replace(options, resume=True)
     experiment = run_search(options)
     print(f"search results in {experiment}; report: {write_search_report(experiment)}")
     return experiment
@@ -105,9 +120,18 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Pa
             task: str | None = None, min_vote: float | None = None, skip_bad: bool = False, workers: int | None = None,
             seed: int | None = None,
             model: str | None = None, device: str | None = None, augment: bool = True,
-            top_k: int | None = None) -> Path:
+            top_k: int | None = None, name: str | None = None, resume: bool | str = False) -> Path:
     """Retrain the `top_k` best configs of each method's search with `seeds` seeds, test direct / full / LoRA;
-    returns the retrain folder."""
+    returns the retrain folder, `results_dir/name` (default: retrain-<time>).
+
+    `resume` continues the stopped retrain `name`, skipping its finished runs; `resume="auto"` starts it when it
+    does not exist yet. Either way the settings given here must make the plan it started with.
+    """
+    if name is not None:
+        layout.check_name(name)
+    if resume and not name:
+        raise GalaxyTuneError(f"--resume{' auto' if resume == 'auto' else ''} needs the --name of the retrain to "
+                              "continue")
     from .models.backbone import load_backbone
     from .report import write_retrain_report
     from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
@@ -148,9 +172,10 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Pa
     on_demo_data = Path(data_summary(prepared)["data_dir"]) == (Path(results_dir) / DEMO_FOLDER).resolve()
     # Demo-sized: 2 seeds, and the reference recipes' 7-10 epochs capped at the demo search's budget.
     demo = {"seeds": DEMO["seeds"], "max_epochs": DEMO["max_epochs"], "top_k": DEMO["top_k"]} if on_demo_data else {}
-    out = Path(results_dir) / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_retrain(prepared, model_name, used, out, methods=methods, augment=augment,
-                device=device, **{**demo, **given(seeds=seeds, max_epochs=max_epochs, top_k=top_k)})
+    out = Path(results_dir) / (name or f"retrain-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_retrain(prepared, model_name, used, out, methods=methods, augment=augment, device=device,
+                resume=bool(resume) and (resume != "auto" or out.exists()),
+                **{**demo, **given(seeds=seeds, max_epochs=max_epochs, top_k=top_k)})
     report = write_retrain_report(out)
     print()
     print(report.read_text())

@@ -8,17 +8,22 @@ docs/reference/cli.md is rendered from it.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import GalaxyTuneError
+from .errors import STOPPED_EXIT_CODE, GalaxyTuneError, Stopped
 
 DEFAULT_RESULTS = Path("results")
 INTERRUPTED = {  # what Ctrl-C leaves, per command
     "prepare": "prepare stopped; nothing half-written is kept: run it again",
-    "search": "finished trials are kept; continue with `search ... --resume --name NAME`",
-    "retrain": "retrain stopped; it does not resume: run it again",
+    "search": "finished trials are kept; continue with the same command and `--resume auto`, or "
+              "`search METHOD --resume --name NAME`",
+    "retrain": "finished runs are kept; continue with the same command and `--resume auto` (with --name)",
 }
+STOPPABLE = ("search", "retrain")  # SIGTERM and SIGUSR1 stop them as Ctrl-C does, exit code 75
 TASK_NAMES = ("seed-top2", "smooth-featured", "kaggle-votes")  # tasks.TASKS, without importing pandas for --help
 # search.strategy.SAMPLERS and SCHEDULERS, without importing Ray for --help (tests/test_cli.py checks they agree)
 SAMPLER_NAMES = ("tpe", "tpe-independent", "random")
@@ -35,7 +40,10 @@ workflow (without --data-dir, every command uses the built-in demo data):
   python -m galaxy_tune predict --model results/retrain-TIME/lora-seed0/hf --images galaxy-zoo/images_test_rev1
   python -m galaxy_tune report                         # rebuild every report from disk
 
-Each command's options: python -m galaxy_tune COMMAND --help"""
+Each command's options: python -m galaxy_tune COMMAND --help
+
+exit codes: 0 done; 2 bad input (one line names it and the fix); 75 search or retrain stopped by Ctrl-C, SIGTERM or
+SIGUSR1, its finished work kept: the same command with --resume auto continues it; 130 Ctrl-C in another command"""
 
 
 def cmd_demo_data(args) -> None:
@@ -80,7 +88,8 @@ def cmd_retrain(args) -> None:
     api.retrain(args.results_dir, from_experiments=args.from_experiments, methods=args.methods, seeds=args.seeds,
                 max_epochs=args.max_epochs, data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop,
                 task=args.task, min_vote=args.min_vote, skip_bad=args.skip_bad, workers=args.workers, seed=args.seed,
-                model=args.model, device=args.device, top_k=args.top_k, augment=not args.no_augment)
+                model=args.model, device=args.device, top_k=args.top_k, augment=not args.no_augment, name=args.name,
+                resume=args.resume)
 
 
 def cmd_predict(args) -> None:
@@ -225,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: tpe)")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="what stops weak trials: asha, hyperband "
                    "(asynchronous, 3 brackets) or fifo (none: every trial runs --max-epochs) (default: asha)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                   help="continue the stopped search --name; `--resume auto`: start it if --name does not exist "
+                   "yet, else continue it after checking that this command's settings are the ones it started with "
+                   "(one command for a first start and a requeue) (default: a new search; an existing --name is "
+                   "refused)")
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     p.set_defaults(run=cmd_search)
 
@@ -243,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="backbone (default: the searches', else microsoft/resnet-50)")
     device_flag(p, "to train and test")
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
+    p.add_argument("--name", help="the retrain's folder inside --results-dir, of letters, digits and . _ + - "
+                   "(default: retrain-<time>)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"], help="continue the stopped "
+                   "retrain --name, skipping its finished runs; `--resume auto`: start it if --name does not exist "
+                   "yet; either way this command's settings must be the ones it started with (default: a new "
+                   "retrain; an existing --name is refused)")
     p.set_defaults(run=cmd_retrain)
 
     p = commands.add_parser("predict", help="classify a folder of galaxy JPEGs with a retrained model (a "
@@ -376,7 +395,11 @@ def add_bench_parser(commands) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with stop_signals(args.command in STOPPABLE):
+            args.run(args)
+    except Stopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     except GalaxyTuneError as err:
         if args.debug:
             raise
@@ -384,5 +407,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: {INTERRUPTED.get(args.command, f'{args.command} stopped')}", file=sys.stderr)
-        return 130
+        return STOPPED_EXIT_CODE if args.command in STOPPABLE else 130
     return 0
+
+
+@contextmanager
+def stop_signals(active: bool):
+    """SIGTERM and SIGUSR1, what Slurm and Kubernetes send before they kill a job, stop the command as Ctrl-C does.
+
+    Inside Ray Tune's loop that is Ray's own stop, the handler Ray puts on SIGUSR1 for its run: the loop ends,
+    the experiment state is saved, and every trial keeps its last checkpoint. Elsewhere it is a KeyboardInterrupt.
+    A second signal is a KeyboardInterrupt at once. The caller's handlers are back afterwards.
+    """
+    names = [name for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        ray_stop = signal.getsignal(signal.SIGUSR1)  # Ray Tune's while its run lasts, else this function
+        if len(received) > 1 or not callable(ray_stop) or ray_stop is stop:
+            raise KeyboardInterrupt
+        print(f"{signal.Signals(signum).name}: stopping the search as Ctrl-C does; send it again to stop at once",
+              file=sys.stderr)
+        ray_stop(signum, frame)
+
+    kept = {name: signal.signal(getattr(signal, name), stop) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in kept.items():
+            signal.signal(getattr(signal, name), handler)

@@ -21,7 +21,9 @@ SEARCH_OPTIONS = "search.json"  # what the search was asked to do (read back by 
 TRIALS = "trials.csv"  # one row per trial
 BEST = "best.json"  # the best trial's config and provenance
 STUDY = "optuna.db"  # the search as an Optuna study, for optuna-dashboard
-# A retrain, results/retrain-<time>/
+# A retrain, results/retrain-<time>/ (or results/<name>/)
+RETRAIN_PLAN = "plan.json"  # what the retrain was asked to do, written first (checked by --resume)
+RETRAIN_RUNS = "runs"  # <method>-seed<S>.json and .csv: each finished run's test_results row and predictions
 RETRAIN = "retrain.json"  # what was retrained, on which data
 TEST_RESULTS = "test_results.csv"  # one row per (method, seed)
 TEST_PREDICTIONS = "test_predictions.csv"  # one row per (method, seed, test galaxy)

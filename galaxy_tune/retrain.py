@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 from . import layout
 from .models.calibration import fit_temperature, nll, probabilities
 from .data.prepare import Prepared, data_summary, read_consensus
-from .errors import GalaxyTuneError
+from .errors import GalaxyTuneError, Stopped
 from .models.export import save_exported
 from .data.loader import open_splits
 from .models.backbone import build_model, count_parameters, describe_weights
@@ -143,57 +143,54 @@ def select_configs(results: pd.DataFrame, task: Task) -> pd.Series:
 
 def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path], out_dir: Path,
                 methods: list[str] | tuple[str, ...] = ALL_METHODS, seeds: int = SEEDS, max_epochs: int | None = None,
-                device: str | None = None, augment: bool = True, top_k: int = TOP_K) -> pd.DataFrame:
+                device: str | None = None, augment: bool = True, top_k: int = TOP_K,
+                resume: bool = False) -> pd.DataFrame:
     """Retrain and test every method's top configs with `seeds` seeds; writes test_results.csv (one row per
     method, config rank and seed, `selected` marking each method's val-chosen config), test_predictions.csv (per
     test image: label, logits, probability of class 1 without and with TTA, vote consensus; for kaggle-votes the
-    squared errors and the 37 predicted fractions) and the models."""
+    squared errors and the 37 predicted fractions) and the models.
+
+    Each finished run (a method's config and a seed) is kept in `runs/` as it ends. With `resume`, `out_dir` is
+    a stopped retrain of the same plan (refused otherwise), and its finished runs are read back, not run again.
+    """
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
         raise GalaxyTuneError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(ALL_METHODS)}")
     if seeds < 1 or top_k < 1:
         raise GalaxyTuneError(f"--seeds {seeds} and --top-k {top_k} must be at least 1")
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device)
     task = get_task(prepared.task)
-    splits = dict(zip(("train", "val", "test"), open_splits(prepared, "train", "val", "test")))
     plans = recipes(experiments, methods, max_epochs, task, top_k)
+    plan = {"methods": list(methods), "seeds": seeds, "top_k": top_k, "model": model_name,
+            "prepared": str(prepared.folder), "augment": augment,
+            "recipes": {r.folder: {"source": r.source, "config": r.config.to_dict()} for r in plans}}
+    claim_retrain(out_dir, plan, resume)
+    splits = dict(zip(("train", "val", "test"), open_splits(prepared, "train", "val", "test")))
     notes = top_k_shortfalls(plans, experiments, top_k)
     for note in notes:
         print(note)
     head_bias = task.head_bias(splits["train"].labels)  # kaggle-votes: fresh heads start at the prior
+    runs = out_dir / layout.RETRAIN_RUNS
+    runs.mkdir(exist_ok=True)
+    direct = [Recipe("direct", None, "no training", None)] if "direct" in methods else []
+    order = [(seed, recipe) for seed in range(seeds) for recipe in direct + plans]
+    kept = {path.stem for path in runs.glob("*.json")}
+    if kept:
+        print(f"{len(kept)} of {len(order)} runs finished before: kept from {runs}")
     tested = []
-    progress = tqdm(total=seeds * sum(r.config.epochs for r in plans), desc="retrain", unit="epoch")
+    epochs = sum(r.config.epochs for seed, r in order if r.config and f"{r.folder}-seed{seed}" not in kept)
+    progress = tqdm(total=epochs, desc="retrain", unit="epoch")
     hf_logging.disable_progress_bar()  # one bar: the models' "Writing model shards" would break ours
-    for seed in range(seeds):
-        if "direct" in methods:
-            model = place(build_model(model_name, num_labels=len(prepared.class_names), seed=seed,
-                                      head_bias=head_bias), device)
-            tested.append(test_model(Recipe("direct", None, "no training", None), seed, model, splits, device,
-                                     model_name, task, train_seconds=0.0, images_seen=0))
-        for recipe in plans:
-            config = dataclasses.replace(recipe.config, seed=seed, augment=augment and recipe.config.augment)
-            model = make_model(config, model_name, num_labels=len(prepared.class_names), head_bias=head_bias)
-            best: dict = {}
-
-            def keep_best(metrics: dict, state) -> None:
-                value = metrics[task.val_metric]
-                progress.update()
-                progress.set_postfix_str(f"{recipe.folder} seed {seed} epoch {metrics['epoch']}/{config.epochs} "
-                                         f"{task.metric_label} {value:.3f}")
-                if not best or task.better(value, best["value"]):
-                    best.update(value=value, epoch=metrics["epoch"], state=state(with_optimizer=False))
-
-            started = time.perf_counter()
-            history = fit(model, config, splits["train"], splits["val"], device, on_epoch=keep_best)
-            seconds = time.perf_counter() - started
-            load_trainable_state(model, config, best["state"]["model"])
-            predictions, row = test_model(dataclasses.replace(recipe, config=config), seed, model, splits, device,
-                                          model_name, task, train_seconds=seconds,
-                                          images_seen=history[-1]["images_seen"], best_epoch=best["epoch"])
-            tested.append((predictions, row))
-            save_exported(model, config.to_dict(), recipe.method, prepared, out_dir / f"{recipe.folder}-seed{seed}",
-                          temperature=row["temperature"])
+    try:
+        for seed, recipe in order:
+            run = f"{recipe.folder}-seed{seed}"
+            if run not in kept:
+                write_run(runs / run, *retrain_one(recipe, seed, prepared, model_name, splits, device, task,
+                                                   head_bias, augment, out_dir / run, progress))
+            tested.append(read_run(runs / run))
+    except KeyboardInterrupt:
+        raise Stopped(f"the retrain stopped after {len(tested)} of {len(order)} runs, kept in {runs}: continue it "
+                      f"with the same command and `--name {out_dir.name} --resume auto`") from None
     progress.close()
     results = pd.DataFrame([row for _, row in tested])
     results["selected"] = select_configs(results, task)
@@ -214,6 +211,70 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
         f"baseline_test_{task.metric}": baseline, **({} if task.regression else {"majority_share": baseline}),
         "versions": library_versions()}, indent=2))
     return results
+
+
+def claim_retrain(out_dir: Path, plan: dict, resume: bool) -> None:
+    """Make the retrain's folder and write its plan, or (resume) check that the stopped retrain there had this plan."""
+    saved = out_dir / layout.RETRAIN_PLAN
+    if not resume:
+        try:
+            out_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise GalaxyTuneError(f"{out_dir} exists: choose another --name, or add --resume auto to continue the "
+                                  "retrain there") from None
+        layout.write_atomically(saved, json.dumps(plan, indent=2))
+        return
+    if not saved.is_file():
+        raise GalaxyTuneError(f"no retrain to resume at {out_dir} (it has no {layout.RETRAIN_PLAN}): check --name and "
+                              "--results-dir")
+    before = json.loads(saved.read_text())
+    for key, value in plan.items():
+        if before.get(key) != value:
+            what = {"recipes": "the configs retrained (a search has changed since: pass --from)",
+                    "prepared": "the data (--data-dir and its settings)", "augment": "--no-augment"}.get(
+                key, f"--{key.replace('_', '-')}")
+            raise GalaxyTuneError(f"{out_dir} was started with other {what}: {before.get(key)} then, {value} now: "
+                                  "run the command that started it, or choose another --name")
+
+
+def retrain_one(recipe: Recipe, seed: int, prepared: Prepared, model_name: str, splits: dict, device, task: Task,
+                head_bias, augment: bool, folder: Path, progress: tqdm) -> tuple[pd.DataFrame, dict]:
+    """One run: train the recipe with this seed (none for direct), keep its best-val epoch, export it, test it."""
+    if recipe.config is None:
+        model = place(build_model(model_name, num_labels=len(prepared.class_names), seed=seed, head_bias=head_bias),
+                      device)
+        return test_model(recipe, seed, model, splits, device, model_name, task, train_seconds=0.0, images_seen=0)
+    config = dataclasses.replace(recipe.config, seed=seed, augment=augment and recipe.config.augment)
+    model = make_model(config, model_name, num_labels=len(prepared.class_names), head_bias=head_bias)
+    best: dict = {}
+
+    def keep_best(metrics: dict, state) -> None:
+        value = metrics[task.val_metric]
+        progress.update()
+        progress.set_postfix_str(f"{recipe.folder} seed {seed} epoch {metrics['epoch']}/{config.epochs} "
+                                 f"{task.metric_label} {value:.3f}")
+        if not best or task.better(value, best["value"]):
+            best.update(value=value, epoch=metrics["epoch"], state=state(with_optimizer=False))
+
+    started = time.perf_counter()
+    history = fit(model, config, splits["train"], splits["val"], device, on_epoch=keep_best)
+    seconds = time.perf_counter() - started
+    load_trainable_state(model, config, best["state"]["model"])
+    predictions, row = test_model(dataclasses.replace(recipe, config=config), seed, model, splits, device,
+                                  model_name, task, train_seconds=seconds, images_seen=history[-1]["images_seen"],
+                                  best_epoch=best["epoch"])
+    save_exported(model, config.to_dict(), recipe.method, prepared, folder, temperature=row["temperature"])
+    return predictions, row
+
+
+def write_run(path: Path, predictions: pd.DataFrame, row: dict) -> None:
+    """Keep a finished run: its predictions, then its test_results row, whose file marks the run finished."""
+    predictions.to_csv(path.with_suffix(".csv"), index=False)
+    layout.write_atomically(path.with_suffix(".json"), json.dumps(row, indent=2, default=lambda v: v.item()))
+
+
+def read_run(path: Path) -> tuple[pd.DataFrame, dict]:
+    return pd.read_csv(path.with_suffix(".csv")), json.loads(path.with_suffix(".json").read_text())
 
 
 def consensus_of(data_dir: Path, task: str) -> pd.DataFrame:

@@ -172,7 +172,7 @@ def test_an_experiment_saved_before_the_modules_moved_is_refused_in_one_line(tmp
 @pytest.mark.parametrize("early_stopping, scheduler", [(True, "asha"), (False, "fifo")])
 def test_a_search_json_from_before_the_scheduler_option_resumes_with_its_scheduler(tmp_path, early_stopping,
                                                                                    scheduler):
-    from galaxy_tune.search.run import saved_options
+    from galaxy_tune.search.options import saved_options
 
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "search.json").write_text(json.dumps(

@@ -1,10 +1,13 @@
-"""Faults: a crashing trial resumes from its checkpoint, a killed or interrupted search resumes."""
+"""Faults: a crashing trial resumes from its checkpoint; a killed search resumes; a search stopped by a signal
+continues when the same command runs again."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -14,11 +17,12 @@ from ray import tune
 
 from conftest import CROP_PX, IMAGE_SIZE_PX, TINY_SEARCH
 from galaxy_tune.cli import main
+from galaxy_tune.search.run import RAY_STATE
 from galaxy_tune.search.trainable import train_trial
 from galaxy_tune.train import TrainConfig
 
 SAMPLES = 16  # far more than finish before the first does: the kill lands mid-search, after Ray saved its state
-INTERRUPTED_SAMPLES = 8  # Ctrl+C lands as soon as one trial has finished
+STOPPED_SAMPLES = 12  # stopped three times, each once one more trial has finished
 A_BIGGER_MACHINE = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16, "GPU": 1})}  # what a Ray started here would see
 
 
@@ -59,16 +63,21 @@ def test_a_trial_that_crashes_in_epoch_2_resumes_from_its_latest_checkpoint(prep
         assert history[column].tolist() == pytest.approx(expected[column].tolist(), rel=1e-5)
 
 
+def start_search_args(demo_dir, results_dir, name: str, samples: int) -> list[str]:
+    return ["--data-dir", str(demo_dir), "--results-dir", str(results_dir), "--name", name, "--num-samples",
+            str(samples), "--max-epochs", "3", *TINY_SEARCH]
+
+
 def start_search(ray_local, method: str, name: str, demo_dir, results_dir, samples: int = SAMPLES,
-                 ray_env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+                 ray_env: dict[str, str] | None = None, resume_auto: bool = False, **popen) -> subprocess.Popen:
     """`search` as a user starts it, in its own process group, joining the test's Ray.
 
     Its own Ray would see this machine's CPUs and GPUs; the test's has 2 CPUs and no GPU on any machine. The
     driver is told it runs on a 16-core machine with a GPU, which must change nothing.
     """
-    argv = [sys.executable, "-m", "galaxy_tune", "search", method, "--data-dir", str(demo_dir), "--results-dir",
-            str(results_dir), "--name", name, "--num-samples", str(samples), "--max-epochs", "3", *TINY_SEARCH,
-            "--address", ray_local.get_runtime_context().gcs_address]
+    argv = [sys.executable, "-m", "galaxy_tune", "search", method,
+            *start_search_args(demo_dir, results_dir, name, samples),
+            "--address", ray_local.get_runtime_context().gcs_address, *(["--resume", "auto"] if resume_auto else [])]
     return subprocess.Popen(argv, start_new_session=True, env={**os.environ, **A_BIGGER_MACHINE, **(ray_env or {})},
                             **popen)
 
@@ -126,6 +135,10 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
         ended = completed_with_every_epoch(experiment)
         wait_for(lambda: any(state.stat().st_mtime > recorded for state in experiment.glob("experiment_state-*.json")),
                  120, "an experiment state saved after that", driver)
+        # Between two of Ray's copies of its state into the folder: a kill during one cuts a file short, which
+        # --resume refuses (the test below).
+        wait_for(lambda: time.time() - max(p.stat().st_mtime for pattern in RAY_STATE for p in experiment.glob(pattern))
+                 > 0.3, 60, "a moment without a state copy", driver)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # as a crash would: Ray ends the dead driver's trials
         driver.wait()
@@ -164,30 +177,91 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
                       for t, s, n in zip(trials["trial_id"], trials["status"], trials["epochs"])}
 
 
-def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(ray_local, demo_dir, tmp_path):
-    experiment = tmp_path / "stopped"
-    driver = start_search(ray_local, "full", "stopped", demo_dir, tmp_path, INTERRUPTED_SAMPLES,
+def reports(experiment, trial: str) -> list[str]:
+    """A trial's result.json, a line per report: a trial that restarted without a checkpoint has more than epochs."""
+    return (experiment / f"trial_{trial}" / "result.json").read_text().splitlines()
+
+
+def stop_once_more_finished(experiment, signum: int) -> threading.Thread:
+    """A thread that sends this process `signum` once the live trials.csv has one more finished trial."""
+    def finished() -> int:
+        table = experiment / "trials.csv"
+        return int((pd.read_csv(table)["status"] != "UNFINISHED").sum()) if table.is_file() else 0
+
+    def stop():
+        before, deadline = finished(), time.time() + 240
+        while finished() <= before and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signum)
+
+    thread = threading.Thread(target=stop, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_requeued_search_stopped_by_sigterm_sigusr1_and_ctrl_c_completes_with_nothing_lost_or_repeated(
+        ray_local, demo_dir, tmp_path, capsys):
+    """What a Slurm job with --requeue does: the same command, `--resume auto`, stopped by a signal, then run again."""
+    experiment = tmp_path / "requeued"
+    driver = start_search(ray_local, "full", "requeued", demo_dir, tmp_path, STOPPED_SAMPLES, resume_auto=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # The live trials.csv is rewritten once Ray has recorded a trial's end (its checkpoint, written with the
-        # last report, can appear before that: Ctrl+C in between leaves that trial unfinished).
+        # last report, can appear before that: a stop in between leaves that trial unfinished).
         wait_for(lambda: "COMPLETED" in live_statuses(experiment), 240, "a completed trial in the live trials.csv",
                  driver)
-        driver.send_signal(signal.SIGINT)
+        driver.send_signal(signal.SIGTERM)  # what Slurm sends at preemption or the time limit
         _, err = driver.communicate(timeout=120)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    assert driver.returncode == 2
-    assert "interrupted" in err and "--resume --name stopped" in err
-    trials = pd.read_csv(experiment / "trials.csv")
-    assert (trials["status"] == "COMPLETED").any()
+    assert driver.returncode == 75, err
+    assert "SIGTERM: stopping the search" in err and "the same command and --resume auto" in err
     best = json.loads((experiment / "best.json").read_text())  # the best so far, of a search not ended
     assert best["running"] is False and best["complete"] is False
-    assert main(["search", "full", "--resume", "--name", "stopped", "--results-dir", str(tmp_path)]) == 0
-    assert len(pd.read_csv(experiment / "trials.csv")) == INTERRUPTED_SAMPLES
+    kept = {}  # trial -> (epochs, its reports), of each trial finished when a run of the command stopped
+    for signum in (signal.SIGUSR1, signal.SIGINT, None):  # run again in this process, as the requeued job would
+        trials = pd.read_csv(experiment / "trials.csv")
+        finished = trials[trials["status"] != "UNFINISHED"]
+        assert len(finished) > len(kept)
+        kept |= {trial: (epochs, reports(experiment, trial)) for trial, epochs in
+                 zip(finished["trial_id"], finished["epochs"]) if trial not in kept}
+        if signum is None:
+            break
+        stopper = stop_once_more_finished(experiment, signum)
+        assert main(["search", "full", *start_search_args(demo_dir, tmp_path, "requeued", STOPPED_SAMPLES),
+                     "--resume", "auto"]) == 75
+        stopper.join()
+        assert "stopped: the search stopped after" in capsys.readouterr().err
+    # The same name with another setting is refused, naming it.
+    assert main(["search", "full", *start_search_args(demo_dir, tmp_path, "requeued", STOPPED_SAMPLES),
+                 "--max-epochs", "2", "--resume", "auto"]) == 2
+    assert "was started with --max-epochs 3, this command has 2" in capsys.readouterr().err
+    assert main(["search", "full", *start_search_args(demo_dir, tmp_path, "requeued", STOPPED_SAMPLES),
+                 "--resume", "auto"]) == 0
+    trials = pd.read_csv(experiment / "trials.csv")
+    assert len(trials) == STOPPED_SAMPLES and trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"COMPLETED", "STOPPED"}
+    after = dict(zip(trials["trial_id"], trials["epochs"]))
+    for trial, (epochs, lines) in kept.items():  # finished before a stop: kept, and not run again
+        assert after[trial] == epochs
+        assert reports(experiment, trial) == lines
+    assert json.loads((experiment / "best.json").read_text())["complete"] is True
+    study = optuna.load_study(study_name="requeued", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(trials["trial_id"])
+
+
+def test_resume_of_a_search_whose_ray_state_a_kill_cut_short_is_refused(lora_search, tmp_path, capsys):
+    experiment = shutil.copytree(lora_search, tmp_path / "cut")
+    newest = max(experiment.glob("search_gen_state-*.json"))
+    newest.write_bytes(newest.read_bytes()[:10])  # Ray would start the search over
+    assert main(["search", "lora", "--resume", "--name", "cut", "--results-dir", str(tmp_path)]) == 2
+    assert f"{newest} is cut short" in capsys.readouterr().err
+    assert len(list(experiment.glob("trial_*"))) == 3
 
 
 def test_resume_of_a_search_that_does_not_exist(tmp_path, capsys):
     assert main(["search", "lora", "--resume", "--name", "nothing", "--results-dir", str(tmp_path)]) == 2
     assert "no search to resume" in capsys.readouterr().err
+    assert main(["search", "lora", "--resume", "auto", "--results-dir", str(tmp_path)]) == 2
+    assert "--resume auto needs the --name" in capsys.readouterr().err

@@ -4,8 +4,10 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,6 +157,36 @@ def test_retrain_reports_all_three_methods_and_exports_usable_models(retrained):
     assert processor(galaxy, return_tensors="pt")["pixel_values"].shape == (1, 3, IMAGE_SIZE_PX, IMAGE_SIZE_PX)
     assert (out / "lora-seed0" / "adapters.safetensors").stat().st_size < (out / "full-seed0" / "hf" /
                                                                            "model.safetensors").stat().st_size
+
+
+def test_a_stopped_retrain_continues_without_running_its_finished_runs_again(searched, retrained, capsys):
+    argv = ["retrain", "--results-dir", str(searched), "--top-k", "2", "--name", "requeued", "--resume", "auto"]
+    runs = searched / "requeued" / "runs"
+
+    def stop_after_two_runs():
+        deadline = time.time() + 120
+        while len(list(runs.glob("*.json"))) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # what Slurm sends before it requeues the job
+
+    stopper = threading.Thread(target=stop_after_two_runs, daemon=True)
+    stopper.start()
+    assert main(argv) == 75
+    stopper.join()
+    assert "`--name requeued --resume auto`" in capsys.readouterr().err
+    kept = {path.name: path.stat().st_mtime_ns for path in runs.glob("*.json")}
+    assert 2 <= len(kept) < 12
+    assert main([*argv, "--seeds", "2"]) == 2  # the plan it started with, or nothing
+    assert "was started with other --seeds: 3 then, 2 now" in capsys.readouterr().err
+    assert main(argv) == 0
+    assert f"{len(kept)} of 12 runs finished before" in capsys.readouterr().out
+    assert {path.name: path.stat().st_mtime_ns for path in runs.glob("*.json") if path.name in kept} == kept
+    uninterrupted, resumed = (pd.read_csv(out / "test_results.csv").drop(columns="train_seconds")
+                              for out in (retrained[0], searched / "requeued"))
+    if pick_device().type == "cpu":  # training is bitwise reproducible on the CPU only
+        pd.testing.assert_frame_equal(resumed, uninterrupted)
+    else:
+        assert resumed[["method", "rank", "seed", "config"]].equals(uninterrupted[["method", "rank", "seed", "config"]])
 
 
 def test_retrain_from_an_unfinished_experiment_is_refused(tmp_path, capsys):

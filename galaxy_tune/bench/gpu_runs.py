@@ -81,7 +81,8 @@ def check_search(plan: dict, data_dir: Path, folder: Path, done: dict, dry_run: 
     import ray
 
     from ..search.cluster import start_ray
-    from ..search.run import SearchOptions, run_search
+    from ..search.options import SearchOptions
+    from ..search.run import run_search
     from .searching import search_figures
 
     trials, at_once = plan["search_trials"], plan["search_at_once"]

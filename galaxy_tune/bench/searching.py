@@ -24,7 +24,8 @@ from ..errors import GalaxyTuneError
 from ..data.loader import open_split
 from ..report.search_curves import (BENCH_FILE, best_so_far, epochs_to_reach, fmt_median_interval,
                                     plot_search_benchmark, summarize)
-from ..search.run import SearchOptions, run_search
+from ..search.options import SearchOptions
+from ..search.run import run_search
 from ..search.strategy import SAMPLERS, SCHEDULERS
 from ..train import TrainConfig, make_model
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +24,20 @@ PROBE_TIMEOUT_S = 5.0
 
 
 def start_ray(address: str | None) -> None:
-    """Join the given cluster, or start Ray locally with its dashboard on 127.0.0.1."""
+    """Join the given cluster, or start Ray locally with its dashboard on 127.0.0.1.
+
+    A SIGTERM handler of this process's own (the CLI's, which stops a search as Ctrl-C does) is kept: `ray.init`
+    replaces it with one that exits at once, and Ray's core worker with one that aborts.
+    """
+    own_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _start_ray(address)
+    finally:
+        if callable(own_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, own_sigterm)
+
+
+def _start_ray(address: str | None) -> None:
     if address and address != "auto":  # auto: the cluster `ray start` runs on this machine
         if check_cluster(address):
             # What `ray start` and a plain `ray.init()` do (token mode when RAY_AUTH_MODE is unset and a token

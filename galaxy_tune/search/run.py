@@ -17,84 +17,35 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
-from ray import tune
+from ray import cloudpickle, tune
 from ray.tune.search.optuna import OptunaSearch
 
 from .. import layout
 from .cluster import check_resources, start_ray
-from ..data.prepare import DataConfig, Prepared, data_summary, prepare, prepared_folder
-from ..errors import GalaxyTuneError
+from ..data.prepare import Prepared, data_summary, prepare, prepared_folder
+from ..errors import GalaxyTuneError, Stopped
 from ..models.backbone import describe_weights, load_backbone
+from .options import SearchOptions, saved_options
 from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from ..provenance import library_versions
 from .space import SearchSpace, default_space_path, load_space
-from .strategy import SAMPLERS, SCHEDULERS, make_sampler, make_scheduler, uses_constant_liar
+from .strategy import make_sampler, make_scheduler, uses_constant_liar
 from ..data.tasks import Task, get_task
 from .trainable import train_trial
-from ..train import DEVICES, METHODS, TrainConfig
+from ..train import METHODS, TrainConfig
 
 TABLE_PARAMETERS = 5  # searched parameters shown in the console table
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    """What `galaxy_tune search` was asked to do; the defaults of the CLI and the API are these."""
-
-    method: str
-    data: DataConfig  # its seed is the split's and the trials' training seed
-    results_dir: Path = Path("results")
-    name: str = ""  # default: search-<method>-<time>
-    space: Path | None = None  # default: search_spaces/<method>.yaml
-    num_samples: int = 20
-    max_epochs: int | None = None  # default: the space's epochs
-    model: str | None = None  # default: microsoft/resnet-50, falling back to resnet50-random offline
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None  # default: 1 when the device is cuda, or auto and the cluster has a GPU
-    device: str = "auto"  # auto, cpu (trials ask for no GPU) or cuda
-    max_concurrent: int | None = None  # default: what the resources allow
-    address: str | None = None  # join this Ray cluster instead of starting Ray
-    max_failures: int = 2
-    checkpoint_every_s: float = 60.0  # a trial checkpoints when this much time passed since its last one
-    resume: bool = False
-    sampler: str = "tpe"  # a key of strategy.SAMPLERS
-    scheduler: str = "asha"  # a key of strategy.SCHEDULERS
-    sampler_seed: int | None = None  # default: the data's seed (`bench search` varies it, keeping the split)
-    augment: bool = True  # random flips / 90-degree rotations of the training images
-
-    def __post_init__(self):
-        if not self.name:
-            object.__setattr__(self, "name", f"search-{self.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-        layout.check_name(self.name)
-        for flag, value, low in (("--num-samples", self.num_samples, 1), ("--max-epochs", self.max_epochs, 1),
-                                 ("--max-concurrent", self.max_concurrent, 1), ("--max-failures", self.max_failures, 0),
-                                 ("--checkpoint-every", self.checkpoint_every_s, 0)):
-            if value is not None and value < low:
-                raise GalaxyTuneError(f"{flag} {value:g} must be {low} or more")
-        if not self.cpus_per_trial > 0:
-            raise GalaxyTuneError(f"--cpus-per-trial {self.cpus_per_trial:g} must be more than 0 (e.g. 1, or 0.5)")
-        if self.gpus_per_trial is not None and not 0 <= self.gpus_per_trial <= 1:
-            raise GalaxyTuneError(f"--gpus-per-trial {self.gpus_per_trial:g}: a trial trains on at most one GPU "
-                                  "(no data parallelism); use 1, or a fraction such as 0.5 to share a GPU")
-        if self.device not in DEVICES:
-            raise GalaxyTuneError(f"--device {self.device!r} is unknown: choose one of {', '.join(DEVICES)}")
-        if self.device == "cpu" and self.gpus_per_trial:
-            raise GalaxyTuneError(f"--device cpu with --gpus-per-trial {self.gpus_per_trial:g}: drop one of the two")
-        if self.device == "cuda" and self.gpus_per_trial == 0:
-            raise GalaxyTuneError("--device cuda with --gpus-per-trial 0: a trial without a GPU trains on the CPU; "
-                                  "give each trial a GPU or a share of one (e.g. --gpus-per-trial 0.5), or use "
-                                  "--device cpu")
-        for flag, value, known in (("--sampler", self.sampler, SAMPLERS), ("--scheduler", self.scheduler, SCHEDULERS)):
-            if value not in known:
-                raise GalaxyTuneError(f"{flag} {value!r} is unknown: choose one of {', '.join(known)}")
 
 
 def run_search(options: SearchOptions) -> Path:
@@ -103,13 +54,30 @@ def run_search(options: SearchOptions) -> Path:
         raise GalaxyTuneError(f"unknown method {options.method!r}: choose one of {', '.join(METHODS)}")
     experiment = Path(options.results_dir).resolve() / options.name
     if options.resume:
-        method, options = options.method, saved_options(experiment)
-        if method != options.method:
-            raise GalaxyTuneError(f"{experiment} is a {options.method} search: resume it with "
-                                  f"`search {options.method} --resume --name {options.name}`")
-        return search_in(experiment, options)
+        saved = saved_options(experiment)
+        if options.method != saved.method:
+            raise GalaxyTuneError(f"{experiment} is a {saved.method} search: resume it with "
+                                  f"`search {saved.method} --resume --name {saved.name}`")
+        # The cluster's head may have moved since (a requeued job): the --address given now wins.
+        return search_in(experiment, dataclasses.replace(saved, address=options.address or saved.address))
     with claim_experiment(experiment):
         return search_in(experiment, options)
+
+
+@contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """Ray Tune's run takes SIGINT and SIGUSR1 as a stop, and leaves its handlers installed: put the caller's back."""
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in kept.items():
+            if handler is not None:  # None: set outside Python, can't be put back
+                signal.signal(getattr(signal, name), handler)
 
 
 @contextmanager
@@ -155,7 +123,8 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
         # A resumed trial re-runs the epochs after its last checkpoint and reports them again; Optuna keeps the
         # first report of a step and warns about the second, which is expected here, not a problem to look into.
         warnings.filterwarnings("ignore", "The reported value is ignored because this `step=", UserWarning)
-        grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about, task).fit()
+        with signal_handlers_kept():
+            grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about, task).fit()
     for result in grid:
         if result.error is None and result.path:
             prune_checkpoints(Path(result.path), task)
@@ -209,12 +178,14 @@ def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSp
     trials = trials_table(grid, experiment, task)
     if trials.empty:
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
-    complete = len(grid) >= options.num_samples and grid.num_terminated + grid.num_errors >= len(grid)
+    # Every trial created and ended: a stop ends the running trials too, which Ray then counts as terminated.
+    complete = len(trials) >= options.num_samples and not (trials["status"] == "UNFINISHED").any()
     best = write_tables(experiment, trials, about, run, task, running=False, complete=complete)
     if not complete:
-        raise GalaxyTuneError(f"the search was interrupted after {grid.num_terminated} finished trial(s), all "
-                              f"kept in {experiment}: continue it with `python -m galaxy_tune search "
-                              f"{options.method} --resume --name {options.name} --results-dir {experiment.parent}`")
+        finished = (trials["status"] != "UNFINISHED").sum()
+        raise Stopped(f"the search stopped after {finished} finished trial(s), all kept in {experiment}: continue it "
+                      f"with the same command and --resume auto, or `python -m galaxy_tune search {options.method} "
+                      f"--resume --name {options.name} --results-dir {experiment.parent}`")
     save_study(experiment / layout.STUDY, options.name, space, grid, task)
     if best is None:
         first = next(str(r.error).strip().splitlines()[-1] for r in grid if r.error is not None)
@@ -227,25 +198,6 @@ def about_search(options: SearchOptions, model_name: str, prepared: Prepared, ex
     """best.json's facts about the search as a whole (the best trial's own come from trials.csv)."""
     return {"method": options.method, "model": model_name, "weights": describe_weights(model_name, options.data.seed),
             "data": data_summary(prepared), "experiment": str(experiment), "versions": library_versions()}
-
-
-def saved_options(experiment: Path) -> SearchOptions:
-    """The options of an earlier search, for --resume (which needs no other flag)."""
-    saved = experiment / layout.SEARCH_OPTIONS
-    if not saved.is_file():
-        raise GalaxyTuneError(f"no search to resume at {experiment}: check --name and --results-dir")
-    values = json.loads(saved.read_text())
-    if "scheduler" not in values:  # search.json before --scheduler: ASHA, or none with early_stopping false
-        values["scheduler"] = "asha" if values.get("early_stopping", True) else "fifo"
-    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
-    # search.json of versions before options held a DataConfig kept the data settings at the top level.
-    data = values.get("data") or {k: values[k] for k in data_fields if k in values}
-    fields = {f.name for f in dataclasses.fields(SearchOptions)} - {"data"}
-    options = SearchOptions(**{k: v for k, v in values.items() if k in fields},
-                            data=DataConfig(**{**{k: v for k, v in data.items() if k in data_fields},
-                                               "data_dir": Path(data["data_dir"])}))
-    space = {"space": Path(options.space)} if options.space else {}
-    return dataclasses.replace(options, results_dir=Path(options.results_dir), **space, resume=True)
 
 
 class PruneCheckpoints(tune.Callback):
@@ -292,9 +244,13 @@ def prune_checkpoints(trial_folder: Path, task: Task) -> None:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
+RAY_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")  # the newest is read
+
+
 def restore(experiment: Path, trainable) -> tune.Tuner:
     """Ray's `Tuner.restore` of an experiment, or one line when galaxy_tune 0.1 saved it: Ray pickled that
     version's module paths (`galaxy_tune.space`, ...), which the data/, models/ and search/ packages replaced."""
+    check_ray_state(experiment)
     try:
         return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
     except ModuleNotFoundError as err:
@@ -303,6 +259,25 @@ def restore(experiment: Path, trainable) -> tune.Tuner:
         raise GalaxyTuneError(f"{experiment} was saved by galaxy_tune 0.1 (it names the module {err.name}): resume "
                               "it with galaxy_tune 0.1.0, or start a new search; its trials.csv, best.json and "
                               "optuna.db still serve `retrain --from` and `report`") from None
+
+
+def check_ray_state(experiment: Path) -> None:
+    """Refuse an experiment whose newest Ray state file was cut short. Ray saves its state in a staging folder and
+    then copies it into the experiment folder, file by file: a kill during the copy leaves a short file, and Ray's
+    restore would then start the whole search over."""
+    for pattern in RAY_STATE:
+        newest = max(experiment.glob(pattern), default=None)  # Ray reads the greatest name
+        if newest is None:
+            continue
+        try:
+            with open(newest, "rb") as saved:
+                json.load(saved) if newest.suffix == ".json" and pattern.startswith("experiment") else \
+                    cloudpickle.load(saved)
+        except Exception:
+            raise GalaxyTuneError(f"{newest} is cut short (the search was killed while Ray copied it there): Ray "
+                                  "cannot continue this search. Its finished trials stay in trials.csv and optuna.db "
+                                  "(`retrain --from` and `report` read them); start a new search with another "
+                                  "--name") from None
 
 
 def progress_table(space: SearchSpace, task: Task) -> tune.CLIReporter:

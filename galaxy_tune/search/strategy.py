@@ -14,7 +14,7 @@ from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOSche
 from ..data.tasks import Task
 
 if TYPE_CHECKING:
-    from .run import SearchOptions
+    from .options import SearchOptions
 
 SAMPLERS = {  # --sampler: what proposes each trial's config
     "tpe": "Optuna's TPE, multivariate over grouped parameters, constant liar when trials run at once",
