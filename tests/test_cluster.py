@@ -1,20 +1,27 @@
 """The README's cluster recipe, for real: a head and a worker started with the `ray start` CLI, token
 authentication as Ray defaults it, and `search --address` from a shell with no extra environment."""
 
+import contextlib
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import optuna
 import pandas as pd
 import pytest
 
 from conftest import RAY, free_port, shell_environment, start_node, stop_nodes
 from galaxy_tune.search.cluster import check_cluster
 from galaxy_tune.errors import GalaxyTuneError
+from galaxy_tune.layout import trial_reports
 from galaxy_tune.search.trainable import load_prepared_on_this_node
 
 pytestmark = pytest.mark.skipif(RAY is None, reason="the ray CLI is not installed")
@@ -35,17 +42,25 @@ def wait_for_nodes(address: str, count: int, env: dict[str, str]) -> None:
         time.sleep(1)
 
 
+class Cluster(NamedTuple):
+    address: str  # the head's
+    worker: subprocess.Popen  # the worker node's blocking `ray start`
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Head and worker as the README starts them, on their own ports and temp dir; yields the head address."""
+    """Head and worker as the README starts them, on their own ports and temp dir."""
     logs = tmp_path_factory.mktemp("ray-logs")
     temp_dir = tempfile.mkdtemp(prefix="gt-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     env = shell_environment()
+    # The head declares a node dead after 2 missed health checks 0.5 s apart (Ray's default: 5, 3 s apart).
     head = start_node(["--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
                        "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
                        "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", temp_dir, "--num-cpus", "1"],
-                      logs / "head.log", env)
+                      logs / "head.log", {**env, "RAY_health_check_period_ms": "500",
+                                          "RAY_health_check_timeout_ms": "500",
+                                          "RAY_health_check_failure_threshold": "2"})
     nodes = [head]
     try:
         # The worker as the README starts it: Ray 2.60's `ray start --address` does not turn token mode on.
@@ -53,38 +68,94 @@ def cluster(tmp_path_factory):
                                  "--dashboard-agent-listen-port", str(free_port())],
                                 logs / "worker.log", {**env, "RAY_AUTH_MODE": "token"}))
         wait_for_nodes(f"127.0.0.1:{port}", 2, env)
-        yield f"127.0.0.1:{port}"
+        yield Cluster(f"127.0.0.1:{port}", nodes[1])
     finally:
         stop_nodes(*nodes)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_search_joins_a_token_cluster_started_with_ray_start_and_uses_both_nodes(cluster, demo_dir, tmp_path):
+def reported_trials(experiment: Path) -> int:
+    """Trials whose first epoch the driver has, from the study it mirrors live (with a checkpoint every epoch,
+    Ray then knows the trial's first checkpoint)."""
+    try:
+        study = optuna.load_study(study_name="cluster", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    except Exception:  # not made yet
+        return 0
+    return sum(bool(trial.intermediate_values) for trial in study.trials)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def lose_node(node: subprocess.Popen) -> None:
+    """kill -9 of a node's `ray start` and of every process it started (its raylet, its trials' workers), as a
+    reclaimed VM loses them."""
+    for pid in [*descendants(node.pid), node.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    node.wait()
+
+
+def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(cluster, demo_dir, tmp_path):
+    experiment = tmp_path / "results" / "cluster"
     # Trials that outlast a worker's start (ResNet-50, 64 px): a pending trial goes to the first free worker, and
-    # short ones would all reuse the head's while the other node's worker is still importing torch.
-    done = subprocess.run(
-        [sys.executable, "-m", "galaxy_tune", "search", "full", "--address", cluster, "--data-dir", str(demo_dir),
-         "--results-dir", str(tmp_path / "results"), "--model", "resnet50-random", "--image-size", "64", "--crop",
-         "256", "--num-samples", "2", "--max-epochs", "3", "--name", "cluster"],
-        capture_output=True, text=True, timeout=600, env=shell_environment())
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "InvalidAuthToken" not in done.stderr
-    trials = pd.read_csv(tmp_path / "results" / "cluster" / "trials.csv")
-    assert len(trials) == 2 and set(trials["status"]) <= {"COMPLETED", "STOPPED"}
-    best = json.loads((tmp_path / "results" / "cluster" / "best.json").read_text())
+    # short ones would all reuse the head's while the other node's worker is still importing torch. Both run at
+    # once, one per node (each node has one CPU). Each checkpoints every epoch and runs every epoch (no early
+    # stopping), so the one on the node lost after its first epoch has a checkpoint to continue from.
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "galaxy_tune", "search", "full", "--address", cluster.address, "--data-dir",
+         str(demo_dir), "--results-dir", str(tmp_path / "results"), "--model", "resnet50-random", "--image-size",
+         "64", "--crop", "256", "--num-samples", "2", "--max-epochs", "3", "--scheduler", "fifo",
+         "--checkpoint-every", "0", "--name", "cluster"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=shell_environment())
+    try:
+        deadline = time.monotonic() + 300
+        while reported_trials(experiment) < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, "the two trials did not report an epoch"
+            time.sleep(0.2)
+        lose_node(cluster.worker)
+        out, err = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    assert "InvalidAuthToken" not in err
+    trials = pd.read_csv(experiment / "trials.csv")
+    assert len(trials) == 2 and trials["trial_id"].is_unique and set(trials["status"]) == {"COMPLETED"}
+    best = json.loads((experiment / "best.json").read_text())
     assert best["concurrency"] == 2  # one trial per node: each has one CPU
-    assert trials["node_id"].nunique() == 2, done.stdout[-3000:]  # trials ran on the head and on the worker
+    # The trial on the lost worker went on from its checkpoint on the head, and the console and best.json say so.
+    [moved] = [t for t in trials["trial_id"] if (experiment / f"trial_{t}" / "error.txt").is_file()]
+    lost = re.search(r"its node has died\. Node Id: (\w+)", (experiment / f"trial_{moved}" / "error.txt").read_text())
+    assert lost and set(trials["node_id"]) == {trials["node_id"][0]} != {lost[1]}  # the worker, not the head
+    on_head = [r["epoch"] for r in trial_reports(experiment / f"trial_{moved}") if r["node_id"] != lost[1]]
+    assert on_head[0] > 1, on_head  # not from epoch 1 again
+    assert f"trial {moved}: its node was lost; retried from its last checkpoint" in out, out[-3000:]
+    assert best["retried"] == [{"trial_id": moved, "failures": ["node lost"]}]
+    study = optuna.load_study(study_name="cluster", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(trials["trial_id"])
 
 
 def test_joining_with_a_wrong_token_fails_in_one_line_naming_the_fix(cluster, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-cluster-token")
     started = time.monotonic()
     with pytest.raises(GalaxyTuneError, match="refused this machine's token .* `ray get-auth-token`"):
-        check_cluster(cluster)
+        check_cluster(cluster.address)
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("HOME", str(Path(tempfile.mkdtemp())))  # no ~/.ray/auth_token
     with pytest.raises(GalaxyTuneError, match="uses token authentication and this machine has no token"):
-        check_cluster(cluster)
+        check_cluster(cluster.address)
     assert time.monotonic() - started < 30
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -166,7 +167,8 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             name=options.name, storage_path=str(experiment.parent), verbose=1,
             progress_reporter=progress_table(space, task),
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=metric, checkpoint_score_order=mode),
-            callbacks=[PruneCheckpoints(experiment, task),  # then optuna.db, trials.csv and best.json as trials run
+            callbacks=[PruneCheckpoints(experiment, task), SayRetries(options.max_failures),
+                       # then optuna.db, trials.csv and best.json as trials run
                        *watchers(experiment, options.name, space, about, max_concurrent, task)],
             failure_config=tune.FailureConfig(max_failures=options.max_failures)))
 
@@ -180,7 +182,8 @@ def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSp
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
     # Every trial created and ended: a stop ends the running trials too, which Ray then counts as terminated.
     complete = len(trials) >= options.num_samples and not (trials["status"] == "UNFINISHED").any()
-    best = write_tables(experiment, trials, about, run, task, running=False, complete=complete)
+    best = write_tables(experiment, trials, about, {**run, "retried": retried(trials)}, task, running=False,
+                        complete=complete)
     if not complete:
         finished = (trials["status"] != "UNFINISHED").sum()
         raise Stopped(f"the search stopped after {finished} finished trial(s), all kept in {experiment}: continue it "
@@ -198,6 +201,41 @@ def about_search(options: SearchOptions, model_name: str, prepared: Prepared, ex
     """best.json's facts about the search as a whole (the best trial's own come from trials.csv)."""
     return {"method": options.method, "model": model_name, "weights": describe_weights(model_name, options.data.seed),
             "data": data_summary(prepared), "experiment": str(experiment), "versions": library_versions()}
+
+
+NODE_LOST = "node lost"
+ERROR_FILE = "error.txt"  # Ray's, in a trial folder: a "Failure # N" block per failure
+
+
+def failure_cause(text: str) -> str:
+    """Why a trial's run failed, from Ray's error text: its node was lost, or its own code raised."""
+    return NODE_LOST if "because its node has died" in text else "error"
+
+
+class SayRetries(tune.Callback):
+    """A line for each trial Ray retries: why it failed (its node lost, or its own error), and from where."""
+
+    def __init__(self, max_failures: int):
+        self.max_failures = max_failures
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        errors = Path(trial.error_file) if trial.error_file else None  # in the driver's staging folder, up to date
+        failures = errors.read_text().split("Failure # ") if errors and errors.is_file() else [""]
+        why = "its node was lost" if failure_cause(failures[-1]) == NODE_LOST else "it failed"
+        start = "its last checkpoint" if trial.checkpoint else "the start"
+        print(f"trial {trial.trial_id}: {why}; retried from {start} (failure {trial.run_metadata.num_failures}, "
+              f"--max-failures {self.max_failures})")
+
+
+def retried(trials: pd.DataFrame) -> list[dict]:
+    """best.json's list of the trials Ray retried after a failure, with the cause of each failure."""
+    out = []
+    for trial_id, folder in zip(trials["trial_id"], trials["path"]):
+        errors = Path(folder) / ERROR_FILE
+        if errors.is_file():
+            failures = re.split(r"^Failure # \d+ ", errors.read_text(), flags=re.M)[1:]
+            out.append({"trial_id": trial_id, "failures": [failure_cause(f) for f in failures]})
+    return out
 
 
 class PruneCheckpoints(tune.Callback):
