@@ -17,7 +17,7 @@ from ray import tune
 
 from conftest import CROP_PX, IMAGE_SIZE_PX, TINY_SEARCH
 from galaxy_tune.cli import main
-from galaxy_tune.search.run import RAY_STATE
+from galaxy_tune.search.faults import RAY_STATE, STOP_MARKER
 from galaxy_tune.search.trainable import train_trial
 from galaxy_tune.train import TrainConfig
 
@@ -216,9 +216,14 @@ def test_a_requeued_search_stopped_by_sigterm_sigusr1_and_ctrl_c_completes_with_
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 75, err
-    assert "SIGTERM: stopping the search" in err and "the same command and --resume auto" in err
+    assert "SIGTERM: each running trial checkpoints at the end of its epoch" in err
+    assert "the same command and --resume auto" in err
     best = json.loads((experiment / "best.json").read_text())  # the best so far, of a search not ended
     assert best["running"] is False and best["complete"] is False
+    # A trial stopped mid-search checkpointed with its last epoch (without the stop, only its last epoch would).
+    stopped = pd.read_csv(experiment / "trials.csv").query("status == 'UNFINISHED' and epochs > 0")["trial_id"]
+    assert all("checkpoint_dir_name" in json.loads(reports(experiment, trial)[-1]) for trial in stopped)
+    assert not (experiment / STOP_MARKER).exists()
     kept = {}  # trial -> (epochs, its reports), of each trial finished when a run of the command stopped
     for signum in (signal.SIGUSR1, signal.SIGINT, None):  # run again in this process, as the requeued job would
         trials = pd.read_csv(experiment / "trials.csv")

@@ -16,11 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import shutil
-import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
-from ray import cloudpickle, tune
+from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from .. import layout
@@ -37,6 +33,8 @@ from .cluster import check_resources, start_ray
 from ..data.prepare import Prepared, data_summary, prepare, prepared_folder
 from ..errors import GalaxyTuneError, Stopped
 from ..models.backbone import describe_weights, load_backbone
+from .faults import (STOP_MARKER, GracefulStop, PruneCheckpoints, SayRetries, check_ray_state, prune_checkpoints,
+                     retried, signal_handlers_kept)
 from .options import SearchOptions, saved_options
 from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from ..provenance import library_versions
@@ -63,22 +61,6 @@ def run_search(options: SearchOptions) -> Path:
         return search_in(experiment, dataclasses.replace(saved, address=options.address or saved.address))
     with claim_experiment(experiment):
         return search_in(experiment, options)
-
-
-@contextmanager
-def signal_handlers_kept() -> Iterator[None]:
-    """Ray Tune's run takes SIGINT and SIGUSR1 as a stop, and leaves its handlers installed: put the caller's back."""
-    names = [name for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)]
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    kept = {name: signal.getsignal(getattr(signal, name)) for name in names}
-    try:
-        yield
-    finally:
-        for name, handler in kept.items():
-            if handler is not None:  # None: set outside Python, can't be put back
-                signal.signal(getattr(signal, name), handler)
 
 
 @contextmanager
@@ -126,9 +108,6 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
         warnings.filterwarnings("ignore", "The reported value is ignored because this `step=", UserWarning)
         with signal_handlers_kept():
             grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about, task).fit()
-    for result in grid:
-        if result.error is None and result.path:
-            prune_checkpoints(Path(result.path), task)
     write_results(grid, options, space, experiment, about, task,
                   {"wall_seconds": round(time.time() - started, 1), "concurrency": max_concurrent})
     return experiment
@@ -140,7 +119,8 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=prepared.image_size_px,
                              crop_px=prepared.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
-                             gpus=options.gpus_per_trial, checkpoint_every_s=options.checkpoint_every_s),
+                             gpus=options.gpus_per_trial, checkpoint_every_s=options.checkpoint_every_s,
+                             stop_marker=str(experiment / STOP_MARKER)),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
     liar = "" if options.sampler == "random" else \
         " (constant liar)" if uses_constant_liar(options, max_concurrent) else " (no constant liar)"
@@ -167,7 +147,7 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             name=options.name, storage_path=str(experiment.parent), verbose=1,
             progress_reporter=progress_table(space, task),
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=metric, checkpoint_score_order=mode),
-            callbacks=[PruneCheckpoints(experiment, task), SayRetries(options.max_failures),
+            callbacks=[GracefulStop(experiment), PruneCheckpoints(experiment, task), SayRetries(options.max_failures),
                        # then optuna.db, trials.csv and best.json as trials run
                        *watchers(experiment, options.name, space, about, max_concurrent, task)],
             failure_config=tune.FailureConfig(max_failures=options.max_failures)))
@@ -180,6 +160,9 @@ def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSp
     trials = trials_table(grid, experiment, task)
     if trials.empty:
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
+    for folder in trials.loc[trials["status"].isin(["COMPLETED", "STOPPED"]), "path"]:
+        # Not an unfinished trial's: a stop can leave it a newer checkpoint than the one Ray's state resumes from.
+        prune_checkpoints(Path(folder), task)
     # Every trial created and ended: a stop ends the running trials too, which Ray then counts as terminated.
     complete = len(trials) >= options.num_samples and not (trials["status"] == "UNFINISHED").any()
     best = write_tables(experiment, trials, about, {**run, "retried": retried(trials)}, task, running=False,
@@ -203,88 +186,6 @@ def about_search(options: SearchOptions, model_name: str, prepared: Prepared, ex
             "data": data_summary(prepared), "experiment": str(experiment), "versions": library_versions()}
 
 
-NODE_LOST = "node lost"
-ERROR_FILE = "error.txt"  # Ray's, in a trial folder: a "Failure # N" block per failure
-
-
-def failure_cause(text: str) -> str:
-    """Why a trial's run failed, from Ray's error text: its node was lost, or its own code raised."""
-    return NODE_LOST if "because its node has died" in text else "error"
-
-
-class SayRetries(tune.Callback):
-    """A line for each trial Ray retries: why it failed (its node lost, or its own error), and from where."""
-
-    def __init__(self, max_failures: int):
-        self.max_failures = max_failures
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        errors = Path(trial.error_file) if trial.error_file else None  # in the driver's staging folder, up to date
-        failures = errors.read_text().split("Failure # ") if errors and errors.is_file() else [""]
-        why = "its node was lost" if failure_cause(failures[-1]) == NODE_LOST else "it failed"
-        start = "its last checkpoint" if trial.checkpoint else "the start"
-        print(f"trial {trial.trial_id}: {why}; retried from {start} (failure {trial.run_metadata.num_failures}, "
-              f"--max-failures {self.max_failures})")
-
-
-def retried(trials: pd.DataFrame) -> list[dict]:
-    """best.json's list of the trials Ray retried after a failure, with the cause of each failure."""
-    out = []
-    for trial_id, folder in zip(trials["trial_id"], trials["path"]):
-        errors = Path(folder) / ERROR_FILE
-        if errors.is_file():
-            failures = re.split(r"^Failure # \d+ ", errors.read_text(), flags=re.M)[1:]
-            out.append({"trial_id": trial_id, "failures": [failure_cause(f) for f in failures]})
-    return out
-
-
-class PruneCheckpoints(tune.Callback):
-    """Keep only the best and the latest checkpoint of each finished trial, as soon as that is safe.
-
-    Ray's own `num_to_keep` deletes checkpoints before its experiment snapshot records the newer ones, so a
-    driver killed in between leaves a snapshot pointing at a deleted checkpoint and `--resume` fails. A running
-    trial therefore keeps every checkpoint; a finished one is pruned once two snapshots written after it
-    finished are on disk (they record it as finished, so it is never resumed).
-    """
-
-    def __init__(self, experiment: Path, task: Task):
-        self.experiment, self.task = experiment, task
-        self.waiting: dict[str, tuple[Path, float, int]] = {}  # trial id -> (folder, snapshot time, changes)
-
-    def snapshot_time(self) -> float:
-        return max((p.stat().st_mtime for p in self.experiment.glob("experiment_state-*.json")), default=0.0)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.waiting[trial.trial_id] = (Path(trial.path), self.snapshot_time(), 0)  # not local_path: staging
-
-    def on_step_end(self, iteration, trials, **info):
-        now = self.snapshot_time()
-        for trial_id, (folder, seen, changes) in list(self.waiting.items()):
-            if now > seen:
-                seen, changes = now, changes + 1
-            if changes >= 2:
-                prune_checkpoints(folder, self.task)
-                del self.waiting[trial_id]
-            else:
-                self.waiting[trial_id] = (folder, seen, changes)
-
-
-def prune_checkpoints(trial_folder: Path, task: Task) -> None:
-    """Delete a finished trial's checkpoints but its best (by the task's val metric) and its latest."""
-    checkpoints = sorted(trial_folder.glob("checkpoint_*"))
-    metric = task.val_metric
-    reports = [r for r in layout.trial_reports(trial_folder) if metric in r and r.get("checkpoint_dir_name")]
-    if len(checkpoints) <= 2 or not reports:
-        return
-    best = reports[task.arg_best([r[metric] for r in reports])]["checkpoint_dir_name"]
-    for checkpoint in checkpoints[:-1]:
-        if checkpoint.name != best:
-            shutil.rmtree(checkpoint, ignore_errors=True)
-
-
-RAY_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")  # the newest is read
-
-
 def restore(experiment: Path, trainable) -> tune.Tuner:
     """Ray's `Tuner.restore` of an experiment, or one line when galaxy_tune 0.1 saved it: Ray pickled that
     version's module paths (`galaxy_tune.space`, ...), which the data/, models/ and search/ packages replaced."""
@@ -297,25 +198,6 @@ def restore(experiment: Path, trainable) -> tune.Tuner:
         raise GalaxyTuneError(f"{experiment} was saved by galaxy_tune 0.1 (it names the module {err.name}): resume "
                               "it with galaxy_tune 0.1.0, or start a new search; its trials.csv, best.json and "
                               "optuna.db still serve `retrain --from` and `report`") from None
-
-
-def check_ray_state(experiment: Path) -> None:
-    """Refuse an experiment whose newest Ray state file was cut short. Ray saves its state in a staging folder and
-    then copies it into the experiment folder, file by file: a kill during the copy leaves a short file, and Ray's
-    restore would then start the whole search over."""
-    for pattern in RAY_STATE:
-        newest = max(experiment.glob(pattern), default=None)  # Ray reads the greatest name
-        if newest is None:
-            continue
-        try:
-            with open(newest, "rb") as saved:
-                json.load(saved) if newest.suffix == ".json" and pattern.startswith("experiment") else \
-                    cloudpickle.load(saved)
-        except Exception:
-            raise GalaxyTuneError(f"{newest} is cut short (the search was killed while Ray copied it there): Ray "
-                                  "cannot continue this search. Its finished trials stay in trials.csv and optuna.db "
-                                  "(`retrain --from` and `report` read them); start a new search with another "
-                                  "--name") from None
 
 
 def progress_table(space: SearchSpace, task: Task) -> tune.CLIReporter:

@@ -41,10 +41,12 @@ def load_prepared_on_this_node(folder: Path, image_size_px: int, crop_px: int | 
 
 
 def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px: int | None, model_name: str,
-                cpus: float, gpus: float, checkpoint_every_s: float = 0.0, fail_at_epoch: int | None = None) -> None:
+                cpus: float, gpus: float, checkpoint_every_s: float = 0.0, stop_marker: str | None = None,
+                fail_at_epoch: int | None = None) -> None:
     """Train one trial's config, reporting val metrics every epoch and checkpoints as the module says.
 
-    `fail_at_epoch` makes the first attempt crash in that epoch, before its report (fault-injection tests).
+    While the file `stop_marker` exists (the search is stopping) every epoch checkpoints. `fail_at_epoch` makes
+    the first attempt crash in that epoch, before its report (fault-injection tests).
     """
     train_config = TrainConfig.from_dict(config)
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint is noise
@@ -84,8 +86,8 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
                 raise RuntimeError(f"injected failure in epoch {fail_at_epoch}")
         metrics = {**metrics, "trainable_params": trainable_params, "total_params": total_params,
                    "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **where}
-        if (metrics["epoch"] < train_config.epochs
-                and time.monotonic() - last_checkpoint < checkpoint_every_s):
+        if (metrics["epoch"] < train_config.epochs and time.monotonic() - last_checkpoint < checkpoint_every_s
+                and not (stop_marker and os.path.exists(stop_marker))):
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:

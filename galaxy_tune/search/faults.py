@@ -1,0 +1,207 @@
+"""What a search does about faults: a stop signal, a crashed trial or a lost node, a killed driver.
+
+- `GracefulStop`: SIGTERM and SIGUSR1 (what Slurm and Kubernetes send before a kill) let each running trial
+  checkpoint at the end of its epoch, for at most `STOP_GRACE_S`, then stop the search as Ctrl-C does.
+- `SayRetries` and `retried`: which trials Ray retried, and why (their node lost, or their own error).
+- `PruneCheckpoints`: checkpoints pruned only once a killed driver's state can no longer name them.
+- `check_ray_state`: a Ray state file cut short by a kill is refused, not silently started over.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+from ray import cloudpickle, tune
+
+from .. import layout
+from ..data.tasks import Task
+from ..errors import GalaxyTuneError
+
+STOP_GRACE_S = 60.0  # how long running trials get to reach their epoch's end and checkpoint after a stop signal
+STOP_MARKER = ".stop-requested"  # in the experiment folder while trials are asked to checkpoint at their epoch's end
+RAY_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")  # the newest is read
+
+
+class GracefulStop(tune.Callback):
+    """SIGTERM or SIGUSR1 while Ray Tune runs: each running trial checkpoints at the end of its epoch (it sees
+    STOP_MARKER), then Ray's own stop ends the search: it saves its state, and the trials keep those checkpoints.
+    After `grace_s` the search stops with the checkpoints it has. A second signal stops it at once (Ray's stop);
+    a third raises KeyboardInterrupt. Ctrl-C stays Ray's: an immediate stop."""
+
+    def __init__(self, experiment: Path, grace_s: float = STOP_GRACE_S):
+        self.marker, self.grace_s = Path(experiment) / STOP_MARKER, grace_s
+        self.signals: list[int] = []
+        self.deadline = 0.0
+        self.waiting: set[str] | None = None
+        self.ray_stop = None
+
+    def __getstate__(self):  # Ray pickles its callbacks with the experiment; the signal state is this run's
+        return {**self.__dict__, "signals": [], "waiting": None, "ray_stop": None}
+
+    def setup(self, **info):
+        self.marker.unlink(missing_ok=True)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.ray_stop = signal.getsignal(signal.SIGUSR1)  # Ray Tune's, installed as its run began
+        for name in ("SIGTERM", "SIGUSR1"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self.request)
+
+    def request(self, signum, frame):
+        self.signals.append(signum)
+        if len(self.signals) > 2 or not callable(self.ray_stop):
+            raise KeyboardInterrupt
+        if len(self.signals) == 2:
+            self.stop_now()
+            return
+        self.marker.touch()
+        self.deadline = time.monotonic() + self.grace_s
+        print(f"{signal.Signals(signum).name}: each running trial checkpoints at the end of its epoch (at most "
+              f"{self.grace_s:.0f} s), then the search stops; send it again to stop at once", file=sys.stderr)
+
+    def stop_now(self):
+        self.marker.unlink(missing_ok=True)
+        self.ray_stop(signal.SIGUSR1, None)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if self.waiting is not None:
+            self.waiting.discard(trial.trial_id)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.waiting is not None:
+            self.waiting.discard(trial.trial_id)
+
+    on_trial_error = on_trial_complete
+
+    def on_step_end(self, iteration, trials, **info):
+        if len(self.signals) != 1:
+            return
+        if self.waiting is None:
+            self.waiting = {t.trial_id for t in trials if t.status == "RUNNING"}
+        if not self.waiting or time.monotonic() > self.deadline:
+            self.signals.append(0)  # stopped: a further signal is a KeyboardInterrupt
+            self.stop_now()
+
+
+@contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """Ray Tune's run takes SIGINT and SIGUSR1 as a stop, and leaves its handlers installed: put the caller's back."""
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in kept.items():
+            if handler is not None:  # None: set outside Python, can't be put back
+                signal.signal(getattr(signal, name), handler)
+
+
+NODE_LOST = "node lost"
+ERROR_FILE = "error.txt"  # Ray's, in a trial folder: a "Failure # N" block per failure
+
+
+def failure_cause(text: str) -> str:
+    """Why a trial's run failed, from Ray's error text: its node was lost, or its own code raised."""
+    return NODE_LOST if "because its node has died" in text else "error"
+
+
+class SayRetries(tune.Callback):
+    """A line for each trial Ray retries: why it failed (its node lost, or its own error), and from where."""
+
+    def __init__(self, max_failures: int):
+        self.max_failures = max_failures
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        errors = Path(trial.error_file) if trial.error_file else None  # in the driver's staging folder, up to date
+        failures = errors.read_text().split("Failure # ") if errors and errors.is_file() else [""]
+        why = "its node was lost" if failure_cause(failures[-1]) == NODE_LOST else "it failed"
+        start = "its last checkpoint" if trial.checkpoint else "the start"
+        print(f"trial {trial.trial_id}: {why}; retried from {start} (failure {trial.run_metadata.num_failures}, "
+              f"--max-failures {self.max_failures})")
+
+
+def retried(trials: pd.DataFrame) -> list[dict]:
+    """best.json's list of the trials Ray retried after a failure, with the cause of each failure."""
+    out = []
+    for trial_id, folder in zip(trials["trial_id"], trials["path"]):
+        errors = Path(folder) / ERROR_FILE
+        if errors.is_file():
+            failures = re.split(r"^Failure # \d+ ", errors.read_text(), flags=re.M)[1:]
+            out.append({"trial_id": trial_id, "failures": [failure_cause(f) for f in failures]})
+    return out
+
+
+class PruneCheckpoints(tune.Callback):
+    """Keep only the best and the latest checkpoint of each finished trial, as soon as that is safe.
+
+    Ray's own `num_to_keep` deletes checkpoints before its experiment snapshot records the newer ones, so a
+    driver killed in between leaves a snapshot pointing at a deleted checkpoint and `--resume` fails. A running
+    trial therefore keeps every checkpoint; a finished one is pruned once two snapshots written after it
+    finished are on disk (they record it as finished, so it is never resumed).
+    """
+
+    def __init__(self, experiment: Path, task: Task):
+        self.experiment, self.task = experiment, task
+        self.waiting: dict[str, tuple[Path, float, int]] = {}  # trial id -> (folder, snapshot time, changes)
+
+    def snapshot_time(self) -> float:
+        return max((p.stat().st_mtime for p in self.experiment.glob("experiment_state-*.json")), default=0.0)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.waiting[trial.trial_id] = (Path(trial.path), self.snapshot_time(), 0)  # not local_path: staging
+
+    def on_step_end(self, iteration, trials, **info):
+        now = self.snapshot_time()
+        for trial_id, (folder, seen, changes) in list(self.waiting.items()):
+            if now > seen:
+                seen, changes = now, changes + 1
+            if changes >= 2:
+                prune_checkpoints(folder, self.task)
+                del self.waiting[trial_id]
+            else:
+                self.waiting[trial_id] = (folder, seen, changes)
+
+
+def prune_checkpoints(trial_folder: Path, task: Task) -> None:
+    """Delete a finished trial's checkpoints but its best (by the task's val metric) and its latest."""
+    checkpoints = sorted(trial_folder.glob("checkpoint_*"))
+    metric = task.val_metric
+    reports = [r for r in layout.trial_reports(trial_folder) if metric in r and r.get("checkpoint_dir_name")]
+    if len(checkpoints) <= 2 or not reports:
+        return
+    best = reports[task.arg_best([r[metric] for r in reports])]["checkpoint_dir_name"]
+    for checkpoint in checkpoints[:-1]:
+        if checkpoint.name != best:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def check_ray_state(experiment: Path) -> None:
+    """Refuse an experiment whose newest Ray state file was cut short. Ray saves its state in a staging folder and
+    then copies it into the experiment folder, file by file: a kill during the copy leaves a short file, and Ray's
+    restore would then start the whole search over."""
+    for pattern in RAY_STATE:
+        newest = max(experiment.glob(pattern), default=None)  # Ray reads the greatest name
+        if newest is None:
+            continue
+        try:
+            with open(newest, "rb") as saved:
+                json.load(saved) if newest.suffix == ".json" and pattern.startswith("experiment") else \
+                    cloudpickle.load(saved)
+        except Exception:
+            raise GalaxyTuneError(f"{newest} is cut short (the search was killed while Ray copied it there): Ray "
+                                  "cannot continue this search. Its finished trials stay in trials.csv and optuna.db "
+                                  "(`retrain --from` and `report` read them); start a new search with another "
+                                  "--name") from None
