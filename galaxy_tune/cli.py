@@ -413,28 +413,14 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextmanager
 def stop_signals(active: bool):
-    """SIGTERM and SIGUSR1, what Slurm and Kubernetes send before they kill a job, stop the command as Ctrl-C does.
-
-    Inside Ray Tune's loop that is Ray's own stop, the handler Ray puts on SIGUSR1 for its run: the loop ends,
-    the experiment state is saved, and every trial keeps its last checkpoint. Elsewhere it is a KeyboardInterrupt.
-    A second signal is a KeyboardInterrupt at once. The caller's handlers are back afterwards.
-    """
+    """SIGTERM and SIGUSR1, what Slurm and Kubernetes send before they kill a job, stop the command as Ctrl-C does
+    (a KeyboardInterrupt). While Ray Tune runs a search, the search's own handlers take over
+    (`search.faults.GracefulStop`). The caller's handlers are back afterwards."""
     names = [name for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
     if not active or threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
-
-    def stop(signum, frame):
-        received.append(signum)
-        ray_stop = signal.getsignal(signal.SIGUSR1)  # Ray Tune's while its run lasts, else this function
-        if len(received) > 1 or not callable(ray_stop) or ray_stop is stop:
-            raise KeyboardInterrupt
-        print(f"{signal.Signals(signum).name}: stopping the search as Ctrl-C does; send it again to stop at once",
-              file=sys.stderr)
-        ray_stop(signum, frame)
-
-    kept = {name: signal.signal(getattr(signal, name), stop) for name in names}
+    kept = {name: signal.signal(getattr(signal, name), signal.default_int_handler) for name in names}
     try:
         yield
     finally:

@@ -22,7 +22,7 @@ from galaxy_tune.search.trainable import train_trial
 from galaxy_tune.train import TrainConfig
 
 SAMPLES = 16  # far more than finish before the first does: the kill lands mid-search, after Ray saved its state
-STOPPED_SAMPLES = 12  # stopped three times, each once one more trial has finished
+STOPPED_SAMPLES = 24  # stopped three times, each once one more trial has finished: trials to spare
 A_BIGGER_MACHINE = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16, "GPU": 1})}  # what a Ray started here would see
 
 
