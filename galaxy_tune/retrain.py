@@ -187,7 +187,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
             if run not in kept:
                 write_run(runs / run, *retrain_one(recipe, seed, prepared, model_name, splits, device, task,
                                                    head_bias, augment, out_dir / run, progress))
-            tested.append(read_run(runs / run))
+            tested.append(read_run(runs / run))  # read back, fresh or kept: both kinds reach the tables alike
     except KeyboardInterrupt:
         raise Stopped(f"the retrain stopped after {len(tested)} of {len(order)} runs, kept in {runs}: continue it "
                       f"with the same command and `--name {out_dir.name} --resume auto`") from None
