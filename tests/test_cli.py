@@ -59,6 +59,13 @@ def opened_for_writing(fifo, timeout: float) -> int:
             time.sleep(0.1)
 
 
+# `python -m galaxy_tune` with Ctrl-C live, as a shell starts it. After earlier tests this test's process was seen
+# ignoring SIGINT and SIGQUIT (as the C library's `system()` leaves its caller while a command runs), and a Python
+# started from a process that ignores SIGINT ignores Ctrl-C for good.
+AS_FROM_A_SHELL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "sys.argv[0] = 'galaxy_tune'; runpy.run_module('galaxy_tune', run_name='__main__', alter_sys=True)")
+
+
 def test_ctrl_c_during_prepare_says_what_prepare_left_and_leaves_no_folder(demo_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
@@ -67,7 +74,7 @@ def test_ctrl_c_during_prepare_says_what_prepare_left_and_leaves_no_folder(demo_
     stalled.unlink()
     os.mkfifo(stalled)
     results = tmp_path / "results"
-    driver = subprocess.Popen([sys.executable, "-m", "galaxy_tune", "prepare", "--data-dir", str(data),
+    driver = subprocess.Popen([sys.executable, "-c", AS_FROM_A_SHELL, "prepare", "--data-dir", str(data),
                                "--results-dir", str(results), "--image-size", "16"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     writer = None
@@ -79,7 +86,7 @@ def test_ctrl_c_during_prepare_says_what_prepare_left_and_leaves_no_folder(demo_
         driver.kill()
         if writer is not None:
             os.close(writer)
-    assert driver.returncode == 130
+    assert driver.returncode == 130, err
     assert err.splitlines()[-1] == "interrupted: prepare stopped; nothing half-written is kept: run it again"
     assert not results.exists()  # the prepared folder it had begun is gone, and the results folder with it
 
@@ -377,24 +384,42 @@ for argv in json.loads(sys.argv[1]):
 """.format(heavy=HEAVY)
 
 
-def test_each_command_imports_only_the_libraries_it_uses(tmp_path):
-    commands = [[a.format(tmp=tmp_path) for a in argv] for argv, _ in COMMAND_IMPORTS]
-    done = subprocess.run([sys.executable, "-c", IMPORTS_OF, json.dumps(commands)], capture_output=True, text=True,
-                          timeout=120)
-    imported = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("imported:")]
-    assert len(imported) == len(COMMAND_IMPORTS), done.stderr[-2000:]
-    for (argv, needs), after in zip(COMMAND_IMPORTS, imported):
-        assert set(after) == needs, f"after {argv}"
-
-
-def test_the_python_api_functions_stay_functions_when_their_modules_are_imported():
-    done = subprocess.run([sys.executable, "-c", """
+API_STAYS = """
 import galaxy_tune
 assert callable(galaxy_tune.search)  # the API, imported on first use
 import galaxy_tune.search.run, galaxy_tune.retrain, galaxy_tune.predict, galaxy_tune.api
 assert all(getattr(galaxy_tune, n) is getattr(galaxy_tune.api, n) for n in galaxy_tune.__all__)
-"""], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_imports(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, list]]:
+    """The two import checks, each in a fresh Python, started at once: name -> (process, argv of each command)."""
+    tmp = tmp_path_factory.mktemp("imports")
+    commands = [[a.format(tmp=tmp) for a in argv] for argv, _ in COMMAND_IMPORTS]
+    checks = {"commands": ([sys.executable, "-c", IMPORTS_OF, json.dumps(commands)], commands),
+              "api": ([sys.executable, "-c", API_STAYS], [])}
+    started = {name: (subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), extra)
+               for name, (argv, extra) in checks.items()}
+    yield started
+    for process, _ in started.values():
+        process.kill()
+        process.wait()
+
+
+def test_each_command_imports_only_the_libraries_it_uses(fresh_imports):
+    process, commands = fresh_imports["commands"]
+    out, err = process.communicate(timeout=120)
+    imported = [line.split()[1:] for line in out.splitlines() if line.startswith("imported:")]
+    assert len(imported) == len(COMMAND_IMPORTS), err[-2000:]
+    for argv, (_, needs), after in zip(commands, COMMAND_IMPORTS, imported):
+        assert set(after) == needs, f"after {argv}"
+
+
+def test_the_python_api_functions_stay_functions_when_their_modules_are_imported(fresh_imports):
+    process, _ = fresh_imports["api"]
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
 
 
 def test_retrain_takes_no_config_from_a_search_still_running_or_interrupted(tmp_path, capsys):

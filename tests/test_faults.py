@@ -9,10 +9,12 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
+import ray
 from ray import tune
 
 from conftest import CROP_PX, IMAGE_SIZE_PX, TINY_SEARCH
@@ -26,39 +28,47 @@ STOPPED_SAMPLES = 24  # stopped three times, each once one more trial has finish
 A_BIGGER_MACHINE = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16, "GPU": 1})}  # what a Ray started here would see
 
 
-def run_trial(prepared, tmp_path, name, **kwargs):
-    config = TrainConfig(method="full", lr=3e-3, optimizer="adam", scheduler="onecycle", epochs=3,
-                         batch_size=16).to_dict()
-    trainable = tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=IMAGE_SIZE_PX,
-                                     crop_px=CROP_PX, model_name="tiny", cpus=1, gpus=0, **kwargs)
-    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space=config,
-                       run_config=tune.RunConfig(name=name, storage_path=str(tmp_path),
-                                                 failure_config=tune.FailureConfig(max_failures=1)))
-    [result] = tuner.fit()
-    return result
+# The trial of each case, run in one Tuner: one that never fails (what a resumed trial must reproduce), and two
+# that crash in epoch 2, with a checkpoint every epoch (the retry starts at epoch 2 from the epoch-1 checkpoint) or
+# none due before the last epoch (the retry starts over).
+CASES = {"steady": {}, "every_epoch": {"fail_at_epoch": 2, "checkpoint_every_s": 0},
+         "never_due": {"fail_at_epoch": 2, "checkpoint_every_s": 3600}}
+
+
+def case_trial(config: dict, **kwargs) -> None:
+    """`train_trial` with the fault-injection arguments of the config's case."""
+    train_trial({k: v for k, v in config.items() if k != "case"}, **kwargs, **CASES[config["case"]])
 
 
 @pytest.fixture(scope="module")
-def steady(ray_local, prepared, tmp_path_factory):
-    """The trial of `run_trial`, run once without a failure: what a resumed trial must reproduce."""
-    return run_trial(prepared, tmp_path_factory.mktemp("steady"), "steady")
+def cases(ray_local, prepared, tmp_path_factory) -> dict[str, tune.Result]:
+    """Case -> the result of its trial, the three run at once as a search runs them (2 at a time)."""
+    config = TrainConfig(method="full", lr=3e-3, optimizer="adam", scheduler="onecycle", epochs=3,
+                         batch_size=16).to_dict()
+    trainable = tune.with_parameters(case_trial, prepared_dir=str(prepared.folder), image_size_px=IMAGE_SIZE_PX,
+                                     crop_px=CROP_PX, model_name="tiny", cpus=1, gpus=0)
+    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}),
+                       param_space={**config, "case": tune.grid_search(list(CASES))},
+                       run_config=tune.RunConfig(name="cases", storage_path=str(tmp_path_factory.mktemp("cases")),
+                                                 failure_config=tune.FailureConfig(max_failures=1)))
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
+    try:
+        return {result.config["case"]: result for result in tuner.fit()}
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.mark.parametrize("checkpoint_every_s, epochs_run", [
-    (0, [1, 2, 3]),  # checkpoints every epoch: the retry starts at epoch 2 from the epoch-1 checkpoint
-    (3600, [1, 1, 2, 3]),  # none due before the last epoch: the retry starts over
-])
-def test_a_trial_that_crashes_in_epoch_2_resumes_from_its_latest_checkpoint(prepared, steady, tmp_path,
-                                                                            checkpoint_every_s, epochs_run):
-    crashed = run_trial(prepared, tmp_path, "crash", fail_at_epoch=2, checkpoint_every_s=checkpoint_every_s)
+@pytest.mark.parametrize("case, epochs_run", [("every_epoch", [1, 2, 3]), ("never_due", [1, 1, 2, 3])])
+def test_a_trial_that_crashes_in_epoch_2_resumes_from_its_latest_checkpoint(cases, case, epochs_run):
+    crashed = cases[case]
     assert crashed.error is None
-    assert "injected failure in epoch 2" in (tmp_path / "crash").joinpath(
-        next(p.name for p in (tmp_path / "crash").iterdir() if p.is_dir()), "error.txt").read_text()
+    assert "injected failure in epoch 2" in (Path(crashed.path) / "error.txt").read_text()
     history = crashed.metrics_dataframe
     assert history["epoch"].tolist() == epochs_run
     assert crashed.checkpoint is not None  # the last epoch always leaves one
     history = history.drop_duplicates("epoch", keep="last")  # the epochs the finished run is made of
-    expected = steady.metrics_dataframe
+    expected = cases["steady"].metrics_dataframe
+    assert not (Path(cases["steady"].path) / "error.txt").exists()
     for column in ("train_loss", "val_loss", "val_accuracy"):
         assert history[column].tolist() == pytest.approx(expected[column].tolist(), rel=1e-5)
 
@@ -182,8 +192,9 @@ def reports(experiment, trial: str) -> list[str]:
     return (experiment / f"trial_{trial}" / "result.json").read_text().splitlines()
 
 
-def stop_once_more_finished(experiment, signum: int) -> threading.Thread:
-    """A thread that sends this process `signum` once the live trials.csv has one more finished trial."""
+def stop_once_more_finished(experiment, *signums: int) -> threading.Thread:
+    """A thread that sends this process each of `signums`, one right after the other, once the live trials.csv has
+    one more finished trial."""
     def finished() -> int:
         table = experiment / "trials.csv"
         return int((pd.read_csv(table)["status"] != "UNFINISHED").sum()) if table.is_file() else 0
@@ -192,11 +203,19 @@ def stop_once_more_finished(experiment, signum: int) -> threading.Thread:
         before, deadline = finished(), time.time() + 240
         while finished() <= before and time.time() < deadline:
             time.sleep(0.2)
-        os.kill(os.getpid(), signum)
+        for signum in signums:
+            os.kill(os.getpid(), signum)
 
     thread = threading.Thread(target=stop, daemon=True)
     thread.start()
     return thread
+
+
+def finished_reports(experiment) -> dict[str, tuple[int, list[str]]]:
+    """trial -> (epochs, its reports), of each trial the live trials.csv calls finished."""
+    trials = pd.read_csv(experiment / "trials.csv")
+    finished = trials[trials["status"] != "UNFINISHED"]
+    return {trial: (epochs, reports(experiment, trial)) for trial, epochs in zip(finished["trial_id"], finished["epochs"])}
 
 
 def test_a_requeued_search_stopped_by_sigterm_sigusr1_and_ctrl_c_completes_with_nothing_lost_or_repeated(
@@ -224,20 +243,21 @@ def test_a_requeued_search_stopped_by_sigterm_sigusr1_and_ctrl_c_completes_with_
     stopped = pd.read_csv(experiment / "trials.csv").query("status == 'UNFINISHED' and epochs > 0")["trial_id"]
     assert all("checkpoint_dir_name" in json.loads(reports(experiment, trial)[-1]) for trial in stopped)
     assert not (experiment / STOP_MARKER).exists()
-    kept = {}  # trial -> (epochs, its reports), of each trial finished when a run of the command stopped
-    for signum in (signal.SIGUSR1, signal.SIGINT, None):  # run again in this process, as the requeued job would
-        trials = pd.read_csv(experiment / "trials.csv")
-        finished = trials[trials["status"] != "UNFINISHED"]
-        assert len(finished) > len(kept)
-        kept |= {trial: (epochs, reports(experiment, trial)) for trial, epochs in
-                 zip(finished["trial_id"], finished["epochs"]) if trial not in kept}
-        if signum is None:
-            break
-        stopper = stop_once_more_finished(experiment, signum)
-        assert main(["search", "full", *start_search_args(demo_dir, tmp_path, "requeued", STOPPED_SAMPLES),
-                     "--resume", "auto"]) == 75
-        stopper.join()
-        assert "stopped: the search stopped after" in capsys.readouterr().err
+    kept = finished_reports(experiment)  # of each trial finished when a run of the command stopped
+    assert kept
+    # Run again in this process, as the requeued job would: SIGUSR1 (Slurm's --signal=B:USR1), and Ctrl-C during
+    # its grace, which stops at once.
+    stopper = stop_once_more_finished(experiment, signal.SIGUSR1, signal.SIGINT)
+    assert main(["search", "full", *start_search_args(demo_dir, tmp_path, "requeued", STOPPED_SAMPLES),
+                 "--resume", "auto"]) == 75
+    stopper.join()
+    err = capsys.readouterr().err
+    assert "SIGUSR1: each running trial checkpoints at the end of its epoch" in err
+    assert "stopped: the search stopped after" in err
+    assert not (experiment / STOP_MARKER).exists()
+    finished = finished_reports(experiment)
+    assert len(finished) > len(kept)
+    kept |= {trial: done for trial, done in finished.items() if trial not in kept}
     # The same name with another setting is refused, naming it.
     assert main(["search", "full", *start_search_args(demo_dir, tmp_path, "requeued", STOPPED_SAMPLES),
                  "--max-epochs", "2", "--resume", "auto"]) == 2

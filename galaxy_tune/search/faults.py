@@ -83,6 +83,9 @@ class GracefulStop(tune.Callback):
 
     on_trial_error = on_trial_complete
 
+    def on_experiment_end(self, trials, **info):  # also after a Ctrl-C that came during the grace
+        self.marker.unlink(missing_ok=True)
+
     def on_step_end(self, iteration, trials, **info):
         if len(self.signals) != 1:
             return
