@@ -84,7 +84,6 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     auto = resume == "auto"
     if resume and not name:
         raise GalaxyTuneError(f"--resume{' auto' if auto else ''} needs the --name of the search to continue")
-    from .report import write_search_report
     from .search.options import SearchOptions, check_unchanged, saved_options
     from .search.run import run_search
 
@@ -110,6 +109,8 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
             print(f"--resume auto: {experiment} exists, with these settings: continuing it")
             options = dataclasses.replace(options, resume=True)
     experiment = run_search(options)
+    from .report import write_search_report  # here: a search that stops or fails has no report to write
+
     print(f"search results in {experiment}; report: {write_search_report(experiment)}")
     return experiment
 

@@ -5,6 +5,7 @@ checked against the wing it comes from.
 """
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,10 +17,11 @@ BOTTOM = {"errors", "layout", "provenance"}
 LAYERS = {
     "data": BOTTOM | {"data"},
     "models": BOTTOM | {"models", "data"},  # data for constants only: see test_models_take_only_constants_of_data
-    "train": BOTTOM | {"train", "models", "data"},
-    "search": BOTTOM | {"search", "train", "models", "data"},
-    "retrain": BOTTOM | {"retrain", "train", "models", "data"},
-    "predict": BOTTOM | {"predict", "train", "models", "data"},
+    "train_config": BOTTOM | {"models"},  # the choices only: see test_the_search_driver_needs_no_torch
+    "train": BOTTOM | {"train", "train_config", "models", "data"},
+    "search": BOTTOM | {"search", "train", "train_config", "models", "data"},
+    "retrain": BOTTOM | {"retrain", "train", "train_config", "models", "data"},
+    "predict": BOTTOM | {"predict", "train", "train_config", "models", "data"},
     "report": BOTTOM | {"report", "models", "data"},
 }
 
@@ -93,3 +95,12 @@ def test_the_rules_see_a_wrong_import(tmp_path, monkeypatch):
     assert [m for m, _, _ in galaxy_imports(fake / "data" / "bad.py")] == ["galaxy_tune.search.run"]
     with pytest.raises(AssertionError):
         test_each_wing_imports_only_what_lies_below_it("data")
+
+
+def test_the_search_driver_needs_no_torch():
+    # It checks, proposes and records configs (train_config, models.choices), and hands Ray the trainable, whose
+    # function imports torch in the trial; only a pretrained backbone, checked before the trials, needs more.
+    probe = ("import sys, galaxy_tune.search.run, galaxy_tune.train_config; "
+             "print(sorted(m for m in ('torch', 'transformers', 'loralib', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["[]"], done.stderr[-2000:]

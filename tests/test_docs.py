@@ -191,7 +191,7 @@ def hyperparameter_cell(spec) -> str:
 
 
 def test_the_hyperparameter_table_matches_the_shipped_spaces_and_defaults():
-    train = ast.parse((ROOT / "galaxy_tune" / "train.py").read_text())
+    train = ast.parse((ROOT / "galaxy_tune" / "train_config.py").read_text())
     config = next(n for n in train.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
     defaults = {n.target.id: ast.literal_eval(n.value) for n in config.body if isinstance(n, ast.AnnAssign)}
     spaces = {m: yaml.safe_load((ROOT / "search_spaces" / f"{m}.yaml").read_text())["params"] for m in ("full", "lora")}

@@ -11,10 +11,7 @@ from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from ..errors import GalaxyTuneError
-
-DEFAULT_MODEL = "microsoft/resnet-50"
-RANDOM_RESNET50 = "resnet50-random"
-TINY = "tiny"
+from .choices import DEFAULT_MODEL, RANDOM_RESNET50, STAGES, TINY, describe_weights  # noqa: F401 (the names are here too)
 
 _RANDOM_CONFIGS = {
     RANDOM_RESNET50: dict(layer_type="bottleneck", depths=[3, 4, 6, 3]),
@@ -27,7 +24,6 @@ _HUB_PROBE_TIMEOUT_SECONDS = 3.0
 # Where a parameter sits in the HF ResNet, by name (as timm's group_matcher): the stem, stage 1-4, the head.
 _STEM = re.compile(r"^resnet\.embedder\.")
 _STAGE = re.compile(r"^resnet\.encoder\.stages\.(\d+)\.")
-STAGES = 4  # a ResNet's stages; depth counts from the head (0) down to the stem (STAGES + 1)
 
 
 def build_model(name: str, num_labels: int = 2, seed: int = 0,
@@ -69,15 +65,6 @@ def load_backbone(
             file=sys.stderr,
         )
         return build_model(RANDOM_RESNET50, num_labels, seed), RANDOM_RESNET50
-
-
-def describe_weights(name: str, seed: int) -> str:
-    """Human-readable provenance of the backbone weights, recorded next to results."""
-    if name == RANDOM_RESNET50:
-        return f"random init resnet-50 (seed {seed})"
-    if name == TINY:
-        return f"random init tiny resnet (seed {seed})"
-    return f"pretrained {name}"
 
 
 def parameter_depth(name: str) -> int:

@@ -29,12 +29,8 @@ from transformers import ResNetForImageClassification
 from transformers.models.resnet.modeling_resnet import ResNetBottleNeckLayer, ResNetConvLayer
 
 from ..errors import GalaxyTuneError
+from .choices import BATCHNORM_MODES, LORA_TARGETS, SCALINGS
 
-# bottleneck: the 1x1, 3x3, 1x1 convs of every bottleneck block's main path (not shortcuts, not the stem);
-# conv3x3: only the 3x3 convs of those blocks; all: every nn.Conv2d in the model.
-LORA_TARGETS = ("bottleneck", "conv3x3", "all")
-BATCHNORM_MODES = ("frozen", "stats", "affine")
-SCALINGS = ("standard", "rslora")
 # Under autocast, the dtype of a LoRA layer's output, base + effect: "fp32" (the sum's own, so BatchNorm, ReLU and the
 # residual add after it run in fp32) or "autocast" (the fp32 sum cast back, as a plain convolution's output is).
 LORA_SUMS = ("fp32", "autocast")

@@ -35,7 +35,7 @@ from .. import layout
 from ..layout import write_atomically
 from .space import SearchSpace
 from ..data.tasks import TASKS, Task
-from ..train import TrainConfig
+from ..train_config import TrainConfig
 
 METRICS = tuple(dict.fromkeys(task.val_metric for task in TASKS.values()))  # val_accuracy, val_rmse
 KEPT = ("epoch", *METRICS, "epoch_seconds", "node_id", "device")  # what the tables and the study need of a report

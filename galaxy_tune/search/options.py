@@ -14,7 +14,7 @@ from .. import layout
 from ..data.prepare import DataConfig
 from ..errors import GalaxyTuneError
 from .strategy import SAMPLERS, SCHEDULERS
-from ..train import DEVICES
+from ..train_config import DEVICES
 
 @dataclass(frozen=True)
 class SearchOptions:

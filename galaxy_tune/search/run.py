@@ -32,7 +32,7 @@ from .. import layout
 from .cluster import check_resources, start_ray
 from ..data.prepare import Prepared, data_summary, prepare, prepared_folder
 from ..errors import GalaxyTuneError, Stopped
-from ..models.backbone import describe_weights, load_backbone
+from ..models.choices import RANDOM_BACKBONES, describe_weights
 from .faults import (STOP_MARKER, GracefulStop, PruneCheckpoints, SayRetries, check_ray_state, prune_checkpoints,
                      retried, signal_handlers_kept)
 from .options import SearchOptions, saved_options
@@ -42,7 +42,7 @@ from .space import SearchSpace, default_space_path, load_space
 from .strategy import make_sampler, make_scheduler, uses_constant_liar
 from ..data.tasks import Task, get_task
 from .trainable import train_trial
-from ..train import METHODS, TrainConfig
+from ..train_config import METHODS, TrainConfig
 
 TABLE_PARAMETERS = 5  # searched parameters shown in the console table
 
@@ -92,7 +92,7 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
                                                      options.max_concurrent)
     options = dataclasses.replace(options, gpus_per_trial=gpus_per_trial)
     prepared = prepare(options.data, prepared_folder(results_dir, options.data))
-    _, model_name = load_backbone(options.model, num_labels=len(prepared.class_names), seed=options.data.seed)
+    model_name = options.model if options.model in RANDOM_BACKBONES else pretrained_backbone(options, prepared)
     if not options.resume:
         # The resolved model is saved as the explicit one: a resumed search never falls back to other weights.
         (experiment / layout.SEARCH_OPTIONS).write_text(json.dumps(
@@ -178,6 +178,16 @@ def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSp
         raise GalaxyTuneError(f"every trial of {experiment} failed, the first with: {first} "
                               f"(all errors: {experiment}/*/error.txt)")
     print_ranked(trials, options.method, experiment, task)
+
+
+def pretrained_backbone(options: SearchOptions, prepared: Prepared) -> str:
+    """The pretrained backbone's name, once it loads here (from the cache or the Hub) before any trial starts; the
+    default falls back to random weights when its own can't be had. A random backbone needs no such check, and the
+    driver then imports neither torch nor transformers."""
+    from ..models.backbone import load_backbone
+
+    _, model_name = load_backbone(options.model, num_labels=len(prepared.class_names), seed=options.data.seed)
+    return model_name
 
 
 def about_search(options: SearchOptions, model_name: str, prepared: Prepared, experiment: Path) -> dict:

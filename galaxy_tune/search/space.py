@@ -16,7 +16,7 @@ import optuna
 import yaml
 
 from ..errors import GalaxyTuneError
-from ..train import TrainConfig
+from ..train_config import TrainConfig
 
 TYPES = ("loguniform", "uniform", "int", "categorical")
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"  # the repository's search_spaces/

@@ -15,17 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import ray
 from ray import tune
 
 from ..data.prepare import load_prepared
-
 from ..errors import GalaxyTuneError
-from ..data.loader import open_splits
-from ..models.backbone import count_parameters
 from ..data.tasks import get_task
-from ..train import TrainConfig, fit, make_model, training_precision, use_gpu
+from ..train_config import TrainConfig
 from .cluster import trial_device
 
 STATE_FILE = "state.pt"
@@ -48,6 +44,13 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
     While the file `stop_marker` exists (the search is stopping) every epoch checkpoints. `fail_at_epoch` makes
     the first attempt crash in that epoch, before its report (fault-injection tests).
     """
+    # Here, not above: the driver, which hands this function to Ray, never trains.
+    import torch
+
+    from ..data.loader import open_splits
+    from ..models.backbone import count_parameters
+    from ..train import fit, make_model, training_precision, use_gpu
+
     train_config = TrainConfig.from_dict(config)
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint is noise
     torch.set_num_threads(max(1, int(cpus)))
