@@ -8,15 +8,16 @@ docs/reference/cli.md is rendered from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import STOPPED_EXIT_CODE, GalaxyTuneError, Stopped
+from .layout import RESULTS_DIR as DEFAULT_RESULTS
+from .signals import STOP_SIGNALS, handlers_kept
+from .train_config import DEVICES as DEVICE_NAMES  # no torch there: --help stays light
 
-DEFAULT_RESULTS = Path("results")
 INTERRUPTED = {  # what Ctrl-C leaves, per command
     "prepare": "prepare stopped; nothing half-written is kept: run it again",
     "search": "finished trials are kept; continue with the same command and `--resume auto`, or "
@@ -28,7 +29,6 @@ TASK_NAMES = ("seed-top2", "smooth-featured", "kaggle-votes")  # tasks.TASKS, wi
 # search.strategy.SAMPLERS and SCHEDULERS, without importing Ray for --help (tests/test_cli.py checks they agree)
 SAMPLER_NAMES = ("tpe", "tpe-independent", "random")
 SCHEDULER_NAMES = ("asha", "hyperband", "fifo")
-DEVICE_NAMES = ("auto", "cpu", "cuda")  # train.DEVICES
 PURPOSE = "Search, retrain and test full and LoRA fine-tuning of ResNet-50 on Galaxy Zoo images."
 WORKFLOW = """\
 workflow (without --data-dir, every command uses the built-in demo data):
@@ -273,18 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-@contextmanager
 def stop_signals(active: bool):
     """SIGTERM and SIGUSR1, what Slurm and Kubernetes send before they kill a job, stop the command as Ctrl-C does
     (a KeyboardInterrupt). While Ray Tune runs a search, the search's own handlers take over
     (`search.faults.GracefulStop`). The caller's handlers are back afterwards."""
-    names = [name for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
-    if not active or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    kept = {name: signal.signal(getattr(signal, name), signal.default_int_handler) for name in names}
-    try:
-        yield
-    finally:
-        for name, handler in kept.items():
-            signal.signal(getattr(signal, name), handler)
+    return handlers_kept(STOP_SIGNALS, signal.default_int_handler) if active else contextlib.nullcontext()

@@ -16,8 +16,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +24,7 @@ from ray import cloudpickle, tune
 from .. import layout
 from ..data.tasks import Task
 from ..errors import GalaxyTuneError
+from ..signals import STOP_SIGNALS
 
 STOP_GRACE_S = 60.0  # how long running trials get to reach their epoch's end and checkpoint after a stop signal
 STOP_MARKER = ".stop-requested"  # in the experiment folder while trials are asked to checkpoint at their epoch's end
@@ -35,81 +34,60 @@ RAY_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-sta
 class GracefulStop(tune.Callback):
     """SIGTERM or SIGUSR1 while Ray Tune runs: each running trial checkpoints at the end of its epoch (it sees
     STOP_MARKER), then Ray's own stop ends the search: it saves its state, and the trials keep those checkpoints.
-    After `grace_s` the search stops with the checkpoints it has. A second signal stops it at once (Ray's stop);
-    a third raises KeyboardInterrupt. Ctrl-C stays Ray's: an immediate stop."""
+    After STOP_GRACE_S the search stops with the checkpoints it has. A second signal stops it at once (Ray's
+    stop); a third raises KeyboardInterrupt. Ctrl-C stays Ray's: an immediate stop."""
 
-    def __init__(self, experiment: Path, grace_s: float = STOP_GRACE_S):
-        self.marker, self.grace_s = Path(experiment) / STOP_MARKER, grace_s
-        self.signals: list[int] = []
+    def __init__(self, experiment: Path):
+        self.marker = Path(experiment) / STOP_MARKER
+        self.stops = 0  # signals taken, and the stop at the grace's end
         self.deadline = 0.0
         self.waiting: set[str] | None = None
         self.ray_stop = None
 
     def __getstate__(self):  # Ray pickles its callbacks with the experiment; the signal state is this run's
-        return {**self.__dict__, "signals": [], "waiting": None, "ray_stop": None}
+        return {**self.__dict__, "stops": 0, "waiting": None, "ray_stop": None}
 
     def setup(self, **info):
         self.marker.unlink(missing_ok=True)
         if threading.current_thread() is not threading.main_thread():
             return
         self.ray_stop = signal.getsignal(signal.SIGUSR1)  # Ray Tune's, installed as its run began
-        for name in ("SIGTERM", "SIGUSR1"):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), self.request)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.request)
 
     def request(self, signum, frame):
-        self.signals.append(signum)
-        if len(self.signals) > 2 or not callable(self.ray_stop):
+        self.stops += 1
+        if self.stops > 2 or not callable(self.ray_stop):
             raise KeyboardInterrupt
-        if len(self.signals) == 2:
+        if self.stops == 2:
             self.stop_now()
             return
         self.marker.touch()
-        self.deadline = time.monotonic() + self.grace_s
+        self.deadline = time.monotonic() + STOP_GRACE_S
         print(f"{signal.Signals(signum).name}: each running trial checkpoints at the end of its epoch (at most "
-              f"{self.grace_s:.0f} s), then the search stops; send it again to stop at once", file=sys.stderr)
+              f"{STOP_GRACE_S:.0f} s), then the search stops; send it again to stop at once", file=sys.stderr)
 
     def stop_now(self):
         self.marker.unlink(missing_ok=True)
         self.ray_stop(signal.SIGUSR1, None)
 
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        if self.waiting is not None:
-            self.waiting.discard(trial.trial_id)
-
     def on_trial_complete(self, iteration, trials, trial, **info):
         if self.waiting is not None:
             self.waiting.discard(trial.trial_id)
 
-    on_trial_error = on_trial_complete
+    on_trial_error = on_checkpoint = on_trial_complete  # a trial that ended or checkpointed is no longer waited for
 
     def on_experiment_end(self, trials, **info):  # also after a Ctrl-C that came during the grace
         self.marker.unlink(missing_ok=True)
 
     def on_step_end(self, iteration, trials, **info):
-        if len(self.signals) != 1:
+        if self.stops != 1:
             return
         if self.waiting is None:
             self.waiting = {t.trial_id for t in trials if t.status == "RUNNING"}
         if not self.waiting or time.monotonic() > self.deadline:
-            self.signals.append(0)  # stopped: a further signal is a KeyboardInterrupt
+            self.stops += 1  # stopped: a further signal is a KeyboardInterrupt
             self.stop_now()
-
-
-@contextmanager
-def signal_handlers_kept() -> Iterator[None]:
-    """Ray Tune's run takes SIGINT and SIGUSR1 as a stop, and leaves its handlers installed: put the caller's back."""
-    names = [name for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)]
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    kept = {name: signal.getsignal(getattr(signal, name)) for name in names}
-    try:
-        yield
-    finally:
-        for name, handler in kept.items():
-            if handler is not None:  # None: set outside Python, can't be put back
-                signal.signal(getattr(signal, name), handler)
 
 
 NODE_LOST = "node lost"
@@ -167,6 +145,8 @@ class PruneCheckpoints(tune.Callback):
         self.waiting[trial.trial_id] = (Path(trial.path), self.snapshot_time(), 0)  # not local_path: staging
 
     def on_step_end(self, iteration, trials, **info):
+        if not self.waiting:
+            return
         now = self.snapshot_time()
         for trial_id, (folder, seen, changes) in list(self.waiting.items()):
             if now > seen:
@@ -181,9 +161,11 @@ class PruneCheckpoints(tune.Callback):
 def prune_checkpoints(trial_folder: Path, task: Task) -> None:
     """Delete a finished trial's checkpoints but its best (by the task's val metric) and its latest."""
     checkpoints = sorted(trial_folder.glob("checkpoint_*"))
+    if len(checkpoints) <= 2:
+        return
     metric = task.val_metric
     reports = [r for r in layout.trial_reports(trial_folder) if metric in r and r.get("checkpoint_dir_name")]
-    if len(checkpoints) <= 2 or not reports:
+    if not reports:
         return
     best = reports[task.arg_best([r[metric] for r in reports])]["checkpoint_dir_name"]
     for checkpoint in checkpoints[:-1]:
@@ -201,8 +183,7 @@ def check_ray_state(experiment: Path) -> None:
             continue
         try:
             with open(newest, "rb") as saved:
-                json.load(saved) if newest.suffix == ".json" and pattern.startswith("experiment") else \
-                    cloudpickle.load(saved)
+                json.load(saved) if pattern.startswith("experiment") else cloudpickle.load(saved)
         except Exception:
             raise GalaxyTuneError(f"{newest} is cut short (the search was killed while Ray copied it there): Ray "
                                   "cannot continue this search. Its finished trials stay in trials.csv and optuna.db "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -34,10 +35,11 @@ from ..data.prepare import Prepared, data_summary, prepare, prepared_folder
 from ..errors import GalaxyTuneError, Stopped
 from ..models.choices import RANDOM_BACKBONES, describe_weights
 from .faults import (STOP_MARKER, GracefulStop, PruneCheckpoints, SayRetries, check_ray_state, prune_checkpoints,
-                     retried, signal_handlers_kept)
+                     retried)
 from .options import SearchOptions, saved_options
 from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from ..provenance import library_versions
+from ..signals import STOP_SIGNALS, handlers_kept
 from .space import SearchSpace, default_space_path, load_space
 from .strategy import make_sampler, make_scheduler, uses_constant_liar
 from ..data.tasks import Task, get_task
@@ -106,7 +108,7 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
         # A resumed trial re-runs the epochs after its last checkpoint and reports them again; Optuna keeps the
         # first report of a step and warns about the second, which is expected here, not a problem to look into.
         warnings.filterwarnings("ignore", "The reported value is ignored because this `step=", UserWarning)
-        with signal_handlers_kept():
+        with handlers_kept((signal.SIGINT, *STOP_SIGNALS)):  # Ray Tune's run leaves its own installed
             grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about, task).fit()
     write_results(grid, options, space, experiment, about, task,
                   {"wall_seconds": round(time.time() - started, 1), "concurrency": max_concurrent})
