@@ -24,6 +24,7 @@ from .data.prepare import DataConfig, Prepared, data_summary, load_prepared, pre
 from .data.demo import DEMO, DEMO_FOLDER, demo_data_dir
 from .data.tasks import DEFAULT_TASK, TASKS, get_task
 from .errors import GalaxyTuneError
+from .tracking import log_retrain, resolve_uri
 
 
 def given(**settings) -> dict:
@@ -73,14 +74,17 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
            cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, device: str | None = None,
            max_concurrent: int | None = None, address: str | None = None, seed: int | None = None,
            max_failures: int | None = None, checkpoint_every_s: float | None = None, resume: bool | str = False,
-           augment: bool = True, sampler: str | None = None, scheduler: str | None = None) -> Path:
+           augment: bool = True, sampler: str | None = None, scheduler: str | None = None,
+           mlflow: str | None = None) -> Path:
     """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder.
 
     `resume="auto"` starts the search `name` when it does not exist yet, and continues it when it does, once the
-    settings given here are found equal to the ones it started with.
+    settings given here are found equal to the ones it started with. `mlflow`: a tracking URI, or "" for
+    MLFLOW_TRACKING_URI (`galaxy_tune.tracking`).
     """
     if name is not None:
         layout.check_name(name)  # before anything is made or imported, the demo data included
+    mlflow = resolve_uri(mlflow)
     auto = resume == "auto"
     if resume and not name:
         raise GalaxyTuneError(f"--resume{' auto' if auto else ''} needs the --name of the search to continue")
@@ -94,7 +98,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     if resume and not auto:
         # Everything else comes from the experiment's search.json; --address may name the cluster's new head.
         options = SearchOptions(method, DataConfig(Path()), results_dir=Path(results_dir), name=name, resume=True,
-                                address=address)
+                                address=address, mlflow=mlflow)
     else:
         demo = {"num_samples": DEMO["num_samples"], "max_epochs": DEMO["max_epochs"]} if data_dir is None else {}
         config = data_config(data_dir, results_dir, task=task, min_vote=min_vote, image_size_px=image_size_px,
@@ -103,7 +107,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
             name=name, space=space, num_samples=num_samples, max_epochs=max_epochs, model=model,
             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, device=device, max_concurrent=max_concurrent,
             address=address, max_failures=max_failures, checkpoint_every_s=checkpoint_every_s, sampler=sampler,
-            scheduler=scheduler)})
+            scheduler=scheduler, mlflow=mlflow)})
         if auto and experiment.exists():
             check_unchanged(options, saved_options(experiment), experiment)
             print(f"--resume auto: {experiment} exists, with these settings: continuing it")
@@ -112,6 +116,9 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     from .report import write_search_report  # here: a search that stops or fails has no report to write
 
     print(f"search results in {experiment}; report: {write_search_report(experiment)}")
+    from .search.tracking import finish_search
+
+    finish_search(experiment, get_task(saved_options(experiment).data.task))
     return experiment
 
 
@@ -121,15 +128,18 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Pa
             task: str | None = None, min_vote: float | None = None, skip_bad: bool = False, workers: int | None = None,
             seed: int | None = None,
             model: str | None = None, device: str | None = None, augment: bool = True,
-            top_k: int | None = None, name: str | None = None, resume: bool | str = False) -> Path:
+            top_k: int | None = None, name: str | None = None, resume: bool | str = False,
+            mlflow: str | None = None) -> Path:
     """Retrain the `top_k` best configs of each method's search with `seeds` seeds, test direct / full / LoRA;
     returns the retrain folder, `results_dir/name` (default: retrain-<time>).
 
     `resume` continues the stopped retrain `name`, skipping its finished runs; `resume="auto"` starts it when it
-    does not exist yet. Either way the settings given here must make the plan it started with.
+    does not exist yet. Either way the settings given here must make the plan it started with. `mlflow`: a
+    tracking URI, or "" for MLFLOW_TRACKING_URI, that gets the finished retrain's runs (`galaxy_tune.tracking`).
     """
     if name is not None:
         layout.check_name(name)
+    mlflow = resolve_uri(mlflow)
     if resume and not name:
         raise GalaxyTuneError(f"--resume{' auto' if resume == 'auto' else ''} needs the --name of the retrain to "
                               "continue")
@@ -181,6 +191,8 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Pa
     print()
     print(report.read_text())
     print(f"retrain results in {out}")
+    if mlflow:
+        log_retrain(mlflow, out)
     return out
 
 

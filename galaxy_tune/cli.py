@@ -79,7 +79,8 @@ def cmd_search(args) -> None:
                cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, device=args.device,
                max_concurrent=args.max_concurrent, address=args.address,
                seed=args.seed, max_failures=args.max_failures, checkpoint_every_s=args.checkpoint_every,
-               resume=args.resume, augment=not args.no_augment, sampler=args.sampler, scheduler=args.scheduler)
+               resume=args.resume, augment=not args.no_augment, sampler=args.sampler, scheduler=args.scheduler,
+               mlflow=args.mlflow)
 
 
 def cmd_retrain(args) -> None:
@@ -89,7 +90,7 @@ def cmd_retrain(args) -> None:
                 max_epochs=args.max_epochs, data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop,
                 task=args.task, min_vote=args.min_vote, skip_bad=args.skip_bad, workers=args.workers, seed=args.seed,
                 model=args.model, device=args.device, top_k=args.top_k, augment=not args.no_augment, name=args.name,
-                resume=args.resume)
+                resume=args.resume, mlflow=args.mlflow)
 
 
 def cmd_predict(args) -> None:
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     def device_flag(p, what: str):
         p.add_argument("--device", choices=DEVICE_NAMES,
                        help=f"where {what} (default: auto, CUDA when torch sees a GPU, else the CPU)")
+
+    def mlflow_flag(p, what: str):
+        p.add_argument("--mlflow", nargs="?", const="", metavar="URI", help=f"log to MLflow: {what}; URI: a "
+                       "tracking server (http://host:5000) or sqlite:///mlflow.db; alone: MLFLOW_TRACKING_URI "
+                       '(needs pip install "galaxy_tune[mlflow]") (default: no MLflow)')
 
     def results_flag(p):
         p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS,
@@ -189,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(one command for a first start and a requeue) (default: a new search; an existing --name is "
                    "refused)")
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
+    mlflow_flag(p, "a parent run for the search, a nested run per trial with each epoch's metrics, kept up to date "
+                "while it runs")
     p.set_defaults(run=cmd_search)
 
     p = commands.add_parser("retrain", help="retrain the top configs of each search and test direct, full and LoRA")
@@ -211,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "retrain --name, skipping its finished runs; `--resume auto`: start it if --name does not exist "
                    "yet; either way this command's settings must be the ones it started with (default: a new "
                    "retrain; an existing --name is refused)")
+    mlflow_flag(p, "a parent run for the retrain, a nested run per method, config and seed with its test metrics "
+                "and model, once it ends")
     p.set_defaults(run=cmd_retrain)
 
     p = commands.add_parser("predict", help="classify a folder of galaxy JPEGs with a retrained model (a "

@@ -33,6 +33,11 @@ EVALUATION = "test_evaluation.csv"  # written by the report: one row per (method
 RAY_RESULT = "result.json"
 
 
+def run_folder(method: str, rank: int) -> str:
+    """A retrained config's folder name before -seed<S>: a search's best config keeps the plain method name."""
+    return method if rank == 1 else f"{method}-top{rank}"
+
+
 def check_name(name: str) -> None:
     """Refuse an experiment name that is not one folder name of safe characters (it could write elsewhere)."""
     if not NAME.fullmatch(name):

@@ -53,7 +53,7 @@ class Recipe:
     @property
     def folder(self) -> str:
         """Its models' folder name before -seed<S>: the search's best keeps the plain method name."""
-        return self.method if self.rank == 1 else f"{self.method}-top{self.rank}"
+        return layout.run_folder(self.method, self.rank)
 
 
 def latest_searches(results_dir: Path) -> dict[str, Path]:

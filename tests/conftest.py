@@ -1,7 +1,8 @@
 """Shared fixtures: a small generated Kaggle-format data set, its prepared cache, one local Ray, one finished
-LoRA search, a bomb JPEG; helpers that start Ray nodes with the `ray start` CLI."""
+LoRA search, a bomb JPEG, an MLflow server; helpers that start Ray nodes with the `ray start` CLI."""
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,69 @@ def stop_nodes(*nodes: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(node.pid, signal.SIGKILL)
             node.wait()
+
+
+def start_mlflow(folder: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on 127.0.0.1 and a free port, its runs in sqlite and its artifacts in `folder`, in its own
+    process group; returns it and its URI once it answers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), folder / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
+             str(folder / "artifacts")], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job workers: runs only
+    uri, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return server, uri
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_mlflow(server)
+            pytest.fail(f"`mlflow server` did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def stop_mlflow(server: subprocess.Popen, signum: int = signal.SIGTERM) -> None:
+    """The server and the workers it started, by its process group."""
+    if server.poll() is None:
+        os.killpg(server.pid, signum)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """One MLflow tracking server for the tests that log to it; its URI."""
+    server, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    yield uri
+    stop_mlflow(server)
+
+
+def mlflow_search(uri: str, experiment: Path) -> tuple[list, dict[str, list]]:
+    """A search's runs as MLflow holds them: its parent runs (tagged with search.json's id) and, by Ray trial id,
+    the live trial runs nested under the first parent."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    search_id = json.loads((experiment / "search.json").read_text())["mlflow_search_id"]
+    found = client.get_experiment_by_name(experiment.name)
+    parents = client.search_runs([found.experiment_id], filter_string=f"tags.`galaxy_tune.search_id` = '{search_id}'")
+    children: dict[str, list] = {}
+    for run in client.search_runs([found.experiment_id], "tags.`galaxy_tune.role` = 'trial'", max_results=1000):
+        if parents and run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id:
+            children.setdefault(run.data.tags["galaxy_tune.ray_trial_id"], []).append(run)
+    return parents, children
+
+
+def epochs_logged(uri: str, run, metric: str = "val_accuracy") -> list[int]:
+    from mlflow import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, metric))

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "galaxy_tune"
-# Each wing and what it may import of galaxy_tune; the bottom modules (errors, layout, provenance, signals) serve all.
-BOTTOM = {"errors", "layout", "provenance", "signals"}
+# Each wing and what it may import of galaxy_tune; the bottom modules (errors, layout, provenance, signals,
+# tracking) serve all.
+BOTTOM = {"errors", "layout", "provenance", "signals", "tracking"}
 LAYERS = {
     "data": BOTTOM | {"data"},
     "models": BOTTOM | {"models", "data"},  # data for constants only: see test_models_take_only_constants_of_data

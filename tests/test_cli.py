@@ -357,7 +357,7 @@ def test_the_dashboard_hint_names_the_port_ray_actually_used():
     assert "ssh -L 8266:127.0.0.1:8266" in dashboard_hint("127.0.0.1:8266")
 
 
-HEAVY = ("torch", "ray", "optuna", "transformers")
+HEAVY = ("torch", "ray", "optuna", "transformers", "mlflow")  # mlflow: only with --mlflow
 # Each command runs to its first error, all in one interpreter, in this order: the heavy libraries loaded after a
 # command are those of the commands before it and its own. --help, demo-data, prepare, report and a search refused
 # for its --name import nothing heavy; predict and retrain torch and transformers, but no Ray and no Optuna; search

@@ -17,7 +17,7 @@ import pytest
 import ray
 from ray import tune
 
-from conftest import CROP_PX, IMAGE_SIZE_PX, TINY_SEARCH
+from conftest import CROP_PX, IMAGE_SIZE_PX, TINY_SEARCH, epochs_logged, mlflow_search
 from galaxy_tune.cli import main
 from galaxy_tune.search.faults import RAY_STATE, STOP_MARKER
 from galaxy_tune.search.trainable import train_trial
@@ -79,7 +79,8 @@ def start_search_args(demo_dir, results_dir, name: str, samples: int) -> list[st
 
 
 def start_search(ray_local, method: str, name: str, demo_dir, results_dir, samples: int = SAMPLES,
-                 ray_env: dict[str, str] | None = None, resume_auto: bool = False, **popen) -> subprocess.Popen:
+                 ray_env: dict[str, str] | None = None, resume_auto: bool = False, extra: tuple[str, ...] = (),
+                 **popen) -> subprocess.Popen:
     """`search` as a user starts it, in its own process group, joining the test's Ray.
 
     Its own Ray would see this machine's CPUs and GPUs; the test's has 2 CPUs and no GPU on any machine. The
@@ -87,7 +88,8 @@ def start_search(ray_local, method: str, name: str, demo_dir, results_dir, sampl
     """
     argv = [sys.executable, "-m", "galaxy_tune", "search", method,
             *start_search_args(demo_dir, results_dir, name, samples),
-            "--address", ray_local.get_runtime_context().gcs_address, *(["--resume", "auto"] if resume_auto else [])]
+            "--address", ray_local.get_runtime_context().gcs_address, *(["--resume", "auto"] if resume_auto else []),
+            *extra]
     return subprocess.Popen(argv, start_new_session=True, env={**os.environ, **A_BIGGER_MACHINE, **(ray_env or {})},
                             **popen)
 
@@ -130,12 +132,13 @@ def completed_with_every_epoch(experiment) -> set[str]:
     return completed & set(finished_trials(experiment, 3))
 
 
-def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials(ray_local, demo_dir, tmp_path):
+def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials(ray_local, demo_dir, tmp_path,
+                                                                                  mlflow_server):
     experiment = tmp_path / "killed"
     # Ray saves its experiment state, and copies its trials' result.json files, into the experiment folder every
     # second (by default every 10 s or more): the kill lands soon after the first trial ends, on a busy machine too.
     driver = start_search(ray_local, "lora", "killed", demo_dir, tmp_path, ray_env={"TUNE_GLOBAL_CHECKPOINT_S": "1"},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          extra=("--mlflow", mlflow_server), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # A trial is finished for a resume once Ray has saved an experiment state that records its end. The live
         # trials.csv is rewritten after Ray records an end.
@@ -185,6 +188,17 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
     states = {t.user_attrs["ray_trial_id"]: (t.state.name, len(t.intermediate_values)) for t in study.trials}
     assert states == {t: ({"COMPLETED": "COMPLETE", "STOPPED": "PRUNED"}[s], n)
                       for t, s, n in zip(trials["trial_id"], trials["status"], trials["epochs"])}
+    # MLflow, logged by both drivers: one parent, finished with the report, and one run per trial Ray ran, with
+    # each of its epochs once and its final state (a trial the killed driver started but Ray lost is deleted).
+    parents, children = mlflow_search(mlflow_server, experiment)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["best_val_accuracy"] == pytest.approx(best["val_accuracy"])
+    assert sorted(children) == sorted(trials["trial_id"]) and all(len(runs) == 1 for runs in children.values())
+    for trial, status, epochs in zip(trials["trial_id"], trials["status"], trials["epochs"]):
+        [run] = children[trial]
+        assert run.data.tags["galaxy_tune.state"] == status.lower() and run.info.status == (
+            "FINISHED" if status == "COMPLETED" else "KILLED")
+        assert epochs_logged(mlflow_server, run) == list(range(1, epochs + 1)), trial
 
 
 def reports(experiment, trial: str) -> list[str]:

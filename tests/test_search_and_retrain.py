@@ -5,8 +5,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,12 +12,14 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 from ray import tune
 from PIL import Image
 from transformers import AutoImageProcessor, ResNetForImageClassification
 
 from conftest import IMAGE_SIZE_PX, SEARCH
 from galaxy_tune.cli import main
+from galaxy_tune.tracking import log_retrain
 from galaxy_tune.data.prepare import load_prepared
 from galaxy_tune.data.loader import open_split
 from galaxy_tune.retrain import select_configs
@@ -103,11 +103,11 @@ def test_broken_space_file_fails_before_ray_starts(demo_dir, tmp_path, capsys, p
 
 
 @pytest.fixture(scope="module")
-def retrained(searched) -> tuple[Path, str]:
-    """The retrain of both searches with default settings: its folder and what it printed."""
+def retrained(searched, mlflow_server) -> tuple[Path, str]:
+    """The retrain of both searches with default settings, logged to MLflow: its folder and what it printed."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["retrain", "--results-dir", str(searched), "--top-k", "2"]) == 0
+        assert main(["retrain", "--results-dir", str(searched), "--top-k", "2", "--mlflow", mlflow_server]) == 0
     return max(searched.glob("retrain-*")), printed.getvalue()
 
 
@@ -216,3 +216,32 @@ def test_top_k_retrain_picks_each_methods_config_on_val_accuracy_alone():
     # kaggle-votes: the lower val RMSE wins.
     rmse = results.rename(columns={"val_accuracy": "val_rmse", "test_accuracy": "test_rmse"})
     assert select_configs(rmse, get_task("kaggle-votes")).tolist() == [True, True, False, False]
+
+
+def test_a_retrain_logs_a_parent_and_a_run_per_method_config_and_seed_to_mlflow(retrained, mlflow_server):
+    out, printed = retrained
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(out.name)
+    [parent] = client.search_runs([experiment.experiment_id], "tags.`galaxy_tune.role` = 'retrain'")
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"report.md", "test_results.csv"}
+    results = pd.read_csv(out / "test_results.csv")
+    evaluation = pd.read_csv(out / "test_evaluation.csv").set_index(["method", "rank", "seed"])
+    runs = {r.data.tags["galaxy_tune.run"]: r for r in client.search_runs(
+        [experiment.experiment_id], "tags.`galaxy_tune.role` = 'retrain_run'")}
+    assert len(runs) == len(results)
+    for row in results.itertuples():
+        run = runs[f"{row.method if row.rank == 1 else f'{row.method}-top{row.rank}'}-seed{row.seed}"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["galaxy_tune.selected"] == str(row.selected).lower()
+        metrics = run.data.metrics
+        assert metrics["test_accuracy"] == pytest.approx(row.test_accuracy)
+        assert metrics["test_accuracy_tta"] == pytest.approx(row.test_accuracy_tta)
+        assert metrics["test_ece"] == pytest.approx(evaluation.loc[(row.method, row.rank, row.seed), "test_ece"])
+        assert run.data.params["method"] == row.method and int(run.data.params["seed"]) == row.seed
+        model = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        assert ("model/config.json" in model) == (row.method != "direct")  # the tiny exports are uploaded
+    # Logged again (a resumed retrain): nothing is added.
+    log_retrain(mlflow_server, out)
+    assert len(client.search_runs([experiment.experiment_id])) == len(results) + 1
+    assert f"MLflow: the retrain's runs are at {mlflow_server}/#/experiments/" in printed

@@ -218,6 +218,8 @@ class TrialWatcher(tune.Callback):
     in batches), so the reports kept here are what the watchers below build on.
     """
 
+    kept = KEPT  # what is kept of each report
+
     def __init__(self):
         self.reports: dict[str, list[dict]] = {}
 
@@ -227,11 +229,11 @@ class TrialWatcher(tune.Callback):
     def seen(self, trial) -> list[dict]:
         if trial.trial_id not in self.reports:
             saved = layout.trial_reports(Path(trial_path(trial))) if trial_path(trial) else []
-            self.reports[trial.trial_id] = [{k: r[k] for k in KEPT if k in r} for r in saved]
+            self.reports[trial.trial_id] = [{k: r[k] for k in self.kept if k in r} for r in saved]
         return self.reports[trial.trial_id]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.seen(trial).append({k: result[k] for k in KEPT if k in result})
+        self.seen(trial).append({k: result[k] for k in self.kept if k in result})
 
 
 class StudyMirror(TrialWatcher):

@@ -40,6 +40,7 @@ class SearchOptions:
     scheduler: str = "asha"  # a key of strategy.SCHEDULERS
     sampler_seed: int | None = None  # default: the data's seed (`bench search` varies it, keeping the split)
     augment: bool = True  # random flips / 90-degree rotations of the training images
+    mlflow: str | None = None  # the MLflow tracking URI the runs go to (`tracking`); None: no MLflow
 
     def __post_init__(self):
         if not self.name:

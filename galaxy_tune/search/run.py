@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -42,6 +43,7 @@ from ..provenance import library_versions
 from ..signals import STOP_SIGNALS, handlers_kept
 from .space import SearchSpace, default_space_path, load_space
 from .strategy import make_sampler, make_scheduler, uses_constant_liar
+from .tracking import tracked
 from ..data.tasks import Task, get_task
 from .trainable import train_trial
 from ..train_config import METHODS, TrainConfig
@@ -59,6 +61,9 @@ def run_search(options: SearchOptions) -> Path:
         if options.method != saved.method:
             raise GalaxyTuneError(f"{experiment} is a {saved.method} search: resume it with "
                                   f"`search {saved.method} --resume --name {saved.name}`")
+        if options.mlflow is not None and options.mlflow != saved.mlflow:
+            raise GalaxyTuneError(f"{experiment} logs to MLflow at {saved.mlflow or 'no server (no --mlflow)'}: a "
+                                  "resumed search keeps the runs where they began, so resume it without --mlflow")
         # The cluster's head may have moved since (a requeued job): the --address given now wins.
         return search_in(experiment, dataclasses.replace(saved, address=options.address or saved.address))
     with claim_experiment(experiment):
@@ -99,7 +104,8 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
         # The resolved model is saved as the explicit one: a resumed search never falls back to other weights.
         (experiment / layout.SEARCH_OPTIONS).write_text(json.dumps(
             {**asdict(options), "model": model_name, "prepared": str(prepared.folder),
-             "concurrency": max_concurrent, "constant_liar": uses_constant_liar(options, max_concurrent)},
+             "concurrency": max_concurrent, "constant_liar": uses_constant_liar(options, max_concurrent),
+             "mlflow_search_id": uuid.uuid4().hex if options.mlflow else None},  # its MLflow run's tag
             indent=2, default=str))
 
     started = time.time()
@@ -150,8 +156,9 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             progress_reporter=progress_table(space, task),
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=metric, checkpoint_score_order=mode),
             callbacks=[GracefulStop(experiment), PruneCheckpoints(experiment, task), SayRetries(options.max_failures),
-                       # then optuna.db, trials.csv and best.json as trials run
-                       *watchers(experiment, options.name, space, about, max_concurrent, task)],
+                       # then optuna.db, trials.csv and best.json as trials run, and the MLflow runs
+                       *watchers(experiment, options.name, space, about, max_concurrent, task),
+                       *tracked(options, experiment, about, task)],
             failure_config=tune.FailureConfig(max_failures=options.max_failures)))
 
 

@@ -1,0 +1,65 @@
+"""MLflow tracking against a real `mlflow server`: a search whose server dies half-way, and the refusals. The runs
+of a search resumed after kill -9 are checked in test_faults, a retrain's in test_search_and_retrain."""
+
+import json
+import signal
+import sys
+import threading
+import time
+
+import pandas as pd
+from mlflow import MlflowClient
+
+from conftest import SEARCH, start_mlflow, stop_mlflow
+from galaxy_tune.cli import main
+
+
+def stop_once_a_trial_is_logged(server, uri: str, name: str) -> threading.Thread:
+    """A thread that kills the server (kill -9) once a trial's run of the search `name` has an epoch."""
+    def watch():
+        client, deadline = MlflowClient(uri), time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = client.get_experiment_by_name(name)
+            if found and any(run.data.metrics for run in client.search_runs(
+                    [found.experiment_id], "tags.`galaxy_tune.role` = 'trial'")):
+                break
+            time.sleep(0.2)
+        stop_mlflow(server, signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_search_whose_mlflow_server_dies_completes_and_says_so(ray_local, demo_dir, tmp_path, capsys):
+    server, uri = start_mlflow(tmp_path / "mlflow")
+    try:
+        watcher = stop_once_a_trial_is_logged(server, uri, "dies")
+        assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--name", "dies",
+                     "--num-samples", "4", "--max-concurrent", "1", *SEARCH, "--mlflow", uri]) == 0
+        watcher.join()
+    finally:
+        stop_mlflow(server, signal.SIGKILL)
+    out, err = capsys.readouterr()
+    assert f"MLflow: this search's runs are at {uri}/#/experiments/" in out
+    assert err.count(f"MLflow at {uri} does not answer") == 1, err  # said once, however many updates it missed
+    assert f"MLflow at {uri} did not take the end of the search" in err
+    experiment = tmp_path / "dies"
+    assert len(pd.read_csv(experiment / "trials.csv")) == 4
+    assert json.loads((experiment / "best.json").read_text())["complete"] is True
+    assert (experiment / "report.md").is_file()
+
+
+def test_mlflow_refusals_are_one_line_before_anything_runs(lora_search, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["search", "lora", "--results-dir", str(tmp_path), "--mlflow"]) == 2
+    assert "--mlflow without a URI takes MLFLOW_TRACKING_URI, which is not set" in capsys.readouterr().err
+    # A resumed search logs where it began.
+    assert main(["search", "lora", "--resume", "--name", lora_search.name, "--results-dir", str(lora_search.parent),
+                 "--mlflow", "sqlite:///elsewhere.db"]) == 2
+    assert "logs to MLflow at no server (no --mlflow): a resumed search keeps the runs where they began" in \
+        capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if MLflow were not installed
+    assert main(["retrain", "--results-dir", str(tmp_path), "--mlflow", "http://127.0.0.1:1"]) == 2
+    assert 'pip install "galaxy_tune[mlflow]"' in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing made
