@@ -15,6 +15,7 @@ import optuna
 import pandas as pd
 import pytest
 import ray
+from mlflow import MlflowClient
 from ray import tune
 
 from conftest import CROP_PX, IMAGE_SIZE_PX, TINY_SEARCH, epochs_logged, mlflow_search
@@ -193,6 +194,10 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
     parents, children = mlflow_search(mlflow_server, experiment)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.metrics["best_val_accuracy"] == pytest.approx(best["val_accuracy"])
+    client = MlflowClient(mlflow_server)
+    history = [m.value for m in client.get_metric_history(parents[0].info.run_id, "best_val_accuracy")]
+    assert history == sorted(history)  # logged as it improved
+    assert "report.md" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert sorted(children) == sorted(trials["trial_id"]) and all(len(runs) == 1 for runs in children.values())
     for trial, status, epochs in zip(trials["trial_id"], trials["status"], trials["epochs"]):
         [run] = children[trial]

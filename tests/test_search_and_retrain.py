@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ from transformers import AutoImageProcessor, ResNetForImageClassification
 
 from conftest import IMAGE_SIZE_PX, SEARCH
 from galaxy_tune.cli import main
+from galaxy_tune import tracking
 from galaxy_tune.tracking import log_retrain
 from galaxy_tune.data.prepare import load_prepared
 from galaxy_tune.data.loader import open_split
@@ -218,7 +220,8 @@ def test_top_k_retrain_picks_each_methods_config_on_val_accuracy_alone():
     assert select_configs(rmse, get_task("kaggle-votes")).tolist() == [True, True, False, False]
 
 
-def test_a_retrain_logs_a_parent_and_a_run_per_method_config_and_seed_to_mlflow(retrained, mlflow_server):
+def test_a_retrain_logs_a_parent_and_a_run_per_method_config_and_seed_to_mlflow(retrained, mlflow_server, tmp_path,
+                                                                                 monkeypatch, capsys):
     out, printed = retrained
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(out.name)
@@ -244,4 +247,14 @@ def test_a_retrain_logs_a_parent_and_a_run_per_method_config_and_seed_to_mlflow(
     # Logged again (a resumed retrain): nothing is added.
     log_retrain(mlflow_server, out)
     assert len(client.search_runs([experiment.experiment_id])) == len(results) + 1
+    # Models over the size limit are recorded by path, and the console says so.
+    monkeypatch.setattr(tracking, "MODEL_ARTIFACT_MAX_MB", 0)
+    big = shutil.copytree(out, tmp_path / "retrain-big")
+    log_retrain(mlflow_server, big)
+    assert f"MLflow: {len(results[results['method'] != 'direct'])} exported model(s) over 0 MB recorded by path" in \
+        capsys.readouterr().out
+    run = client.search_runs([client.get_experiment_by_name("retrain-big").experiment_id],
+                             "tags.`galaxy_tune.run` = 'lora-seed0'")[0]
+    assert run.data.tags["galaxy_tune.model_path"] == str(big / "lora-seed0" / "hf")
+    assert not client.list_artifacts(run.info.run_id, "model")
     assert f"MLflow: the retrain's runs are at {mlflow_server}/#/experiments/" in printed
