@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,7 +223,8 @@ def claim_retrain(out_dir: Path, plan: dict, resume: bool) -> None:
         except FileExistsError:
             raise GalaxyTuneError(f"{out_dir} exists: choose another --name, or add --resume auto to continue the "
                                   "retrain there") from None
-        layout.write_atomically(saved, json.dumps(plan, indent=2))
+        # The id tells this retrain from an earlier one of its name (its MLflow parent run's tag); not compared.
+        layout.write_atomically(saved, json.dumps({**plan, "id": uuid.uuid4().hex}, indent=2))
         return
     if not saved.is_file():
         raise GalaxyTuneError(f"no retrain to resume at {out_dir} (it has no {layout.RETRAIN_PLAN}): check --name and "

@@ -29,6 +29,7 @@ ROLE = "galaxy_tune.role"
 TRIAL = "galaxy_tune.ray_trial_id"
 RUN = "galaxy_tune.run"
 SEARCH_ID = "galaxy_tune.search_id"  # on a search's parent run; search.json keeps it as mlflow_search_id
+RETRAIN_ID = "galaxy_tune.retrain_id"  # on a retrain's parent run; plan.json keeps it as id
 STATE = "galaxy_tune.state"
 PARENT = "mlflow.parentRunId"  # MLflow's own tag of a nested run
 MODEL_ARTIFACT_MAX_MB = 25  # larger exported models are recorded by path (tag galaxy_tune.model_path)
@@ -130,7 +131,10 @@ def log_retrain(uri: str, out_dir: Path) -> None:
     try:
         tracking = Tracking(uri, out_dir.name)
         retrained = json.loads((out_dir / layout.RETRAIN).read_text())
-        parent = tracking.parent(out_dir.name, {ROLE: "retrain"}, {
+        # A retrain of galaxy_tune 0.2.0 has no id in its plan: its name alone finds it.
+        retrain_id = json.loads((out_dir / layout.RETRAIN_PLAN).read_text()).get("id")
+        tags = {ROLE: "retrain", **({RETRAIN_ID: retrain_id} if retrain_id else {})}
+        parent = tracking.parent(out_dir.name, tags, {
             "model": retrained["model"], "seeds": retrained["seeds"], "methods": " ".join(retrained["methods"]),
             "top_k": retrained["top_k"], "metric": retrained["metric"], "data": retrained["data"].get("prepared")})
         done = {run.data.tags.get(RUN) for run in tracking.find({ROLE: "retrain_run", PARENT: parent})}

@@ -226,6 +226,7 @@ def test_a_retrain_logs_a_parent_and_a_run_per_method_config_and_seed_to_mlflow(
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(out.name)
     [parent] = client.search_runs([experiment.experiment_id], "tags.`galaxy_tune.role` = 'retrain'")
+    assert parent.data.tags["galaxy_tune.retrain_id"] == json.loads((out / "plan.json").read_text())["id"]
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"report.md", "test_results.csv"}
     results = pd.read_csv(out / "test_results.csv")
