@@ -121,8 +121,10 @@ def finish_search(experiment: Path, task: Task) -> None:
             runs.write_trial(row.trial_id, json.loads(row.config), reports, FINAL[row.status])
         runs.drop_lost(set(trials["trial_id"]))
         client, parent = runs.tracking.client, runs.parent
-        runs.tracking.log_metrics(parent, {f"best_{best['metric']}": best[best["metric"]]},
-                                  step=int(best["finished_trials"]))
+        key, step = f"best_{best['metric']}", int(best["finished_trials"])
+        logged = {(m.step, m.value) for m in client.get_metric_history(parent, key)}
+        if (step, best[best["metric"]]) not in logged:  # a search resumed to catch MLflow up has it already
+            runs.tracking.log_metrics(parent, {key: best[best["metric"]]}, step=step)
         for path in [experiment / layout.REPORT, *sorted(experiment.glob("*.png"))]:
             if path.is_file():
                 client.log_artifact(parent, str(path))
@@ -131,7 +133,9 @@ def finish_search(experiment: Path, task: Task) -> None:
         print(f"MLflow: the search's runs are at {runs.tracking.url()}")
     except Exception as err:
         print(f"galaxy_tune: MLflow at {uri} did not take the end of the search ({describe(err)}); the search's own "
-              f"files in {experiment} are complete", file=sys.stderr)
+              f"files in {experiment} are complete, and `search {searched['method']} --resume --name "
+              f"{experiment.name} --results-dir {experiment.parent}` brings its runs up to date once it answers",
+              file=sys.stderr)
 
 
 class MlflowTrials(TrialWatcher):
