@@ -2,11 +2,11 @@
 mirror (`monitor`): trials on other nodes need no access to the tracking server.
 
 The parent run (tag `galaxy_tune.search_id`, made when the search started and kept by `--resume`) records what
-the search was asked to do and its best value as it improves; `tracking.finish_search` adds the report when the
-search ends. Each trial has a nested run with its config as params, train_loss, val_loss and the val metric of
-each epoch (step = epoch), and its state as a tag. A resumed driver finds the runs by their tags and adds only
-what they lack; a trial that the killed driver had started but Ray lost (it ran others instead) has its run
-tagged `lost` and deleted, so the experiment holds one run per trial Ray ran.
+the search was asked to do and its best value as it improves. Each trial has a nested run with its config as
+params, train_loss, val_loss and the val metric of each epoch (step = epoch), and its state as a tag. A resumed
+driver finds the runs by their tags and adds only what they lack; a trial that the killed driver had started but
+Ray lost (it ran others instead) has its run tagged `lost` and deleted, so the experiment holds one run per trial
+Ray ran. When the search ends, `finish_search` makes the runs equal to trials.csv and adds the report.
 
 The callbacks only note what changed; a thread of the driver writes it. A server that is down or slow never stops
 or slows the search: its first failure is said once, what is not written yet waits (one entry per trial, so the
