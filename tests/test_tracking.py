@@ -54,11 +54,12 @@ def test_mlflow_refusals_are_one_line_before_anything_runs(lora_search, tmp_path
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["search", "lora", "--results-dir", str(tmp_path), "--mlflow"]) == 2
     assert "--mlflow without a URI takes MLFLOW_TRACKING_URI, which is not set" in capsys.readouterr().err
-    # A resumed search logs where it began.
+    # A resumed search logs where it began; `--mlflow` alone takes MLFLOW_TRACKING_URI.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
     assert main(["search", "lora", "--resume", "--name", lora_search.name, "--results-dir", str(lora_search.parent),
-                 "--mlflow", "sqlite:///elsewhere.db"]) == 2
-    assert "logs to MLflow at no server (no --mlflow): a resumed search keeps the runs where they began" in \
-        capsys.readouterr().err
+                 "--mlflow"]) == 2
+    assert "logs to MLflow at no server (no --mlflow), not sqlite:///elsewhere.db: a resumed search keeps the runs " \
+        "where they began" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if MLflow were not installed
     assert main(["retrain", "--results-dir", str(tmp_path), "--mlflow", "http://127.0.0.1:1"]) == 2
     assert 'pip install "galaxy_tune[mlflow]"' in capsys.readouterr().err

@@ -62,8 +62,9 @@ def run_search(options: SearchOptions) -> Path:
             raise GalaxyTuneError(f"{experiment} is a {saved.method} search: resume it with "
                                   f"`search {saved.method} --resume --name {saved.name}`")
         if options.mlflow is not None and options.mlflow != saved.mlflow:
-            raise GalaxyTuneError(f"{experiment} logs to MLflow at {saved.mlflow or 'no server (no --mlflow)'}: a "
-                                  "resumed search keeps the runs where they began, so resume it without --mlflow")
+            raise GalaxyTuneError(f"{experiment} logs to MLflow at {saved.mlflow or 'no server (no --mlflow)'}, not "
+                                  f"{options.mlflow}: a resumed search keeps the runs where they began, so resume it "
+                                  "without --mlflow")
         # The cluster's head may have moved since (a requeued job): the --address given now wins.
         return search_in(experiment, dataclasses.replace(saved, address=options.address or saved.address))
     with claim_experiment(experiment):
