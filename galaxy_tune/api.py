@@ -24,7 +24,7 @@ from .data.prepare import DataConfig, Prepared, data_summary, load_prepared, pre
 from .data.demo import DEMO, DEMO_FOLDER, demo_data_dir
 from .data.tasks import DEFAULT_TASK, TASKS, get_task
 from .errors import GalaxyTuneError
-from .tracking import log_retrain, resolve_uri
+from .tracking import check_experiment, log_retrain, resolve_uri
 
 
 def given(**settings) -> dict:
@@ -143,6 +143,8 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Pa
     if resume and not name:
         raise GalaxyTuneError(f"--resume{' auto' if resume == 'auto' else ''} needs the --name of the retrain to "
                               "continue")
+    out = Path(results_dir) / (name or f"retrain-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_experiment(mlflow, out.name)
     from .models.backbone import load_backbone
     from .report import write_retrain_report
     from .retrain import ALL_METHODS, latest_searches, read_best, run_retrain
@@ -183,7 +185,6 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Pa
     on_demo_data = Path(data_summary(prepared)["data_dir"]) == (Path(results_dir) / DEMO_FOLDER).resolve()
     # Demo-sized: 2 seeds, and the reference recipes' 7-10 epochs capped at the demo search's budget.
     demo = {"seeds": DEMO["seeds"], "max_epochs": DEMO["max_epochs"], "top_k": DEMO["top_k"]} if on_demo_data else {}
-    out = Path(results_dir) / (name or f"retrain-{time.strftime('%Y%m%d-%H%M%S')}")
     run_retrain(prepared, model_name, used, out, methods=methods, augment=augment, device=device,
                 resume=bool(resume) and (resume != "auto" or out.exists()),
                 **{**demo, **given(seeds=seeds, max_epochs=max_epochs, top_k=top_k)})

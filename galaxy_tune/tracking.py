@@ -54,6 +54,19 @@ def resolve_uri(given: str | None) -> str | None:
     return uri
 
 
+def check_experiment(uri: str | None, name: str) -> None:
+    """Before a search or retrain starts: refuse a deleted MLflow experiment of its name, which would take no run.
+    A server that does not answer is left to the run itself, which goes on without it."""
+    if not uri:
+        return
+    try:
+        Tracking(uri, name)
+    except GalaxyTuneError:
+        raise
+    except Exception:
+        pass
+
+
 def describe(err: Exception) -> str:
     """An MLflow error in one line (a refused connection's text is pages long)."""
     text = str(err).strip().splitlines()
@@ -70,6 +83,10 @@ class Tracking:
 
         self.uri, self.client = uri, MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
+        if found and found.lifecycle_stage == "deleted":
+            raise GalaxyTuneError(f"the MLflow experiment {experiment!r} at {uri} is deleted: restore it (`mlflow "
+                                  f"experiments restore --experiment-id {found.experiment_id}`), or choose another "
+                                  "--name")
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
 
     def find(self, tags: dict[str, str]) -> list:

@@ -50,7 +50,17 @@ def test_a_search_whose_mlflow_server_dies_completes_and_says_so(ray_local, demo
     assert (experiment / "report.md").is_file()
 
 
-def test_mlflow_refusals_are_one_line_before_anything_runs(lora_search, tmp_path, monkeypatch, capsys):
+def test_mlflow_refusals_are_one_line_before_anything_runs(lora_search, mlflow_server, demo_dir, tmp_path, monkeypatch,
+                                                           capsys):
+    # An MLflow experiment of the search's name that was deleted would take no run.
+    client = MlflowClient(mlflow_server)
+    client.delete_experiment(client.create_experiment("gone"))
+    assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--name", "gone",
+                 "--mlflow", mlflow_server]) == 2
+    assert "the MLflow experiment 'gone' at http://127.0.0.1:" in capsys.readouterr().err
+    assert main(["retrain", "--results-dir", str(tmp_path), "--name", "gone", "--mlflow", mlflow_server]) == 2
+    assert "is deleted: restore it (`mlflow experiments restore --experiment-id" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["search", "lora", "--results-dir", str(tmp_path), "--mlflow"]) == 2
     assert "--mlflow without a URI takes MLFLOW_TRACKING_URI, which is not set" in capsys.readouterr().err

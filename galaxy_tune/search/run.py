@@ -41,6 +41,7 @@ from .options import SearchOptions, saved_options
 from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from ..provenance import library_versions
 from ..signals import STOP_SIGNALS, handlers_kept
+from ..tracking import check_experiment
 from .space import SearchSpace, default_space_path, load_space
 from .strategy import make_sampler, make_scheduler, uses_constant_liar
 from .tracking import tracked
@@ -86,6 +87,7 @@ def claim_experiment(experiment: Path) -> Iterator[None]:
 
 def search_in(experiment: Path, options: SearchOptions) -> Path:
     """The search of `options` in its experiment folder, made already (or resumed)."""
+    check_experiment(options.mlflow, options.name)
     results_dir = experiment.parent
     task = get_task(options.data.task)
     overrides = {"method": options.method, "seed": options.data.seed, "augment": options.augment,
