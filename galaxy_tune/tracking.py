@@ -68,9 +68,15 @@ def check_experiment(uri: str | None, name: str) -> None:
 
 
 def describe(err: Exception) -> str:
-    """An MLflow error in one line (a refused connection's text is pages long)."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+    """An MLflow error in one line: a refused connection's text is pages long, its cause at the end."""
+    text = str(err)
+    for cause, said in (("Connection refused", "connection refused"), ("Connection aborted", "connection lost"),
+                        ("RemoteDisconnected", "connection lost"), ("timed out", "timed out"),
+                        ("Name or service not known", "unknown host"), ("Max retries exceeded", "no answer")):
+        if cause in text:
+            return said
+    lines = text.strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
 
 
 class Tracking:
