@@ -203,7 +203,8 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
         [run] = children[trial]
         assert run.data.tags["galaxy_tune.state"] == status.lower() and run.info.status == (
             "FINISHED" if status == "COMPLETED" else "KILLED")
-        assert epochs_logged(mlflow_server, run) == list(range(1, epochs + 1)), trial
+        for metric in ("val_accuracy", "val_loss", "train_loss"):
+            assert epochs_logged(mlflow_server, run, metric) == list(range(1, epochs + 1)), (trial, metric)
 
 
 def reports(experiment, trial: str) -> list[str]:
