@@ -118,7 +118,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     print(f"search results in {experiment}; report: {write_search_report(experiment)}")
     from .search.tracking import finish_search
 
-    finish_search(experiment, get_task(saved_options(experiment).data.task))
+    finish_search(experiment)
     return experiment
 
 

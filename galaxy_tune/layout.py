@@ -28,6 +28,7 @@ RETRAIN = "retrain.json"  # what was retrained, on which data
 TEST_RESULTS = "test_results.csv"  # one row per (method, seed)
 TEST_PREDICTIONS = "test_predictions.csv"  # one row per (method, seed, test galaxy)
 REPORT = "report.md"
+HF_FOLDER = "hf"  # in each retrained <method>-seed<S>/: the exported model
 EVALUATION = "test_evaluation.csv"  # written by the report: one row per (method, rank, seed)
 # Ray Tune's own file in each trial folder: one JSON line per tune.report
 RAY_RESULT = "result.json"

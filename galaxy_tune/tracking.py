@@ -16,9 +16,11 @@ otherwise. MLflow's own "View run" lines are turned off (MLFLOW_SUPPRESS_PRINTIN
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ SEARCH_ID = "galaxy_tune.search_id"  # on a search's parent run; search.json kee
 RETRAIN_ID = "galaxy_tune.retrain_id"  # on a retrain's parent run; plan.json keeps it as id
 STATE = "galaxy_tune.state"
 PARENT = "mlflow.parentRunId"  # MLflow's own tag of a nested run
+CHECK_WAIT_S = 3.0  # how long a search or retrain waits, before it starts, for MLflow to say its experiment is usable
 MODEL_ARTIFACT_MAX_MB = 25  # larger exported models are recorded by path (tag galaxy_tune.model_path)
 REQUEST_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
@@ -46,25 +49,31 @@ def resolve_uri(given: str | None) -> str | None:
     if not uri:
         raise GalaxyTuneError("--mlflow without a URI takes MLFLOW_TRACKING_URI, which is not set: give the "
                               "server, e.g. --mlflow http://127.0.0.1:5000, or a file, --mlflow sqlite:///mlflow.db")
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        raise GalaxyTuneError('--mlflow needs MLflow, which is not installed: pip install "galaxy_tune[mlflow]"') \
-            from None
+    if importlib.util.find_spec("mlflow") is None:  # found, not imported: the run imports it when it logs
+        raise GalaxyTuneError('--mlflow needs MLflow, which is not installed: pip install "galaxy_tune[mlflow]"')
     return uri
 
 
-def check_experiment(uri: str | None, name: str) -> None:
+def check_experiment(uri: str | None, name: str, wait_s: float = CHECK_WAIT_S) -> None:
     """Before a search or retrain starts: refuse a deleted MLflow experiment of its name, which would take no run.
-    A server that does not answer is left to the run itself, which goes on without it."""
+    A server that does not answer within `wait_s` is left to the run itself, which goes on without it."""
     if not uri:
         return
-    try:
-        Tracking(uri, name)
-    except GalaxyTuneError:
-        raise
-    except Exception:
-        pass
+    refused = []
+
+    def check():
+        try:
+            Tracking(uri, name)
+        except GalaxyTuneError as err:
+            refused.append(err)
+        except Exception:  # the server does not answer: said by the run that logs to it
+            pass
+
+    checking = threading.Thread(target=check, name="galaxy_tune-mlflow-check", daemon=True)
+    checking.start()
+    checking.join(wait_s)
+    if refused:
+        raise refused[0]
 
 
 def describe(err: Exception) -> str:
@@ -179,7 +188,7 @@ def log_retrain(uri: str, out_dir: Path) -> None:
             run = tracking.child(parent, "retrain_run", name, {RUN: name, "galaxy_tune.selected": str(
                 bool(row["selected"])).lower()}, params)
             tracking.log_metrics(run, metrics)
-            model = out_dir / name / "hf"
+            model = out_dir / name / layout.HF_FOLDER
             if model.is_dir():
                 size_mb = sum(p.stat().st_size for p in model.rglob("*") if p.is_file()) / 2**20
                 if size_mb <= MODEL_ARTIFACT_MAX_MB:

@@ -22,13 +22,13 @@ from ..data.kaggle import IMAGE_SIZE_PX
 from ..data.loader import IMAGENET_MEAN, IMAGENET_STD
 from ..data.tasks import DEFAULT_TASK
 from ..errors import GalaxyTuneError
+from ..layout import HF_FOLDER  # noqa: F401 (the name is here too)
 from .lora import save_adapters, to_plain_model
 
 if TYPE_CHECKING:
     from ..data.prepare import Prepared
 
 MODEL_INFO = "galaxy_tune.json"  # beside config.json: {"image_size_px", "crop_px", "class_names", "task"}
-HF_FOLDER = "hf"
 ADAPTERS = "adapters.safetensors"
 TRAIN_CONFIG = "train_config.json"
 

@@ -51,6 +51,11 @@ def by_epoch(reports: list[dict], metric: str) -> list[dict]:
     return [latest[epoch] for epoch in sorted(latest)]
 
 
+def ended_status(config: dict, epochs: int) -> str:
+    """How a trial that Ray calls TERMINATED ended: COMPLETED (every epoch) or STOPPED (early, by the scheduler)."""
+    return "COMPLETED" if epochs >= TrainConfig.from_dict(config).epochs else "STOPPED"
+
+
 def trial_row(trial_id: str, config: dict, reports: list[dict], state: str, path: str | None, task: Task) -> dict:
     """A trials.csv row from a trial's reports in arrival order: best_, last_ and the curve of the task's val
     metric (best_val_accuracy, or best_val_rmse, ...).
@@ -62,7 +67,7 @@ def trial_row(trial_id: str, config: dict, reports: list[dict], state: str, path
     history = by_epoch(reports, metric)
     train_config = TrainConfig.from_dict(config)
     epochs = int(history[-1]["epoch"]) if history else 0
-    status = state if state != "TERMINATED" else "COMPLETED" if epochs >= train_config.epochs else "STOPPED"
+    status = state if state != "TERMINATED" else ended_status(config, epochs)
     values = np.array([float(r[metric]) for r in history])
     curve = values.round(6).tolist()
     best = task.arg_best(values) if curve else None

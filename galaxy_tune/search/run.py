@@ -103,13 +103,13 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
     options = dataclasses.replace(options, gpus_per_trial=gpus_per_trial)
     prepared = prepare(options.data, prepared_folder(results_dir, options.data))
     model_name = options.model if options.model in RANDOM_BACKBONES else pretrained_backbone(options, prepared)
+    searched = None  # a resumed search keeps its search.json
     if not options.resume:
         # The resolved model is saved as the explicit one: a resumed search never falls back to other weights.
-        (experiment / layout.SEARCH_OPTIONS).write_text(json.dumps(
-            {**asdict(options), "model": model_name, "prepared": str(prepared.folder),
-             "concurrency": max_concurrent, "constant_liar": uses_constant_liar(options, max_concurrent),
-             "mlflow_search_id": uuid.uuid4().hex if options.mlflow else None},  # its MLflow run's tag
-            indent=2, default=str))
+        searched = {**asdict(options), "model": model_name, "prepared": str(prepared.folder),
+                    "concurrency": max_concurrent, "constant_liar": uses_constant_liar(options, max_concurrent),
+                    "mlflow_search_id": uuid.uuid4().hex if options.mlflow else None}  # its MLflow run's tag
+        (experiment / layout.SEARCH_OPTIONS).write_text(json.dumps(searched, indent=2, default=str))
 
     started = time.time()
     about = about_search(options, model_name, prepared, experiment)  # what best.json says of the search
@@ -118,15 +118,18 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
         # first report of a step and warns about the second, which is expected here, not a problem to look into.
         warnings.filterwarnings("ignore", "The reported value is ignored because this `step=", UserWarning)
         with handlers_kept((signal.SIGINT, *STOP_SIGNALS)):  # Ray Tune's run leaves its own installed
-            grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about, task).fit()
+            grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about, task,
+                              searched).fit()
     write_results(grid, options, space, experiment, about, task,
                   {"wall_seconds": round(time.time() - started, 1), "concurrency": max_concurrent})
     return experiment
 
 
 def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, model_name: str,
-               max_concurrent: int, experiment: Path, about: dict, task: Task) -> tune.Tuner:
-    """A new Tuner (Optuna TPE proposing, ASHA stopping), or the interrupted one of `experiment` on --resume."""
+               max_concurrent: int, experiment: Path, about: dict, task: Task,
+               searched: dict | None = None) -> tune.Tuner:
+    """A new Tuner (Optuna TPE proposing, ASHA stopping), or the interrupted one of `experiment` on --resume.
+    `searched`: what a new search's search.json holds."""
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=prepared.image_size_px,
                              crop_px=prepared.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
@@ -161,7 +164,7 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             callbacks=[GracefulStop(experiment), PruneCheckpoints(experiment, task), SayRetries(options.max_failures),
                        # then optuna.db, trials.csv and best.json as trials run, and the MLflow runs
                        *watchers(experiment, options.name, space, about, max_concurrent, task),
-                       *tracked(options, experiment, about, task)],
+                       *tracked(options, searched, about, task)],
             failure_config=tune.FailureConfig(max_failures=options.max_failures)))
 
 

@@ -26,10 +26,9 @@ import pandas as pd
 from ray import tune
 
 from .. import layout
-from ..data.tasks import Task
+from ..data.tasks import Task, get_task
 from ..tracking import PARENT, ROLE, SEARCH_ID, STATE, TRIAL, Tracking, describe
-from ..train_config import TrainConfig
-from .monitor import KEPT, TrialWatcher, by_epoch
+from .monitor import KEPT, TrialWatcher, by_epoch, ended_status
 from .space import default_space_path
 
 PAUSE_MAX_S = 30.0
@@ -49,10 +48,8 @@ class Child:
 
 def final_state(config: dict, reports: list[dict], metric: str, failed: bool) -> str:
     """completed (every epoch), stopped (early, by the scheduler) or failed."""
-    if failed:
-        return "failed"
     epochs = max((int(r["epoch"]) for r in by_epoch(reports, metric)), default=0)
-    return "completed" if epochs >= TrainConfig.from_dict(config).epochs else "stopped"
+    return FINAL["ERROR" if failed else ended_status(config, epochs)]
 
 
 def search_params(searched: dict, about: dict, task: Task) -> dict:
@@ -103,14 +100,14 @@ class SearchRuns:
             self.tracking.client.delete_run(child.run_id)
 
 
-def finish_search(experiment: Path, task: Task) -> None:
+def finish_search(experiment: Path) -> None:
     """The end of a search with --mlflow: its runs made equal to trials.csv (each trial's epochs from its
     result.json, its state; runs of trials Ray did not run deleted), then the report and figures as artifacts of
     the parent, its final best value, and the parent FINISHED. A server that does not answer is said in one line."""
     searched = json.loads((experiment / layout.SEARCH_OPTIONS).read_text())
     if not searched.get("mlflow"):
         return
-    uri = searched["mlflow"]
+    uri, task = searched["mlflow"], get_task(searched["data"]["task"])
     try:
         best = json.loads((experiment / layout.BEST).read_text())
         runs = SearchRuns(uri, experiment.name, searched["mlflow_search_id"], search_params(searched, best, task),
@@ -272,11 +269,10 @@ class MlflowTrials(TrialWatcher):
             self.best = best
 
 
-def tracked(options, experiment: Path, about: dict, task: Task) -> list[tune.Callback]:
-    """The MLflow callback of a search with --mlflow (none without): its parent run is tagged with the id that
-    search.json keeps, and records what the search was asked to do."""
+def tracked(options, searched: dict | None, about: dict, task: Task) -> list[tune.Callback]:
+    """The MLflow callback of a new search with --mlflow (none without), from what its search.json holds: its
+    parent run is tagged with the id kept there, and records what the search was asked to do."""
     if not options.mlflow:
         return []
-    searched = json.loads((experiment / layout.SEARCH_OPTIONS).read_text())
     return [MlflowTrials(options.mlflow, options.name, searched["mlflow_search_id"],
                          search_params(searched, about, task), task)]
