@@ -80,6 +80,7 @@ def describe(err: Exception) -> str:
     """An MLflow error in one line: a refused connection's text is pages long, its cause at the end."""
     text = str(err)
     for cause, said in (("Connection refused", "connection refused"), ("Connection aborted", "connection lost"),
+                        ("Connection broken", "connection lost"), ("Connection reset", "connection lost"),
                         ("RemoteDisconnected", "connection lost"), ("timed out", "timed out"),
                         ("Name or service not known", "unknown host"), ("Max retries exceeded", "no answer")):
         if cause in text:

@@ -54,6 +54,23 @@ def test_a_search_whose_mlflow_server_dies_completes_and_says_so(ray_local, demo
     assert (experiment / "report.md").is_file()
 
 
+def test_a_server_failure_is_said_by_its_cause():
+    from mlflow.exceptions import MlflowException
+    from urllib3.exceptions import ProtocolError
+
+    from galaxy_tune.tracking import describe
+
+    def failed(cause: Exception) -> MlflowException:  # as MLflow's REST client words a request that failed
+        return MlflowException(f"API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with "
+                               f"exception {cause!r}")
+
+    broken = ProtocolError("Connection broken: IncompleteRead(0 bytes read, 2 more expected)")
+    assert describe(failed(broken)) == "connection lost"
+    assert describe(failed(ConnectionResetError(104, "Connection reset by peer"))) == "connection lost"
+    assert describe(failed(ConnectionRefusedError(111, "Connection refused"))) == "connection refused"
+    assert describe(ValueError("first line\nsecond")) == "ValueError: first line"
+
+
 def test_mlflow_refusals_are_one_line_before_anything_runs(lora_search, mlflow_server, demo_dir, tmp_path, monkeypatch,
                                                            capsys):
     # An MLflow experiment of the search's name that was deleted would take no run.
