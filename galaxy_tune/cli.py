@@ -169,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="how many trials to run (default: 20; demo data 6)")
     p.add_argument("--max-epochs", type=int, help="epochs per trial, the scheduler's budget (default: the space's "
                    "epochs; demo data 4)")
-    p.add_argument("--model", help="Hugging Face id or local folder, resnet50-random or tiny "
-                   "(default: microsoft/resnet-50, falling back to resnet50-random offline)")
+    p.add_argument("--model", help="a transformers ResNet (Hugging Face id or local folder, resnet50-random, tiny) "
+                   "or a timm one (hf_hub:REPO such as hf_hub:mwalmsley/zoobot-encoder-resnet50, timm:ARCH with "
+                   "random weights, or a folder in timm's Hub layout) (default: microsoft/resnet-50, falling back "
+                   "to resnet50-random offline)")
     p.add_argument("--name", help="experiment name: one folder name inside --results-dir, of letters, digits and "
                    ". _ + - (default: search-<method>-<time>)")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs each trial holds (default: 1)")

@@ -21,7 +21,7 @@ from torch import nn
 from .data.loader import ImageSplit, batches, empty_batch, orient
 from .errors import GalaxyTuneError
 from .models.lora import add_lora, adapter_state_dict, is_legacy_adapter_state, load_adapter_state
-from .models.backbone import build_model, freeze_stages, param_groups
+from .models.backbone import build_model, freeze_stages, normalisation, param_groups
 from .data.tasks import DEFAULT_TASK, Task, get_task
 # The config and its choices live without torch (the search's driver needs them alone); they are the training's too.
 from .train_config import DEVICES, METHODS, OPTIMIZERS, REFERENCE_CONFIGS, SCHEDULERS, TrainConfig  # noqa: F401
@@ -147,7 +147,7 @@ def predict_logits(model: nn.Module, split: ImageSplit, device: torch.device, ba
     model.eval()
     views = 8 if tta else 1
     out = []
-    for x, _ in batches(split, max(1, batch_size // views), device, reuse=True):
+    for x, _ in batches(split, max(1, batch_size // views), device, reuse=True, normalisation=normalisation(model)):
         if tta:
             turned = empty_batch((views * len(x), *x.shape[1:]), device)
             for element, part in enumerate(turned.split(len(x))):
@@ -241,7 +241,8 @@ def fit(model: nn.Module, config: TrainConfig, train: ImageSplit, val: ImageSpli
         started = time.perf_counter()
         loss_sum, seen = train_steps(model, optimizer, scheduler, device, batches(
             train, config.batch_size, device, shuffle=True, augment=config.augment,
-            seed=config.seed * 100_003 + epoch, reuse=True), config.label_smoothing, get_task(train.task))
+            seed=config.seed * 100_003 + epoch, reuse=True, normalisation=normalisation(model)), config.label_smoothing,
+            get_task(train.task))
         total_loss = loss_sum.item()  # the epoch's one wait for the device
         if not math.isfinite(total_loss):
             raise GalaxyTuneError(f"training diverged at epoch {epoch} (loss {total_loss}): lower lr={config.lr}")

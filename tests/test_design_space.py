@@ -1,6 +1,7 @@
 """The fine-tuning design space: frozen stages, layer-wise lr decay, LoRA variants, BatchNorm modes, smoothing."""
 
 import dataclasses
+import re
 import math
 
 import pytest
@@ -9,7 +10,6 @@ from torch import nn
 
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.models.lora import LoraConv2d
-from galaxy_tune.models.backbone import parameter_depth
 from galaxy_tune.train import TrainConfig, make_model, make_optimizer, train_step
 
 IMAGES = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -19,9 +19,27 @@ FULL = TrainConfig(method="full", lr=1e-2, weight_decay=0.1, optimizer="sgd", sc
 LORA = dataclasses.replace(FULL, method="lora", lora_rank=2, lora_alpha=4)
 
 
-def step(config: TrainConfig):
+BACKBONES = ["tiny", "timm:test_resnet", "timm:test_convnext"]
+# Each backbone's stages by name, as HF's ResNet and timm's grouping place them: stem 5, stage s at 5 - s, head 0.
+STAGE_NAMES = {"tiny": (r"resnet\.embedder\.", r"resnet\.encoder\.stages\.(\d)\.", 1),
+               "timm:test_resnet": (r"encoder\.(conv1|bn1)\.", r"encoder\.layer(\d)\.", 0),
+               "timm:test_convnext": (r"encoder\.stem\.", r"encoder\.stages\.(\d)\.", 1)}
+
+
+def expected_depth(backbone: str, name: str) -> int:
+    stem, stage, first = STAGE_NAMES[backbone]
+    if re.match(stem, name):
+        return 5
+    found = re.match(stage, name)
+    return 5 - (int(found.group(found.lastindex)) + first) if found else 0
+
+
+def step(config: TrainConfig, backbone: str = "tiny"):
     """A tiny model after one optimisation step, with the parameters and buffers it had before."""
-    model = make_model(config, "tiny")
+    model = make_model(config, backbone)
+    for name, parameter in model.named_parameters():  # timm starts a ResNet block's last BatchNorm at 0 and a
+        if name.endswith((".gamma", "bn2.weight", "bn3.weight")):  # ConvNeXt block's scale at 1e-6: the layers
+            nn.init.ones_(parameter)  # before them would get no gradient to move by
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     train_step(model, make_optimizer(config, model), IMAGES, LABELS, CPU, config.label_smoothing)
@@ -32,24 +50,26 @@ def changed(model, before) -> set[str]:
     return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("frozen_stages", [0, 1, 3, 5])
-def test_frozen_stages_get_no_gradient_and_do_not_move(frozen_stages):
-    model, before = step(dataclasses.replace(FULL, frozen_stages=frozen_stages))
+def test_frozen_stages_get_no_gradient_and_do_not_move(frozen_stages, backbone):
+    model, before = step(dataclasses.replace(FULL, frozen_stages=frozen_stages), backbone)
     for name, parameter in model.named_parameters():
-        frozen = parameter_depth(name) > 5 - frozen_stages  # stem 5, stage 1 at 4 ... stage 4 at 1, head 0
+        frozen = expected_depth(backbone, name) > 5 - frozen_stages
         assert (parameter.grad is None) == frozen, name
         assert torch.equal(parameter, before[name]) == frozen, name
     assert any(name.startswith("classifier.") for name in changed(model, before))  # the head always trains
 
 
-def test_each_stage_gets_lr_times_decay_to_its_depth_and_norms_and_biases_no_weight_decay():
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_each_stage_gets_lr_times_decay_to_its_depth_and_norms_and_biases_no_weight_decay(backbone):
     config = dataclasses.replace(FULL, lr=1e-2, lr_decay=0.5)
-    model = make_model(config, "tiny")
+    model = make_model(config, backbone)
     optimizer = make_optimizer(config, model)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for name, parameter in model.named_parameters():
         group = group_of[id(parameter)]
-        assert group["lr"] == pytest.approx(1e-2 * 0.5 ** parameter_depth(name)), name
+        assert group["lr"] == pytest.approx(1e-2 * 0.5 ** expected_depth(backbone, name)), name
         assert group["weight_decay"] == (0.1 if parameter.ndim >= 2 else 0.0), name
     assert optimizer.param_groups[0]["depth"] == 0  # the head's group first: the lr that fit reports
 

@@ -49,9 +49,10 @@ def open_splits(prepared: Prepared, *splits: str) -> list[ImageSplit]:
 
 
 def batches(split: ImageSplit, batch_size: int, device: torch.device, *, shuffle: bool = False,
-            augment: bool = False, seed: int = 0, reuse: bool = False,
-            prefetch: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised float batches (N, 3, H, W) and labels on `device`; seeded shuffling and dihedral augmentation.
+            augment: bool = False, seed: int = 0, reuse: bool = False, prefetch: bool | None = None,
+            normalisation: tuple = (IMAGENET_MEAN, IMAGENET_STD)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Float batches (N, 3, H, W), normalised by `normalisation` (the backbone's pretrained mean and std), and labels
+    on `device`; seeded shuffling and dihedral augmentation.
 
     The loop never decodes a JPEG: the uint8 pixels are read from the memory-mapped cache, moved to the device,
     and turned, converted and normalised there in batched tensor ops (channels_last on CUDA). An augmented
@@ -68,7 +69,7 @@ def batches(split: ImageSplit, batch_size: int, device: torch.device, *, shuffle
         return
     # The epoch's labels in batch order, moved to the device in one copy.
     labels = torch.from_numpy(split.labels[np.concatenate([picked for picked, _ in plan])]).to(device)
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in normalisation)
     scale, shift = 1 / (255 * std), -mean / std  # (pixel / 255 - mean) / std as one multiply-add
     height, width = split.pixels.shape[2:]
     raws = (prefetched_pixels if (device.type == "cuda" if prefetch is None else prefetch) else gathered_pixels)(

@@ -1,4 +1,5 @@
-"""The backbone: one front door (`build_model`) for pretrained, random ResNet-50 and tiny test ResNets."""
+"""The backbone: one front door (`build_model`) for the HF ResNets (pretrained, random ResNet-50, tiny test
+ResNets) and timm's (Zoobot's encoders, timm architectures), and where each parameter sits (`depths`)."""
 
 import os
 import re
@@ -10,8 +11,10 @@ import torch
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
+from ..data.loader import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import GalaxyTuneError
-from .choices import DEFAULT_MODEL, RANDOM_RESNET50, STAGES, TINY, describe_weights  # noqa: F401 (the names are here too)
+from .choices import DEFAULT_MODEL, RANDOM_RESNET50, STAGES, TINY, describe_weights, is_timm  # noqa: F401 (here too)
+from .timm_backbone import TimmClassifier, build_encoder
 
 _RANDOM_CONFIGS = {
     RANDOM_RESNET50: dict(layer_type="bottleneck", depths=[3, 4, 6, 3]),
@@ -27,8 +30,9 @@ _STAGE = re.compile(r"^resnet\.encoder\.stages\.(\d+)\.")
 
 
 def build_model(name: str, num_labels: int = 2, seed: int = 0,
-                head_bias: np.ndarray | None = None) -> ResNetForImageClassification:
-    """Return a ResNet classifier with a fresh `num_labels` head: a Hub id or local folder, `resnet50-random` or `tiny`.
+                head_bias: np.ndarray | None = None) -> ResNetForImageClassification | TimmClassifier:
+    """Return a classifier with a fresh `num_labels` head: an HF ResNet (a Hub id or local folder, `resnet50-random`
+    or `tiny`) or a timm one (`timm:ARCH`, `hf_hub:REPO`, or a folder in timm's Hub layout).
 
     Everything randomly initialised (random backbones, the new head) depends only on `seed`;
     the global RNG is left as it was. `head_bias` (the task's, e.g. kaggle-votes' prior) replaces the head's
@@ -39,6 +43,8 @@ def build_model(name: str, num_labels: int = 2, seed: int = 0,
         torch.default_generator.manual_seed(seed)
         if name in _RANDOM_CONFIGS:
             model = ResNetForImageClassification(ResNetConfig(num_labels=num_labels, **_RANDOM_CONFIGS[name]))
+        elif is_timm(name):
+            model = TimmClassifier(build_encoder(name), num_labels)
         else:
             model = _load_pretrained(name, num_labels)
     if head_bias is not None:
@@ -67,19 +73,37 @@ def load_backbone(
         return build_model(RANDOM_RESNET50, num_labels, seed), RANDOM_RESNET50
 
 
-def parameter_depth(name: str) -> int:
-    """0 for the head, 1 for stage 4 ... 4 for stage 1, 5 for the stem: how far below the head a parameter sits."""
+def depths(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """How far below the head each parameter or module name sits: 0 for the head, 1 for stage 4 ... 4 for stage 1,
+    5 for the stem. A timm backbone's stages are timm's own grouping."""
+    if isinstance(model, TimmClassifier):
+        return model.depths(names)
+    return {name: _hf_depth(name) for name in names}
+
+
+def _hf_depth(name: str) -> int:
     if _STEM.match(name):
         return STAGES + 1
     stage = _STAGE.match(name)
     return STAGES - int(stage.group(1)) if stage else 0
 
 
+def stage_of(model: nn.Module, names: list[str]) -> dict[str, int | None]:
+    """The stage (1-4) each module name lies in; None outside the stages (the stem, the head)."""
+    return {name: STAGES + 1 - depth if 1 <= depth <= STAGES else None for name, depth in depths(model, names).items()}
+
+
+def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the pixels the backbone was pretrained on: ImageNet's for the HF ResNets, a timm model's own."""
+    return model.normalisation() if isinstance(model, TimmClassifier) else (IMAGENET_MEAN, IMAGENET_STD)
+
+
 def freeze_stages(model: nn.Module, frozen_stages: int) -> nn.Module:
     """Freeze the stem and the first stages, `frozen_stages` of the 5 from the bottom (5: all but the head)."""
-    for name, parameter in model.named_parameters():
-        if parameter_depth(name) > STAGES + 1 - frozen_stages:
-            parameter.requires_grad_(False)
+    named = dict(model.named_parameters())
+    for name, depth in depths(model, list(named)).items():
+        if depth > STAGES + 1 - frozen_stages:
+            named[name].requires_grad_(False)
     return model
 
 
@@ -89,10 +113,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_decay: flo
     (layer-wise decay, as timm and Zoobot), LoRA's B matrices lora_plus_ratio times that (LoRA+), and parameters
     of dim < 2 (biases, norms) no weight decay."""
     groups: dict[tuple, dict] = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        depth = parameter_depth(name)
+    trainable = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+    for name, depth in depths(model, list(trainable)).items():
+        parameter = trainable[name]
         lora_b = ".lora_B." in name
         decay = weight_decay if parameter.ndim >= 2 else 0.0
         group = groups.setdefault((depth, lora_b, decay), {
@@ -130,7 +153,7 @@ def _load_pretrained(name: str, num_labels: int) -> ResNetForImageClassification
         return ResNetForImageClassification.from_pretrained(name, local_files_only=True, **kwargs)
     except OSError:
         pass  # not cached yet: download below
-    if not _hub_reachable():
+    if not hub_reachable():
         raise GalaxyTuneError(
             f"could not load pretrained weights {name!r} (offline and not in the Hugging Face cache); "
             f"run once with network access to cache them, pass a local folder with a copy "
@@ -145,7 +168,7 @@ def _load_pretrained(name: str, num_labels: int) -> ResNetForImageClassification
         ) from err
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     """One quick request to the Hub; offline, from_pretrained would otherwise spend ~25 s in retries."""
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return False

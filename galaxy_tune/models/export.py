@@ -1,8 +1,10 @@
-"""The exported-model format: a Hugging Face folder that plain `transformers` loads, plus what galaxy_tune needs.
+"""The exported-model format: a folder that plain `transformers` (or `timm`) loads, plus what galaxy_tune needs.
 
-`<method>-seed<S>/hf/` holds `config.json` + weights (LoRA merged in), the image processor that feeds the model
-the pixels it was trained on, and `galaxy_tune.json` (image size, crop, class names, task): what `predict`
-needs and the model cannot know. A `kaggle-votes` model's 37 logits become vote fractions through
+`<method>-seed<S>/hf/` holds `config.json` + weights (LoRA merged in), and `galaxy_tune.json` (image size, crop,
+class names, task, normalisation): what `predict` needs and the model cannot know. An HF ResNet's folder holds the
+image processor that feeds the model the pixels it was trained on; a timm backbone's is in timm's Hub layout,
+whose config.json holds the same (`timm.data.resolve_data_config` reads it), and
+`timm.create_model("local-dir:DIR", pretrained=True)` loads it. A `kaggle-votes` model's 37 logits become vote fractions through
 `galaxy_tune.data.tasks.per_question_softmax` (a plain softmax over all 37 would be wrong).
 `<method>-seed<S>/adapters.safetensors` holds a LoRA result's adapters alone.
 """
@@ -23,7 +25,10 @@ from ..data.loader import IMAGENET_MEAN, IMAGENET_STD
 from ..data.tasks import DEFAULT_TASK
 from ..errors import GalaxyTuneError
 from ..layout import HF_FOLDER  # noqa: F401 (the name is here too)
+from .backbone import normalisation
+from .choices import is_timm
 from .lora import save_adapters, to_plain_model
+from .timm_backbone import TimmClassifier, load_timm, save_timm
 
 if TYPE_CHECKING:
     from ..data.prepare import Prepared
@@ -47,13 +52,19 @@ def save_exported(model, config: dict, method: str, prepared: Prepared, folder: 
     with torch.no_grad():
         for parameter in plain.classifier.parameters():
             parameter /= temperature
-    plain.config.id2label = dict(enumerate(prepared.class_names))
-    plain.config.label2id = {name: i for i, name in enumerate(prepared.class_names)}
-    plain.save_pretrained(hf)
-    image_processor(prepared.image_size_px, prepared.crop_px).save_pretrained(hf)
+    if isinstance(plain, TimmClassifier):
+        save_timm(plain, hf, prepared.class_names, prepared.image_size_px,
+                  (prepared.crop_px or IMAGE_SIZE_PX) / IMAGE_SIZE_PX)
+    else:
+        plain.config.id2label = dict(enumerate(prepared.class_names))
+        plain.config.label2id = {name: i for i, name in enumerate(prepared.class_names)}
+        plain.save_pretrained(hf)
+        image_processor(prepared.image_size_px, prepared.crop_px).save_pretrained(hf)
+    mean, std = normalisation(plain)
     (hf / MODEL_INFO).write_text(json.dumps({
         "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px,
-        "class_names": list(prepared.class_names), "task": prepared.task, "temperature": temperature}, indent=2))
+        "class_names": list(prepared.class_names), "task": prepared.task, "temperature": temperature,
+        "mean": list(mean), "std": list(std)}, indent=2))
     if method == "lora":
         save_adapters(model, Path(folder) / ADAPTERS)
     (Path(folder) / TRAIN_CONFIG).write_text(json.dumps(config, indent=2))
@@ -73,10 +84,10 @@ def image_processor(image_size_px: int, crop_px: int | None) -> ConvNextImagePro
 
 
 def load_exported(model_dir: Path, image_size_px: int | None = None, crop_px: int | None = None
-                  ) -> tuple[ResNetForImageClassification, list[str], int, int | None, str]:
+                  ) -> tuple[ResNetForImageClassification | TimmClassifier, list[str], int, int | None, str]:
     """(model, output names in order, image size, crop, task) of an exported model folder.
 
-    `image_size_px` / `crop_px` are needed only for a model without galaxy_tune.json (a plain HF ResNet).
+    `image_size_px` / `crop_px` are needed only for a model without galaxy_tune.json (a plain HF or timm model).
     """
     model_dir = Path(model_dir)
     if (model_dir / HF_FOLDER / "config.json").is_file():  # the <method>-seed<S> folder was given: use its model
@@ -86,8 +97,9 @@ def load_exported(model_dir: Path, image_size_px: int | None = None, crop_px: in
         raise GalaxyTuneError(f"model folder {model_dir} {why}: pass the hf/ folder of a retrain, "
                               "e.g. --model results/retrain-<time>/full-seed0/hf")
     try:
-        model = ResNetForImageClassification.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
+        model = load_timm(model_dir) if is_timm(str(model_dir)) else \
+            ResNetForImageClassification.from_pretrained(model_dir)
+    except (OSError, ValueError, RuntimeError) as err:
         raise GalaxyTuneError(f"could not load the model in {model_dir} ({err}): pass a folder written by "
                               "retrain (or save_pretrained of a transformers ResNet)") from None
     info_path = model_dir / MODEL_INFO

@@ -1,35 +1,27 @@
-"""LoRA adapters in the ResNet convolutions: add, save, load, and fold back into a plain model.
+"""LoRA adapters on a backbone: add them, save and load them, and fold them back into a plain model.
 
-Each adapted convolution becomes a `LoraConv2d`: the pretrained conv, frozen and untouched, plus a low-rank
-branch, a k×k conv down to r channels (`lora_A`) and a 1×1 conv back up (`lora_B`, zero at init), scaled by
-alpha / r. This is HF PEFT's structure for Conv2d, on loralib's `LoRALayer`; the `lora_` names keep loralib's
-`mark_only_lora_as_trainable` and `lora_state_dict` working. Why a branch rather than loralib's `ConvLoRA`,
-which merges W + B·A into one weight before convolving:
-- the frozen conv needs no weight gradient, so LoRA trains faster than full fine-tuning;
-- under bf16 autocast the merged weight rounds ΔW onto W's bf16 grid (most of a small ΔW is lost); the branch
-  computes the adapter's effect on its own, and adds it to the base output in fp32.
-Training runs the layer as one autograd function (`_LoraConvFunction`) whose backward forms no full-size tensor
-beyond the input gradient, and folds a frozen BatchNorm after it into the convolution
-(`FrozenBatchNormLoraLayer`); in eval mode outside autocast (e.g. CPU inference) the forward is one convolution
-with the merged weight: plain-conv speed.
+The layers themselves (`LoraConv2d`, `LoraLinear`) are in `lora_layers`. The `lora_` names keep loralib's
+`mark_only_lora_as_trainable` and `lora_state_dict` working. An HF ResNet adapts the convolutions of its bottleneck
+blocks; a timm ResNet those of its blocks; a timm ConvNeXt the Linear layers of its blocks' MLPs (its depthwise
+7×7 convolutions are grouped, which LoRA refuses).
 """
 
 import copy
-import math
 import numbers
-import re
 import sys
 
 import loralib
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn import functional as F
-from transformers import ResNetForImageClassification
 from transformers.models.resnet.modeling_resnet import ResNetBottleNeckLayer, ResNetConvLayer
 
 from ..errors import GalaxyTuneError
+from .backbone import stage_of
 from .choices import BATCHNORM_MODES, LORA_TARGETS, SCALINGS
+from .lora_layers import (LORA_LAYERS, FrozenBatchNormLoraLayer, LoraConv2d, LoraLinear,  # noqa: F401 (here too)
+                          require_plain_conv)
+from .timm_backbone import TimmClassifier
 
 # Under autocast, the dtype of a LoRA layer's output, base + effect: "fp32" (the sum's own, so BatchNorm, ReLU and the
 # residual add after it run in fp32) or "autocast" (the fp32 sum cast back, as a plain convolution's output is).
@@ -38,147 +30,8 @@ LORA_SUMS = ("fp32", "autocast")
 LORA_LAYER = "branch"
 
 
-class LoraConv2d(nn.Module, loralib.LoRALayer):
-    """A frozen convolution plus a trainable low-rank branch: base(x) + lora_B(lora_A(x)) · alpha / r."""
-
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, merge_weights: bool = True, rslora: bool = False):
-        require_plain_conv(base, str(base))
-        nn.Module.__init__(self)
-        loralib.LoRALayer.__init__(self, r=rank, lora_alpha=alpha, lora_dropout=0.0, merge_weights=merge_weights)
-        self.base_layer = base.requires_grad_(False)
-        self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
-                                bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=base.weight.device,
-                                dtype=base.weight.dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as loralib and PEFT initialise A
-        nn.init.zeros_(self.lora_B.weight)  # so the model is unchanged until training moves B
-        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank  # rsLoRA: rank-stabilised scaling
-        self.cast_sum = False  # see LORA_SUMS and set_lora_sum
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW of the branch as one conv weight: the 1×1 conv B after the k×k conv A is the conv with B·A."""
-        return _delta(self.lora_A.weight, self.lora_B.weight, self.scaling).view_as(self.base_layer.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if self.merge_weights and not self.training and not autocast:
-            # Full precision eval: one convolution with W + ΔW (outside autocast, so ΔW is not rounded away).
-            return F.conv2d(x, base.weight + self.delta_weight(), base.bias, **_geometry(base))
-        weights = (x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights):
-            return _LoraConvFunction.apply(*weights, self.scaling, _geometry(base), self.cast_sum)
-        effect = self.lora_B(self.lora_A(x) * self.scaling)  # scaled at rank r, where it is cheap
-        out = base(x)
-        # The sum in fp32: under bf16 autocast a small effect added to the bf16 base output would round away.
-        total = (out.float() if out.dtype != torch.float32 else out).add_(effect)
-        return total.to(out.dtype) if self.cast_sum else total
-
-    def folded(self, x: torch.Tensor, batchnorm: nn.BatchNorm2d) -> torch.Tensor:
-        """batchnorm(self(x)) for a frozen BatchNorm in eval mode, in training: its scale folded into W and B, its
-        shift into the bias, so the convolution's output is the normalised one and no BatchNorm pass or saved
-        input exists (its statistics and affine parameters are constants)."""
-        base = self.base_layer
-        scale = batchnorm.weight / torch.sqrt(batchnorm.running_var + batchnorm.eps)
-        shift = batchnorm.bias - batchnorm.running_mean * scale
-        if base.bias is not None:
-            shift = shift + base.bias * scale
-        per_channel = scale.view(-1, 1, 1, 1)
-        return _LoraConvFunction.apply(x, base.weight * per_channel, shift, self.lora_A.weight,
-                                       self.lora_B.weight * per_channel, self.scaling, _geometry(base), self.cast_sum)
-
-
-class FrozenBatchNormLoraLayer(ResNetConvLayer):
-    """A ResNet conv layer (conv, BatchNorm, activation) with a LoRA conv and a frozen BatchNorm, which training
-    folds into the convolution (`LoraConv2d.folded`); eval and no-grad passes run the layer as it is. The children
-    keep their names, so checkpoints and adapters are those of the plain layer."""
-
-    def __init__(self, layer: ResNetConvLayer):
-        nn.Module.__init__(self)  # not ResNetConvLayer's: the layer's own modules move in
-        self.convolution, self.normalization, self.activation = layer.convolution, layer.normalization, layer.activation
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
-            return self.activation(self.convolution.folded(hidden_states, self.normalization))
-        return super().forward(hidden_states)
-
-
-def _geometry(conv: nn.Conv2d) -> dict:
-    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
-
-
-class _LoraConvFunction(torch.autograd.Function):
-    """A LoraConv2d in training: conv(x, W) + s·B(A(x)), with a backward that computes what autograd would through
-    the two-conv branch (in fp32 to float rounding), minus two full-size passes per layer.
-
-    Forward: on the CPU in full precision, one convolution with the merged W + s·B·A (equal to the branch up to
-    float rounding), plus A(x), which B's gradient needs; under autocast, and on CUDA (whose convolutions may
-    round fp32 inputs to TF32, which would round ΔW away as bf16 does), the branch, its effect added to the base
-    output in fp32. Backward: the input gradient in one convolution through W + s·B·A (the branch's share
-    included, not a second full-size gradient to add), B's and A's gradients from the rank-r tensors, and W's
-    only if it is trainable (the frozen base never gets one).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a_weight, b_weight, scaling, geometry, cast_sum):
-        device_type = x.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
-        with torch.autocast(device_type, enabled=False):
-            x = x.to(dtype)  # once for both convolutions (autocast would cast it twice)
-            a = F.conv2d(x, a_weight.to(dtype), None, **geometry)
-            if autocast or device_type != "cpu":
-                out = F.conv2d(x, weight.to(dtype), None, **geometry).float()
-                out.add_(F.conv2d(a, (b_weight * scaling).to(dtype)))
-                if bias is not None:  # in fp32, as the BatchNorm shift it may be is added unfolded
-                    out.add_(bias.float().view(-1, 1, 1))
-                if cast_sum:
-                    out = out.to(dtype)
-            else:
-                out = F.conv2d(x, _merged(weight, a_weight, b_weight, scaling), bias, **geometry)
-        ctx.save_for_backward(x, a, weight, a_weight, b_weight)
-        ctx.scaling, ctx.geometry = scaling, geometry
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # its backward has no graph: second derivatives raise
-    def backward(ctx, grad):
-        x, a, weight, a_weight, b_weight = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        scaling, geometry = ctx.scaling, ctx.geometry
-        grad_x = grad_weight = grad_a = grad_b = None
-        with torch.autocast(grad.device.type, enabled=False):
-            grad = grad.to(x.dtype)
-            if need_a or need_b:  # through the 1x1 conv s·B: the gradients of its input (rank r) and of B
-                grad_rank, grad_b = _conv_backward(grad, a, b_weight * scaling, [need_a, need_b])
-                if need_a:
-                    grad_a = _conv_backward(grad_rank, x, a_weight, [False, True], **geometry)[1]
-            if need_x or need_weight:
-                grad_x, grad_weight = _conv_backward(grad, x, _merged(weight, a_weight, b_weight, scaling),
-                                                     [need_x, need_weight], **geometry)
-        return (grad_x, grad_weight, grad.sum((0, 2, 3)) if need_bias else None,
-                None if grad_a is None else grad_a.to(a_weight.dtype),
-                None if grad_b is None else (grad_b * scaling).to(b_weight.dtype), None, None, None)
-
-
-def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: list[bool],
-                   stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> tuple:
-    """(input gradient, weight gradient) of conv2d(x, weight), each only where `mask` asks for it."""
-    return torch.ops.aten.convolution_backward(grad, x, weight.to(x.dtype), None, stride, padding, dilation, False,
-                                               (0, 0), 1, [*mask, False])[:2]
-
-
-def _merged(weight: torch.Tensor, a_weight: torch.Tensor, b_weight: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W + s·B·A as one conv weight: the 1×1 conv B after the k×k conv A is the conv with B·A."""
-    return weight + _delta(a_weight, b_weight, scaling).view_as(weight)
-
-
-def _delta(a_weight: torch.Tensor, b_weight: torch.Tensor, scaling: float) -> torch.Tensor:
-    return (b_weight.flatten(1) @ a_weight.flatten(1)) * scaling
-
-
 def add_lora(
-    model: ResNetForImageClassification,
+    model: nn.Module,
     rank: int,
     alpha: float,
     targets: str = "bottleneck",
@@ -186,8 +39,11 @@ def add_lora(
     merge_weights: bool = True,
     scaling: str = "standard",
     stages: tuple[int, ...] = (1, 2, 3, 4),
-) -> ResNetForImageClassification:
-    """Wrap the `targets` convs of `stages` (1-4) in `LoraConv2d` (in place); only LoRA and the head train.
+) -> nn.Module:
+    """Wrap the `targets` layers of `stages` (1-4) in `LoraConv2d` or `LoraLinear` (in place); only LoRA and the
+    head train. `targets`: bottleneck (the main path of every residual block: an HF ResNet's bottleneck convs, a
+    timm ResNet's block convs, a ConvNeXt's MLP layers), conv3x3 (only those 3×3 convs) or all (every convolution
+    and Linear layer but the head's).
 
     `batchnorm`: frozen (running statistics too: BatchNorm stays in eval mode), stats (running statistics update
     in training, the affine parameters stay) or affine (both train). `scaling`: standard (alpha / r) or rslora
@@ -207,15 +63,16 @@ def add_lora(
     if not stages or not set(stages) <= {1, 2, 3, 4}:
         raise GalaxyTuneError(f"LoRA stages {stages!r} are invalid; use ResNet stages 1-4, e.g. (3, 4)")
     every_stage = set(stages) == {1, 2, 3, 4}  # the stem's conv ("all" targets) only with every stage
-    names = [name for name in _target_conv_names(model, targets)
-             if _stage_of(name) in stages or (_stage_of(name) is None and every_stage)]
+    found = _target_names(model, targets)
+    stage = stage_of(model, found)
+    names = [name for name in found if stage[name] in stages or (stage[name] is None and every_stage)]
     if not names:
-        raise GalaxyTuneError(
-            f"LoRA targets {targets!r} match no convolution in this model (no bottleneck blocks?); use 'all'"
-        )
+        raise GalaxyTuneError(f"LoRA targets {targets!r} match no layer of this model's blocks; use 'bottleneck' "
+                              "(every block's main path) or 'all'")
     for name in names:
-        _replace_module(model, name, LoraConv2d(model.get_submodule(name), int(rank), alpha, merge_weights,
-                                                rslora=scaling == "rslora"))
+        layer = model.get_submodule(name)
+        kind = LoraLinear if isinstance(layer, nn.Linear) else LoraConv2d
+        _replace_module(model, name, kind(layer, int(rank), alpha, merge_weights, rslora=scaling == "rslora"))
     loralib.mark_only_lora_as_trainable(model)
     model.classifier.requires_grad_(True)
     for module in model.modules():
@@ -233,12 +90,6 @@ def add_lora(
 
 def _keep_in_eval_mode(module: nn.Module, _inputs) -> None:
     module.training = False
-
-
-def _stage_of(name: str) -> int | None:
-    """The ResNet stage (1-4) a module name lies in; None outside the stages (the stem)."""
-    match = re.match(r"resnet\.encoder\.stages\.(\d+)\.", name)
-    return int(match.group(1)) + 1 if match else None
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -317,44 +168,37 @@ def load_adapters(model: nn.Module, path) -> None:
         raise GalaxyTuneError(f"adapter file {str(path)!r}: {err}") from err
 
 
-def to_plain_model(model: ResNetForImageClassification) -> ResNetForImageClassification:
-    """Return a copy with every LoRA conv folded into a plain nn.Conv2d (W + ΔW, in the weights' precision).
-
-    The result runs at plain-model speed and can be `save_pretrained` and loaded with plain transformers.
-    """
+def to_plain_model(model: nn.Module) -> nn.Module:
+    """Return a copy with every LoRA layer folded into a plain nn.Conv2d or nn.Linear (W + ΔW, in the weights'
+    precision). The result runs at plain-model speed, and exports as a plain transformers or timm model."""
     plain = copy.deepcopy(model)
     for name, module in list(plain.named_modules()):
         if isinstance(module, FrozenBatchNormLoraLayer):
             module.__class__ = ResNetConvLayer  # the same modules, HF's own layer again (it adds no state)
-        if isinstance(module, LoraConv2d):
-            conv = module.base_layer
+        if isinstance(module, LORA_LAYERS):
+            layer = module.base_layer
             with torch.no_grad():
-                conv.weight += module.delta_weight()
-            _replace_module(plain, name, conv)
+                layer.weight += module.delta_weight().view_as(layer.weight)
+            _replace_module(plain, name, layer)
     return plain.requires_grad_(True)
 
 
-def _target_conv_names(model: nn.Module, targets: str) -> list[str]:
+def _target_names(model: nn.Module, targets: str) -> list[str]:
+    """The convolutions and Linear layers that `targets` names, each checked before any is wrapped."""
     if targets == "all":
-        names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        names = [name for name, m in model.named_modules()
+                 if isinstance(m, (nn.Conv2d, nn.Linear)) and not name.startswith("classifier.")]
     else:
-        names = []
-        for block_name, block in model.named_modules():
-            if isinstance(block, ResNetBottleNeckLayer):
-                for name, m in block.layer.named_modules():
-                    if isinstance(m, nn.Conv2d) and (targets == "bottleneck" or m.kernel_size == (3, 3)):
-                        names.append(f"{block_name}.layer.{name}")
-    for name in names:  # all checked before any is wrapped
-        require_plain_conv(model.get_submodule(name), name)
+        layers = model.block_layers() if isinstance(model, TimmClassifier) else [
+            f"{block_name}.layer.{name}" for block_name, block in model.named_modules()
+            if isinstance(block, ResNetBottleNeckLayer)
+            for name, m in block.layer.named_modules() if isinstance(m, nn.Conv2d)]
+        names = [name for name in layers
+                 if targets == "bottleneck" or getattr(model.get_submodule(name), "kernel_size", None) == (3, 3)]
+    for name in names:
+        if isinstance(model.get_submodule(name), nn.Conv2d):
+            require_plain_conv(model.get_submodule(name), name)
     return names
-
-
-def require_plain_conv(conv: nn.Conv2d, name: str) -> None:
-    """Refuse what the LoRA layer's own convolutions and backward can't compute: groups, or padding other than
-    zeros given as a number of pixels."""
-    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise GalaxyTuneError(f"LoRA adapts plain convolutions (no groups, zero padding given as numbers), not "
-                              f"{name}: choose other targets")
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -367,13 +211,13 @@ def set_lora_sum(model: nn.Module, sum_dtype: str) -> None:
     if sum_dtype not in LORA_SUMS:
         raise GalaxyTuneError(f"LoRA sum {sum_dtype!r} is unknown; use one of {', '.join(LORA_SUMS)}")
     for module in model.modules():
-        if isinstance(module, LoraConv2d):
+        if isinstance(module, LORA_LAYERS):
             module.cast_sum = sum_dtype == "autocast"
 
 
 def set_lora_merging(model: nn.Module, merge: bool) -> None:
-    """Put the model in eval mode, its LoRA convs convolving with the merged weight (merge) or the branch."""
+    """Put the model in eval mode, its LoRA layers computing with the merged weight (merge) or the branch."""
     for module in model.modules():
-        if isinstance(module, LoraConv2d):
+        if isinstance(module, LORA_LAYERS):
             module.merge_weights = merge
     model.eval()

@@ -1,0 +1,142 @@
+"""timm backbones (Zoobot's encoders are timm models) on timm's tiny test architectures with random weights: loading
+from a folder in timm's Hub layout, LoRA's guarantees, and every method through retrain, export and predict."""
+
+import json
+
+import huggingface_hub
+import pandas as pd
+import pytest
+import timm
+import torch
+from timm.models import save_for_hf
+from torch import nn
+
+from conftest import CROP_PX, IMAGE_SIZE_PX
+from galaxy_tune.cli import main
+from galaxy_tune.data.kaggle import IMAGES_DIR
+from galaxy_tune.errors import GalaxyTuneError
+from galaxy_tune.models.backbone import build_model, normalisation
+from galaxy_tune.models.export import load_exported
+from galaxy_tune.models.lora import LORA_LAYERS, LoraLinear, add_lora, set_lora_sum, to_plain_model
+from galaxy_tune.models.timm_backbone import TimmClassifier
+
+TIMM_TINY = ["timm:test_resnet", "timm:test_convnext"]
+IMAGES = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+LABELS = torch.tensor([0, 1] * 4)
+
+
+def trained_lora(name: str) -> nn.Module:
+    """A LoRA model of a timm test architecture after a few SGD steps (B moves off zero)."""
+    model = add_lora(build_model(name, seed=0), rank=4, alpha=8).train()
+    with torch.no_grad():  # timm starts a ResNet block's last BatchNorm at 0 and a ConvNeXt block's scale at 1e-6:
+        for n, parameter in model.named_parameters():  # the adapters before them would get no gradient
+            if n.endswith((".gamma", "bn2.weight", "bn3.weight")):
+                parameter.fill_(1.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(pixel_values=IMAGES).logits, LABELS).backward()
+        optimizer.step()
+    return model
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(pixel_values=IMAGES).logits
+
+
+def test_a_folder_in_timms_hub_layout_loads_with_the_weights_and_normalisation_written(tmp_path):
+    written = timm.create_model("test_resnet", num_classes=0)
+    written.pretrained_cfg = {**written.pretrained_cfg, "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    save_for_hf(written, str(tmp_path), safe_serialization=True)
+    model = build_model(str(tmp_path), num_labels=3, seed=1)
+    assert isinstance(model, TimmClassifier)
+    loaded = model.encoder.state_dict()
+    assert loaded.keys() == written.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in written.state_dict().items())
+    assert normalisation(model) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert model(pixel_values=IMAGES).logits.shape == (8, 3)
+
+
+def test_timm_backbones_that_cannot_be_had_say_why_and_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(GalaxyTuneError, match="timm has no architecture 'no_such_net'"):
+        build_model("timm:no_such_net")
+    with pytest.raises(GalaxyTuneError, match="a stem and 4 stages .* choose one of those"):
+        build_model("timm:test_vit")
+    # Offline with an empty Hugging Face cache: the recipe to copy the model in.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(GalaxyTuneError, match=r"offline and not in the Hugging Face cache\): where there is network, "
+                       r"run `hf download mwalmsley/zoobot-encoder-resnet50 --local-dir zoobot-encoder-resnet50`"):
+        build_model("hf_hub:mwalmsley/zoobot-encoder-resnet50")
+
+
+@pytest.mark.parametrize("name, layers", [("timm:test_resnet", 9), ("timm:test_convnext", 18)])
+def test_lora_on_a_timm_backbone_folds_exactly_and_leaves_the_frozen_base_without_gradients(name, layers, tmp_path):
+    model = trained_lora(name)
+    assert sum(isinstance(m, LORA_LAYERS) for m in model.modules()) == layers  # ResNet convs, ConvNeXt MLP Linears
+    assert all(m.lora_B.weight.abs().sum() > 0 for m in model.modules() if isinstance(m, LORA_LAYERS))
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model.train()(pixel_values=IMAGES).logits, LABELS).backward()
+    with_gradient = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_gradient == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(".base_layer." in n for n in with_gradient)
+    assert all(("lora_" in n) or n.startswith("classifier.") or ".bn" in n or "downsample.2" in n
+               for n in with_gradient)  # adapters, the head and BatchNorm ("stats": none of its affine params)
+    plain = to_plain_model(model)
+    assert not any(isinstance(m, LORA_LAYERS) for m in plain.modules())
+    torch.testing.assert_close(logits(plain), logits(model.train(False)), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_refuses_a_convnexts_grouped_depthwise_convolutions():
+    with pytest.raises(GalaxyTuneError, match="not encoder.stages.0.blocks.0.conv_dw: choose other targets"):
+        add_lora(build_model("timm:test_convnext"), rank=2, alpha=2, targets="all")
+    with pytest.raises(GalaxyTuneError, match="LoRA targets 'conv3x3' match no layer of this model's blocks"):
+        add_lora(build_model("timm:test_convnext"), rank=2, alpha=2, targets="conv3x3")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_lora_linear_keeps_a_small_adapter_effect_under_bf16_autocast(training):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 256)
+    lora = LoraLinear(linear, rank=8, alpha=8).train()
+    with torch.no_grad():
+        lora.lora_B.weight.normal_()
+        lora.lora_B.weight *= 3e-4 * linear.weight.norm() / lora.delta_weight().norm()
+    x = torch.randn(64, 256, requires_grad=training)
+    with torch.no_grad():
+        reference = lora(x) - linear(x)
+    error = lambda effect: ((effect.float() - reference).norm() / reference.norm()).item()  # noqa: E731
+    with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
+        branch = (lora(x) - linear(x)).detach()
+        merged = (nn.functional.linear(x, linear.weight + lora.delta_weight(), linear.bias) - linear(x)).detach()
+        set_lora_sum(lora, "autocast")
+        cast_back = (lora(x) - linear(x)).detach()
+    assert error(branch) < 0.01  # within 1 % of fp32
+    assert error(merged) > 0.5 and error(cast_back) > 0.5  # what the fp32 sum avoids
+
+
+def test_every_method_retrains_exports_and_predicts_on_a_timm_backbone(demo_dir, tmp_path, capsys):
+    assert main(["retrain", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--name", "convnext",
+                 "--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "timm:test_convnext",
+                 "--seeds", "1", "--max-epochs", "1"]) == 0
+    retrain = tmp_path / "convnext"
+    results = pd.read_csv(retrain / "test_results.csv")
+    assert set(results["method"]) == {"direct", "full", "lora"}
+    assert set(results["model"]) == {"timm:test_convnext"}
+    hf = retrain / "lora-seed0" / "hf"
+    # The export is timm's own: it loads with timm alone, with its class names and the pixels it takes.
+    alone = timm.create_model(f"local-dir:{hf}", pretrained=True)
+    assert alone.pretrained_cfg["label_names"] == ["Class6.2", "Class1.2"]
+    assert alone.pretrained_cfg["input_size"] == (3, IMAGE_SIZE_PX, IMAGE_SIZE_PX)
+    assert alone.pretrained_cfg["crop_pct"] == CROP_PX / 424
+    model, class_names, *_ = load_exported(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(pixel_values=IMAGES).logits, alone.eval()(IMAGES))
+    assert json.loads((hf / "galaxy_tune.json").read_text())["mean"] == [0.5, 0.5, 0.5]
+    capsys.readouterr()
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", str(hf), "--images", str(demo_dir / IMAGES_DIR), "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["GalaxyID", *class_names] and len(table) == 120
+    assert (table[class_names].sum(axis=1) - 1).abs().max() < 1e-5
