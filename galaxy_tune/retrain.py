@@ -50,6 +50,7 @@ class Recipe:
     source: str  # the experiment folder, or "reference recipe"
     search_val: float | None  # the search's best val metric of the config
     rank: int = 1  # 1: the search's best config, k: its k-th best
+    model: str = ""  # the backbone it trains (direct: tests): the config's own, else the retrain's
 
     @property
     def folder(self) -> str:
@@ -86,28 +87,29 @@ def read_best(experiment: Path) -> dict:
 
 
 def top_configs(experiment: Path, k: int, task: Task) -> list[tuple[TrainConfig, float]]:
-    """The k best distinct configs of a finished search, ranked as best.json ranks them (best val metric)."""
+    """The k best distinct configs of a finished search, ranked as best.json ranks them (best val metric); of each
+    backbone when its space chose the backbone."""
     best = read_best(experiment)  # the retrain's data is its searches', so their task is the retrain's
     trials_path = Path(experiment) / layout.TRIALS
-    if k == 1 or not trials_path.is_file():
+    if (k == 1 and not best["config"].get("model")) or not trials_path.is_file():
         return [(TrainConfig.from_dict(best["config"]), best[task.val_metric])]
     trials = pd.read_csv(trials_path)
     trials = trials[trials["status"].isin(["COMPLETED", "STOPPED"])]
-    out, seen = [], set()
+    out, seen, per_backbone = [], set(), {}
     for _, trial in task.rank(trials).iterrows():
         config = TrainConfig.from_dict(json.loads(trial["config"]))
         key = json.dumps({name: v for name, v in config.to_dict().items() if name != "seed"}, sort_keys=True)
-        if key not in seen:
+        if key not in seen and per_backbone.get(config.model, 0) < k:
             seen.add(key)
+            per_backbone[config.model] = per_backbone.get(config.model, 0) + 1
             out.append((config, float(trial[f"best_{task.val_metric}"])))
-        if len(out) == k:
-            break
     return out
 
 
 def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | None, task: Task,
-            top_k: int = 1) -> list[Recipe]:
-    """The configs to retrain for each trained method (the top_k of its search, else the reference recipe)."""
+            top_k: int = 1, model_name: str = "") -> list[Recipe]:
+    """The configs to retrain for each trained method (the top_k of its search, of each backbone it chose, else the
+    reference recipe), each on its config's backbone or `model_name`; then `direct` on each of those backbones."""
     out = []
     for method in methods:
         if method == "direct":
@@ -122,15 +124,23 @@ def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | 
             if max_epochs is not None:
                 config = dataclasses.replace(config, epochs=min(config.epochs, max_epochs))
                 config.validate()
-            out.append(Recipe(method, config, source, val, rank))
+            out.append(Recipe(method, config, source, val, rank, config.model or model_name))
+    if "direct" in methods:
+        backbones = dict.fromkeys([model_name, *(r.model for r in out)])
+        out[:0] = [Recipe("direct", None, "no training", None, rank, backbone)
+                   for rank, backbone in enumerate(backbones, start=1)]
     return out
 
 
 def top_k_shortfalls(plans: list[Recipe], experiments: dict[str, Path], top_k: int) -> list[str]:
     """A line for each search that has fewer distinct finished configs than --top-k asks for."""
-    found = {method: sum(r.method == method for r in plans) for method in experiments}
-    return [f"{method}: --top-k {top_k}, but {experiments[method]} has {n} distinct finished config(s): "
-            f"{n} retrained" for method, n in found.items() if 0 < n < top_k]
+    found: dict[tuple[str, str], int] = {}
+    for recipe in plans:
+        if recipe.method in experiments:
+            found[recipe.method, recipe.config.model] = found.get((recipe.method, recipe.config.model), 0) + 1
+    return [f"{method}: --top-k {top_k}, but {experiments[method]} has {n} distinct finished config(s)"
+            f"{f' of {backbone}' if backbone else ''}: {n} retrained"
+            for (method, backbone), n in found.items() if 0 < n < top_k]
 
 
 def select_configs(results: pd.DataFrame, task: Task) -> pd.Series:
@@ -161,10 +171,13 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
         raise GalaxyTuneError(f"--seeds {seeds} and --top-k {top_k} must be at least 1")
     device = pick_device(device)
     task = get_task(prepared.task)
-    plans = recipes(experiments, methods, max_epochs, task, top_k)
+    plans = recipes(experiments, methods, max_epochs, task, top_k, model_name)
+    direct = [r for r in plans if r.config is None]
+    plans = [r for r in plans if r.config is not None]
     plan = {"methods": list(methods), "seeds": seeds, "top_k": top_k, "model": model_name,
             "prepared": str(prepared.folder), "augment": augment,
-            "recipes": {r.folder: {"source": r.source, "config": r.config.to_dict()} for r in plans}}
+            "recipes": {r.folder: {"source": r.source, "config": r.config.to_dict()} for r in plans},
+            **({"direct": [r.model for r in direct]} if len(direct) > 1 else {})}
     claim_retrain(out_dir, plan, resume)
     splits = dict(zip(("train", "val", "test"), open_splits(prepared, "train", "val", "test")))
     notes = top_k_shortfalls(plans, experiments, top_k)
@@ -173,7 +186,6 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     head_bias = task.head_bias(splits["train"].labels)  # kaggle-votes: fresh heads start at the prior
     runs = out_dir / layout.RETRAIN_RUNS
     runs.mkdir(exist_ok=True)
-    direct = [Recipe("direct", None, "no training", None)] if "direct" in methods else []
     order = [(seed, recipe) for seed in range(seeds) for recipe in direct + plans]
     kept = {path.stem for path in runs.glob("*.json")}
     if kept:
@@ -186,8 +198,8 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
         for seed, recipe in order:
             run = f"{recipe.folder}-seed{seed}"
             if run not in kept:
-                write_run(runs / run, *retrain_one(recipe, seed, prepared, model_name, splits, device, task,
-                                                   head_bias, augment, out_dir / run, progress))
+                write_run(runs / run, *retrain_one(recipe, seed, prepared, splits, device, task, head_bias,
+                                                   augment, out_dir / run, progress))
             tested.append(read_run(runs / run))  # read back, fresh or kept: both kinds reach the tables alike
     except KeyboardInterrupt:
         raise Stopped(f"the retrain stopped after {len(tested)} of {len(order)} runs, kept in {runs}: continue it "
@@ -239,15 +251,15 @@ def claim_retrain(out_dir: Path, plan: dict, resume: bool) -> None:
                                   "run the command that started it, or choose another --name")
 
 
-def retrain_one(recipe: Recipe, seed: int, prepared: Prepared, model_name: str, splits: dict, device, task: Task,
-                head_bias, augment: bool, folder: Path, progress: tqdm) -> tuple[pd.DataFrame, dict]:
+def retrain_one(recipe: Recipe, seed: int, prepared: Prepared, splits: dict, device, task: Task, head_bias,
+                augment: bool, folder: Path, progress: tqdm) -> tuple[pd.DataFrame, dict]:
     """One run: train the recipe with this seed (none for direct), keep its best-val epoch, export it, test it."""
     if recipe.config is None:
-        model = place(build_model(model_name, num_labels=len(prepared.class_names), seed=seed, head_bias=head_bias),
-                      device)
-        return test_model(recipe, seed, model, splits, device, model_name, task, train_seconds=0.0, images_seen=0)
+        model = place(build_model(recipe.model, num_labels=len(prepared.class_names), seed=seed,
+                                  head_bias=head_bias), device)
+        return test_model(recipe, seed, model, splits, device, task, train_seconds=0.0, images_seen=0)
     config = dataclasses.replace(recipe.config, seed=seed, augment=augment and recipe.config.augment)
-    model = make_model(config, model_name, num_labels=len(prepared.class_names), head_bias=head_bias)
+    model = make_model(config, recipe.model, num_labels=len(prepared.class_names), head_bias=head_bias)
     best: dict = {}
 
     def keep_best(metrics: dict, state) -> None:
@@ -262,8 +274,8 @@ def retrain_one(recipe: Recipe, seed: int, prepared: Prepared, model_name: str, 
     history = fit(model, config, splits["train"], splits["val"], device, on_epoch=keep_best)
     seconds = time.perf_counter() - started
     load_trainable_state(model, config, best["state"]["model"])
-    predictions, row = test_model(dataclasses.replace(recipe, config=config), seed, model, splits, device,
-                                  model_name, task, train_seconds=seconds, images_seen=history[-1]["images_seen"],
+    predictions, row = test_model(dataclasses.replace(recipe, config=config), seed, model, splits, device, task,
+                                  train_seconds=seconds, images_seen=history[-1]["images_seen"],
                                   best_epoch=best["epoch"])
     save_exported(model, config.to_dict(), recipe.method, prepared, folder, temperature=row["temperature"])
     return predictions, row
@@ -287,7 +299,7 @@ def consensus_of(data_dir: Path, task: str) -> pd.DataFrame:
         return pd.DataFrame({"GalaxyID": pd.Series(dtype=np.int64), "consensus": pd.Series(dtype=float)})
 
 
-def test_model(recipe: Recipe, seed: int, model, splits, device, model_name: str, task: Task, train_seconds: float,
+def test_model(recipe: Recipe, seed: int, model, splits, device, task: Task, train_seconds: float,
                images_seen: int, best_epoch: int = 0) -> tuple[pd.DataFrame, dict]:
     """One line of test_results.csv and the model's per-image test predictions (with and without TTA).
 
@@ -324,5 +336,5 @@ def test_model(recipe: Recipe, seed: int, model, splits, device, model_name: str
         f"test_{metric}_tta": task.score(logits["tta"], test.labels), **calibration,
         "trainable_params": trainable, "total_params": total, "epochs": config.epochs if config else 0,
         "best_epoch": best_epoch, "train_seconds": round(train_seconds, 1), "images_seen": images_seen,
-        "model": model_name, "weights": describe_weights(model_name, seed), "source": recipe.source,
+        "model": recipe.model, "weights": describe_weights(recipe.model, seed), "source": recipe.source,
         "config": json.dumps(config.searched() if config else {})}

@@ -57,9 +57,9 @@ def use_gpu(index: int, memory_share: float = 1.0) -> torch.device:
 
 def make_model(config: TrainConfig, model_name: str, num_labels: int = 2,
                head_bias: np.ndarray | None = None) -> nn.Module:
-    """The backbone with a fresh head (its bias `head_bias`, the task's prior, if given), wrapped with LoRA
-    adapters when the method asks for them."""
-    model = build_model(model_name, num_labels=num_labels, seed=config.seed, head_bias=head_bias)
+    """The backbone (the config's own, else `model_name`) with a fresh head (its bias `head_bias`, the task's prior,
+    if given), wrapped with LoRA adapters when the method asks for them."""
+    model = build_model(config.model or model_name, num_labels=num_labels, seed=config.seed, head_bias=head_bias)
     if config.method == "full":
         freeze_stages(model, config.frozen_stages)
     if config.method == "lora":

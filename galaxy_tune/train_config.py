@@ -21,6 +21,8 @@ class TrainConfig:
     """Every hyperparameter of one training run; the names are the same in YAML spaces, Ray and best.json."""
 
     method: str = "full"
+    # The backbone, when a search space chooses it (e.g. search_spaces/backbones.yaml); "": the command's --model.
+    model: str = ""
     lr: float = 1e-4
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
@@ -102,6 +104,8 @@ class TrainConfig:
     def searched(self) -> dict:
         """The hyperparameters that matter for this method (LoRA ones dropped for full fine-tuning)."""
         values = self.to_dict()
+        if not self.model:
+            values.pop("model")
         if self.method == "full":
             values = {k: v for k, v in values.items() if not k.startswith("lora_")}
         else:  # LoRA freezes the backbone itself; its stages are lora_stages

@@ -170,7 +170,7 @@ def hyperparameter_cell(spec) -> str:
     def value(v):
         if isinstance(v, bool):
             return str(v).lower()
-        if isinstance(v, str) and "," in v:
+        if isinstance(v, str) and ("," in v or not v):
             return f'"{v}"'
         if isinstance(v, float):
             return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{v:g}")

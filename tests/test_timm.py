@@ -4,6 +4,7 @@ from a folder in timm's Hub layout, LoRA's guarantees, and every method through 
 import json
 
 import huggingface_hub
+import optuna
 import pandas as pd
 import pytest
 import timm
@@ -116,16 +117,60 @@ def test_a_lora_linear_keeps_a_small_adapter_effect_under_bf16_autocast(training
     assert error(merged) > 0.5 and error(cast_back) > 0.5  # what the fp32 sum avoids
 
 
-def test_every_method_retrains_exports_and_predicts_on_a_timm_backbone(demo_dir, tmp_path, capsys):
-    assert main(["retrain", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--name", "convnext",
+CHOOSING = """params:
+  model: {type: categorical, choices: [tiny, "timm:test_convnext"]}
+  lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+  epochs: 1
+points_to_evaluate:
+  - {model: tiny, lr: 1.0e-3}
+  - {model: "timm:test_convnext", lr: 1.0e-3}
+"""
+
+
+def test_a_lora_space_whose_backbone_takes_none_of_its_targets_is_refused_before_ray_starts(demo_dir, tmp_path,
+                                                                                            capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(CHOOSING.replace("epochs: 1", "epochs: 1\n  lora_targets: conv3x3"))
+    assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path / "results"),
+                 "--space", str(space)]) == 2
+    err = capsys.readouterr().err
+    assert f"search space {space}: model 'timm:test_convnext' takes no lora_targets 'conv3x3'" in err
+    assert "give lora_targets a `when: {model: [...]}` condition" in err and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_search_chooses_the_backbone_and_retrain_tests_each_with_every_method(ray_local, demo_dir, tmp_path,
+                                                                               capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(CHOOSING)
+    assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--name", "choose",
                  "--image-size", str(IMAGE_SIZE_PX), "--crop", str(CROP_PX), "--model", "timm:test_convnext",
+                 "--space", str(space), "--num-samples", "2"]) == 0
+    experiment = tmp_path / "choose"
+    trials = pd.read_csv(experiment / "trials.csv")
+    assert {json.loads(config)["model"] for config in trials["config"]} == {"tiny", "timm:test_convnext"}
+    study = optuna.load_study(study_name="choose", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    assert {trial.params["model"] for trial in study.trials} == {"tiny", "timm:test_convnext"}
+    assert "model" in json.loads((experiment / "best.json").read_text())["config"]
+
+    # The search's top config of each backbone; full (no search) and direct on the search's --model, direct also
+    # on every backbone the search chose.
+    assert main(["retrain", "--results-dir", str(tmp_path), "--from", str(experiment), "--name", "retrain",
                  "--seeds", "1", "--max-epochs", "1"]) == 0
-    retrain = tmp_path / "convnext"
+    retrain = tmp_path / "retrain"
     results = pd.read_csv(retrain / "test_results.csv")
-    assert set(results["method"]) == {"direct", "full", "lora"}
-    assert set(results["model"]) == {"timm:test_convnext"}
-    hf = retrain / "lora-seed0" / "hf"
-    # The export is timm's own: it loads with timm alone, with its class names and the pixels it takes.
+    assert sorted(zip(results["method"], results["model"])) == [
+        ("direct", "timm:test_convnext"), ("direct", "tiny"), ("full", "timm:test_convnext"),
+        ("lora", "timm:test_convnext"), ("lora", "tiny")]
+    report = (retrain / "report.md").read_text()
+    assert "Backbones: `timm:test_convnext`, `tiny` (the search chose among them)." in report
+    backbone_rows = report.split("## Backbones")[1].split("##")[0]
+    for method, model in zip(results["method"], results["model"]):
+        assert f"| {model} " in backbone_rows and f"| {method} " in backbone_rows
+    assert (retrain / "cost_accuracy_frontier.png").is_file()
+
+    # The full model's export is timm's own: it loads with timm alone, with its class names and the pixels it takes.
+    hf = retrain / "full-seed0" / "hf"
     alone = timm.create_model(f"local-dir:{hf}", pretrained=True)
     assert alone.pretrained_cfg["label_names"] == ["Class6.2", "Class1.2"]
     assert alone.pretrained_cfg["input_size"] == (3, IMAGE_SIZE_PX, IMAGE_SIZE_PX)

@@ -64,7 +64,8 @@ def save_exported(model, config: dict, method: str, prepared: Prepared, folder: 
     (hf / MODEL_INFO).write_text(json.dumps({
         "image_size_px": prepared.image_size_px, "crop_px": prepared.crop_px,
         "class_names": list(prepared.class_names), "task": prepared.task, "temperature": temperature,
-        "mean": list(mean), "std": list(std)}, indent=2))
+        "mean": list(mean), "std": list(std),
+        **({"pretrained_input_px": plain.input_size_px()} if isinstance(plain, TimmClassifier) else {})}, indent=2))
     if method == "lora":
         save_adapters(model, Path(folder) / ADAPTERS)
     (Path(folder) / TRAIN_CONFIG).write_text(json.dumps(config, indent=2))

@@ -12,6 +12,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from ..models.calibration import probabilities, reliability
 from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, Metric, padded_limits, percent_axis
+from .backbones import backbones, short_name
 from .runs import correct_and_confidence, logits_of, present, seed_predictions
 from .stats import coverage_curve, largest_coverage, wilson_interval
 
@@ -19,9 +20,10 @@ STAGES = ("search val\n(best trial)", "retrained val\n(mean over seeds)", "test\
 BEFORE_COLOR = "#555555"
 
 
-def label_points(ax, points: list[tuple[float, float, int, bool]], color: str, fontsize: float = 10) -> None:
+def label_points(ax, points: list[tuple[float, float, int, bool]], color: str, fontsize: float = 10,
+                 names: dict[int, str] | None = None) -> None:
     """Label config points (x, y, search rank, selected) right of them, e.g. `#1 selected, #2` where points
-    coincide. A label that would cover another label or point moves up, joined to its point by a thin line.
+    coincide, each rank followed by its name in `names` if given (e.g. its backbone). A label that would cover another label or point moves up, joined to its point by a thin line.
     Call once the axes' limits are set."""
     to_axes = ax.transScale + ax.transLimits  # data to axes fractions, whatever the layout
     places: dict[tuple[float, float], list[tuple[int, bool]]] = {}  # points within 1 % of the axis coincide
@@ -33,8 +35,10 @@ def label_points(ax, points: list[tuple[float, float, int, bool]], color: str, f
     height = fontsize * 1.5 / 72 / (box.height * ax.figure.get_figheight())
     taken = [(x - char, y - height / 2, x + char, y + height / 2) for x, y in places]
     for (x, y), configs in sorted(places.items(), key=lambda p: p[0][::-1]):
-        text = ", ".join(f"#{r}" + (" selected" if c else "") for r, c in sorted(configs))
-        left, right, level = x + 1.5 * char, x + (1.5 + len(text)) * char, y
+        text = ", ".join(f"#{r}" + (f" {names[r]}" if names else "") + (" selected" if c else "")
+                         for r, c in sorted(configs))
+        gap = 2.5 if any(c for _, c in configs) else 1.5  # clear of the selected config's larger marker
+        left, right, level = x + gap * char, x + (gap + len(text)) * char, y
         while any(left < t[2] and right > t[0] and level - height / 2 < t[3] and level + height / 2 > t[1]
                   for t in taken):
             level += height / 2
@@ -201,23 +205,28 @@ def plot_frontier(all_results: pd.DataFrame, majority: float) -> Figure:
     figure = Figure(figsize=(8.5, 5.6), layout="constrained")
     ax = figure.subplots()
     values, configs = list(trained["test_accuracy"] * 100) + [majority * 100], {}
+    several = len(backbones(all_results)) > 1  # a search chose the backbone: name it at each point
+    names = {}
     for method in [m for m in METHOD_ORDER if m in set(trained["method"])]:
         runs = trained[trained["method"] == method]
         ax.scatter(runs["trainable_params"], runs["test_accuracy"] * 100, color=METHOD_COLORS[method], s=22,
                    alpha=0.45, linewidth=0)
         configs[method] = []
+        names[method] = {int(r): short_name(m) for r, m in zip(runs["rank"], runs["model"])} if several else None
         for rank, config in runs.groupby("rank"):
             x, y, chosen = config["trainable_params"].iloc[0], config["test_accuracy"].mean() * 100, \
                 bool(config["selected"].any())
             ax.scatter(x, y, color=METHOD_COLORS[method], s=150 if chosen else 70, marker="D" if chosen else "o",
                        edgecolor="black", linewidth=2 if chosen else 0.6, zorder=5 if chosen else 4)
             configs[method].append((x, y, int(rank), chosen))
-    direct = all_results.loc[all_results["method"] == "direct", "test_accuracy"].mean() * 100
-    if not np.isnan(direct):
-        ax.axhline(direct, color=METHOD_COLORS["direct"], linestyle="--", linewidth=2)
-        ax.annotate(f"direct: {direct:.1f} %", (0.01, direct), xycoords=("axes fraction", "data"), va="bottom",
-                    fontsize=9, color="dimgray")
-        values.append(direct)
+    direct_runs = all_results[all_results["method"] == "direct"]
+    direct = direct_runs["test_accuracy"].mean() * 100
+    for model, runs in direct_runs.groupby("model" if several else "method", sort=False):  # one line per backbone
+        level = runs["test_accuracy"].mean() * 100
+        ax.axhline(level, color=METHOD_COLORS["direct"], linestyle="--", linewidth=2)
+        ax.annotate(f"direct{f' {short_name(model)}' if several else ''}: {level:.1f} %", (0.01, level),
+                    xycoords=("axes fraction", "data"), va="bottom", fontsize=9, color="dimgray")
+        values.append(level)
     ax.axhline(majority * 100, color="black", linestyle=":", linewidth=1.2)
     ax.set_xscale("log")
     low, high = trained["trainable_params"].min(), trained["trainable_params"].max()
@@ -230,7 +239,7 @@ def plot_frontier(all_results: pd.DataFrame, majority: float) -> Figure:
     percent_axis(ax, "test accuracy (%)", *padded_limits(values))
     ax.grid(axis="x", which="major", alpha=0.3)
     for method, points in configs.items():
-        label_points(ax, points, "black")
+        label_points(ax, points, "black", names=names[method])
     legend_below(figure, [
         *(Line2D([], [], color=METHOD_COLORS[m], marker="o", linestyle="", label=m)
           for m in METHOD_ORDER if m in set(trained["method"])),

@@ -26,6 +26,7 @@ from ..data.pixels import image_path
 from ..errors import GalaxyTuneError
 from ..data.kaggle import IMAGE_SIZE_PX
 from ..data.tasks import get_task
+from .backbones import backbone_section, backbones
 from .evaluation import evaluation_sections, full_vs_lora, selection_section
 from .figure import METHOD_COLORS, METHOD_ORDER, FigureSkipped, Metric, class_label, embed, percent_axis
 from .runs import predicted_class, seed_predictions, selected_runs
@@ -55,12 +56,13 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
         (f"Task `{data['task']}` ({'37 vote fractions' if votes else ' vs '.join(data['class_names'])}) on "
          f"`{data['data_dir']}`, {data['image_size_px']} px images (crop {data['crop_px'] or 'none'}), split seed "
          f"{data['seed']}; test split {test_images} images. Each method was retrained with {len(seeds)} seed(s)."),
-        f"Backbone: {base_weights(results['weights'].iloc[0])} (`{info['model']}`).",
+        backbone_line(all_results, info),
         *(f"Note: {note}." for note in info.get("notes", [])),
     ]
     if votes:
         lines += [*votes_sections(out, results, predictions, info),
-                  *selection_section(out, all_results, metric), *cost_section(results)]
+                  *backbone_section(all_results, metric), *selection_section(out, all_results, metric),
+                  *cost_section(results)]
     else:
         lines += classification_sections(out, results, predictions, all_results, all_predictions, info, metric)
     lines += ["## Recipes", ""]
@@ -100,6 +102,7 @@ def classification_sections(out: Path, results: pd.DataFrame, predictions: pd.Da
         *embed(out, "test_accuracy.png", "Test accuracy per method: bars are the mean over seeds, whiskers ±1 sd, "
                "dots single seeds; black bars mark the reference study, the dotted line the majority class",
                lambda: plot_test_accuracy(results, info["majority_share"], reference)),
+        *backbone_section(all_results, metric),
         *selection_section(out, all_results, metric),
         "## Full fine-tuning vs LoRA",
         "",
@@ -114,6 +117,14 @@ def classification_sections(out: Path, results: pd.DataFrame, predictions: pd.Da
                "mistakes first), as the model sees them before resizing",
                lambda: plot_misclassified(predictions, data)),
     ]
+
+
+def backbone_line(all_results: pd.DataFrame, info: dict) -> str:
+    """The backbone the runs started from, or the backbones when a search chose among them."""
+    models = backbones(all_results)
+    if len(models) > 1:
+        return f"Backbones: {', '.join(f'`{m}`' for m in models)} (the search chose among them)."
+    return f"Backbone: {base_weights(all_results['weights'].iloc[0])} (`{info['model']}`)."
 
 
 def base_weights(weights: str) -> str:

@@ -13,6 +13,7 @@ trials finish (`monitor`), and are made final when the search ends.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -95,6 +96,7 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
     if options.max_epochs is not None:
         overrides["epochs"] = options.max_epochs
     space = load_space(options.space or default_space_path(options.method), overrides)
+    check_backbones(space, options.method, options.space)
 
     # Resources first: a request no node can satisfy is refused before minutes go into caching pixels.
     start_ray(options.address)
@@ -203,6 +205,45 @@ def pretrained_backbone(options: SearchOptions, prepared: Prepared) -> str:
 
     _, model_name = load_backbone(options.model, num_labels=len(prepared.class_names), seed=options.data.seed)
     return model_name
+
+
+def space_backbones(space: SearchSpace) -> list[str]:
+    """The backbones a space chooses among (its `model` parameter's choices, or its fixed model); none if it has none."""
+    chosen = [p.distribution.choices for p in space.params if p.name == "model"]
+    return list(chosen[0]) if chosen else [space.fixed["model"]] if space.fixed.get("model") else []
+
+
+def check_backbones(space: SearchSpace, method: str, space_file: Path | None) -> None:
+    """Every backbone a space chooses loads here (pretrained ones from the cache or the Hub), and for LoRA takes
+    every `lora_targets` the space can give it, before any trial starts: otherwise each trial that drew it fails."""
+    backbones = space_backbones(space)
+    if not backbones:
+        return
+    from ..models.backbone import build_model
+    from ..models.lora import add_lora
+
+    searched_targets = next((p for p in space.params if p.name == "lora_targets"), None)
+
+    def targets_of(backbone: str) -> set[str]:  # what lora_targets a trial of this backbone can get
+        fixed = {space.fixed.get("lora_targets", TrainConfig.lora_targets)}
+        if searched_targets is None:
+            return fixed
+        takes = backbone in searched_targets.when.get("model", (backbone,))
+        return (set(searched_targets.distribution.choices) if takes else set()) | (
+            fixed if searched_targets.when else set())
+
+    for backbone in backbones:
+        where = f"search space {space_file}: model {backbone!r}"
+        try:
+            model = build_model(backbone)
+        except GalaxyTuneError as err:
+            raise GalaxyTuneError(f"{where}: {err}") from None
+        for target in sorted(targets_of(backbone)) if method == "lora" else []:
+            try:
+                add_lora(copy.deepcopy(model), rank=1, alpha=1, targets=target)
+            except GalaxyTuneError as err:
+                raise GalaxyTuneError(f"{where} takes no lora_targets {target!r} ({err}): give lora_targets a "
+                                      f"`when: {{model: [...]}}` condition, or drop one of the two") from None
 
 
 def about_search(options: SearchOptions, model_name: str, prepared: Prepared, experiment: Path) -> dict:
