@@ -64,6 +64,9 @@ def test_timm_backbones_that_cannot_be_had_say_why_and_what_to_do(tmp_path, monk
         build_model("timm:no_such_net")
     with pytest.raises(GalaxyTuneError, match="a stem and 4 stages .* choose one of those"):
         build_model("timm:test_vit")
+    with pytest.raises(GalaxyTuneError, match="takes 160 px images only, and galaxy_tune feeds a backbone the "
+                       "search's --image-size"):
+        build_model("timm:test_maxvit")
     # Offline with an empty Hugging Face cache: the recipe to copy the model in.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
@@ -136,6 +139,12 @@ def test_a_lora_space_whose_backbone_takes_none_of_its_targets_is_refused_before
     err = capsys.readouterr().err
     assert f"search space {space}: model 'timm:test_convnext' takes no lora_targets 'conv3x3'" in err
     assert "give lora_targets a `when: {model: [...]}` condition" in err and err.count("\n") == 1
+    # The shipped LoRA space searches every target: a ConvNeXt as --model takes neither conv3x3 nor all.
+    assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path / "results"),
+                 "--model", "timm:test_convnext"]) == 2
+    err = capsys.readouterr().err
+    assert "--model timm:test_convnext takes no lora_targets 'all' (LoRA adapts plain convolutions" in err
+    assert "search_spaces/lora.yaml without it (--space)" in err and err.count("\n") == 1
     assert not (tmp_path / "results").exists()
 
 

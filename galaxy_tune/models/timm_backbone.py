@@ -39,10 +39,6 @@ class TimmClassifier(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> Output:
         return Output(self.classifier(self.encoder(pixel_values)))
 
-    @property
-    def architecture(self) -> str:
-        return self.encoder.pretrained_cfg.get("architecture") or type(self.encoder).__name__
-
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) of the pixels the encoder was pretrained on."""
         cfg = self.encoder.pretrained_cfg
@@ -87,13 +83,18 @@ def _groups(encoder: nn.Module) -> dict[str, int]:
     return group_parameters(encoder, encoder.group_matcher(coarse=True), reverse=True)
 
 
-def check_stages(encoder: nn.Module, name: str) -> None:
-    """Refuse an encoder whose timm grouping is not a stem and 4 stages (ResNets, ConvNeXts and MaxViTs are)."""
+def check_encoder(encoder: nn.Module, name: str) -> None:
+    """Refuse an encoder that is not a stem and 4 stages in timm's grouping (ResNets and ConvNeXts are), or that
+    takes its pretrained input size only (a MaxViT's attention windows are cut for it), not the search's."""
     groups = set(_groups(encoder).values())
     if not set(range(STAGES + 1)) <= groups <= set(range(STAGES + 2)):
         raise GalaxyTuneError(f"--model {name}: galaxy_tune trains backbones of a stem and {STAGES} stages (timm's "
-                              f"ResNets, ConvNeXts, MaxViTs), and timm groups this one in {len(groups)}: choose "
-                              "one of those")
+                              f"ResNets and ConvNeXts), and timm groups this one in {len(groups)}: choose one of "
+                              "those")
+    if encoder.pretrained_cfg.get("fixed_input_size"):
+        raise GalaxyTuneError(f"--model {name} takes {encoder.pretrained_cfg['input_size'][-1]} px images only, and "
+                              "galaxy_tune feeds a backbone the search's --image-size: choose a timm ResNet or "
+                              "ConvNeXt")
 
 
 def build_encoder(name: str) -> nn.Module:
@@ -113,7 +114,7 @@ def build_encoder(name: str) -> nn.Module:
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         raise GalaxyTuneError(f"could not build the timm model {name!r} ({err}): pass `timm:ARCH`, `hf_hub:REPO` "
                               "or a folder in timm's Hub layout (config.json with architecture, plus weights)") from None
-    check_stages(encoder, name)
+    check_encoder(encoder, name)
     return encoder
 
 

@@ -96,7 +96,7 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
     if options.max_epochs is not None:
         overrides["epochs"] = options.max_epochs
     space = load_space(options.space or default_space_path(options.method), overrides)
-    check_backbones(space, options.method, options.space)
+    check_backbones(space, options.method, options.space or default_space_path(options.method), options.model)
 
     # Resources first: a request no node can satisfy is refused before minutes go into caching pixels.
     start_ray(options.address)
@@ -213,10 +213,12 @@ def space_backbones(space: SearchSpace) -> list[str]:
     return list(chosen[0]) if chosen else [space.fixed["model"]] if space.fixed.get("model") else []
 
 
-def check_backbones(space: SearchSpace, method: str, space_file: Path | None) -> None:
+def check_backbones(space: SearchSpace, method: str, space_file: Path, model: str | None) -> None:
     """Every backbone a space chooses loads here (pretrained ones from the cache or the Hub), and for LoRA takes
-    every `lora_targets` the space can give it, before any trial starts: otherwise each trial that drew it fails."""
-    backbones = space_backbones(space)
+    every `lora_targets` the space can give it, before any trial starts: otherwise each trial that drew it fails.
+    A LoRA search's --model is checked too, unless it is one of the HF ResNets that take every target."""
+    chosen = space_backbones(space)
+    backbones = chosen or ([model] if method == "lora" and model and model not in RANDOM_BACKBONES else [])
     if not backbones:
         return
     from ..models.backbone import build_model
@@ -233,7 +235,7 @@ def check_backbones(space: SearchSpace, method: str, space_file: Path | None) ->
             fixed if searched_targets.when else set())
 
     for backbone in backbones:
-        where = f"search space {space_file}: model {backbone!r}"
+        where = f"search space {space_file}: model {backbone!r}" if chosen else f"--model {backbone}"
         try:
             model = build_model(backbone)
         except GalaxyTuneError as err:
@@ -242,8 +244,9 @@ def check_backbones(space: SearchSpace, method: str, space_file: Path | None) ->
             try:
                 add_lora(copy.deepcopy(model), rank=1, alpha=1, targets=target)
             except GalaxyTuneError as err:
-                raise GalaxyTuneError(f"{where} takes no lora_targets {target!r} ({err}): give lora_targets a "
-                                      f"`when: {{model: [...]}}` condition, or drop one of the two") from None
+                fix = ("give lora_targets a `when: {model: [...]}` condition, or drop one of the two" if chosen else
+                       f"search a copy of {space_file} without it (--space)")
+                raise GalaxyTuneError(f"{where} takes no lora_targets {target!r} ({err}): {fix}") from None
 
 
 def about_search(options: SearchOptions, model_name: str, prepared: Prepared, experiment: Path) -> dict:
