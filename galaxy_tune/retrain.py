@@ -242,9 +242,13 @@ def claim_retrain(out_dir: Path, plan: dict, resume: bool) -> None:
         raise GalaxyTuneError(f"no retrain to resume at {out_dir} (it has no {layout.RETRAIN_PLAN}): check --name and "
                               "--results-dir")
     before = json.loads(saved.read_text())
+    # A plan written before a hyperparameter existed names it with its default: the same config.
+    before["recipes"] = {folder: {**recipe, "config": TrainConfig.from_dict(recipe["config"]).to_dict()}
+                         for folder, recipe in before.get("recipes", {}).items()}
     for key, value in plan.items():
         if before.get(key) != value:
             what = {"recipes": "the configs retrained (a search has changed since: pass --from)",
+                    "direct": "backbones for direct (a search has changed since: pass --from)",
                     "prepared": "the data (--data-dir and its settings)", "augment": "--no-augment"}.get(
                 key, f"--{key.replace('_', '-')}")
             raise GalaxyTuneError(f"{out_dir} was started with other {what}: {before.get(key)} then, {value} now: "

@@ -39,7 +39,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: str = "bottleneck"
-    lora_stages: str = "1,2,3,4"  # the ResNet stages that get adapters
+    lora_stages: str = "1,2,3,4"  # the backbone's stages that get adapters
     lora_batchnorm: str = "stats"  # frozen, stats (running statistics update) or affine (γ, β train too)
     lora_scaling: str = "standard"  # alpha / r, or rslora: alpha / √r
     lora_plus_ratio: float = 1.0  # LoRA+: the B matrices' lr over the A matrices' (1: plain LoRA)
@@ -98,7 +98,8 @@ class TrainConfig:
         except ValueError:
             stages = ()
         if not stages or not set(stages) <= set(range(1, STAGES + 1)):
-            raise GalaxyTuneError(f"lora_stages={self.lora_stages!r} must list ResNet stages 1-{STAGES}, e.g. '3,4'")
+            raise GalaxyTuneError(f"lora_stages={self.lora_stages!r} must list the backbone's stages 1-{STAGES}, "
+                                  "e.g. '3,4'")
         return stages
 
     def searched(self) -> dict:

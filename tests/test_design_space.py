@@ -1,8 +1,8 @@
 """The fine-tuning design space: frozen stages, layer-wise lr decay, LoRA variants, BatchNorm modes, smoothing."""
 
 import dataclasses
-import re
 import math
+import re
 
 import pytest
 import torch
@@ -127,7 +127,7 @@ def test_configs_from_before_the_new_dimensions_still_load():
 
 @pytest.mark.parametrize("values, culprit", [
     ({"frozen_stages": 6}, "frozen_stages=6 must be 0"),
-    ({"lora_stages": "0,5"}, "lora_stages='0,5' must list ResNet stages"),
+    ({"lora_stages": "0,5"}, "lora_stages='0,5' must list the backbone's stages"),
     ({"lora_batchnorm": "half"}, "lora_batchnorm='half' is not one of"),
     ({"lora_plus_ratio": 0}, "lora_plus_ratio=0.0 must be positive"),
     ({"label_smoothing": 1}, r"label_smoothing=1.0 must be in \[0, 1\)"),

@@ -18,7 +18,7 @@ from galaxy_tune.data.kaggle import IMAGES_DIR
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.models.backbone import build_model, normalisation
 from galaxy_tune.models.export import load_exported
-from galaxy_tune.models.lora import LORA_LAYERS, LoraLinear, add_lora, set_lora_sum, to_plain_model
+from galaxy_tune.models.lora import LoraBranch, LoraLinear, add_lora, set_lora_sum, to_plain_model
 from galaxy_tune.models.timm_backbone import TimmClassifier
 
 TIMM_TINY = ["timm:test_resnet", "timm:test_convnext"]
@@ -78,8 +78,8 @@ def test_timm_backbones_that_cannot_be_had_say_why_and_what_to_do(tmp_path, monk
 @pytest.mark.parametrize("name, layers", [("timm:test_resnet", 9), ("timm:test_convnext", 18)])
 def test_lora_on_a_timm_backbone_folds_exactly_and_leaves_the_frozen_base_without_gradients(name, layers, tmp_path):
     model = trained_lora(name)
-    assert sum(isinstance(m, LORA_LAYERS) for m in model.modules()) == layers  # ResNet convs, ConvNeXt MLP Linears
-    assert all(m.lora_B.weight.abs().sum() > 0 for m in model.modules() if isinstance(m, LORA_LAYERS))
+    assert sum(isinstance(m, LoraBranch) for m in model.modules()) == layers  # ResNet convs, ConvNeXt MLP Linears
+    assert all(m.lora_B.weight.abs().sum() > 0 for m in model.modules() if isinstance(m, LoraBranch))
     model.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model.train()(pixel_values=IMAGES).logits, LABELS).backward()
     with_gradient = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -88,7 +88,7 @@ def test_lora_on_a_timm_backbone_folds_exactly_and_leaves_the_frozen_base_withou
     assert all(("lora_" in n) or n.startswith("classifier.") or ".bn" in n or "downsample.2" in n
                for n in with_gradient)  # adapters, the head and BatchNorm ("stats": none of its affine params)
     plain = to_plain_model(model)
-    assert not any(isinstance(m, LORA_LAYERS) for m in plain.modules())
+    assert not any(isinstance(m, LoraBranch) for m in plain.modules())
     torch.testing.assert_close(logits(plain), logits(model.train(False)), atol=1e-5, rtol=1e-5)
 
 
@@ -130,8 +130,8 @@ points_to_evaluate:
 """
 
 
-def test_a_lora_space_whose_backbone_takes_none_of_its_targets_is_refused_before_ray_starts(demo_dir, tmp_path,
-                                                                                            capsys):
+def test_a_lora_space_whose_backbone_takes_none_of_its_targets_is_refused_before_any_data_is_prepared(
+        ray_local, demo_dir, tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(CHOOSING.replace("epochs: 1", "epochs: 1\n  lora_targets: conv3x3"))
     assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path / "results"),
@@ -172,7 +172,7 @@ def test_a_search_chooses_the_backbone_and_retrain_tests_each_with_every_method(
         ("direct", "timm:test_convnext"), ("direct", "tiny"), ("full", "timm:test_convnext"),
         ("lora", "timm:test_convnext"), ("lora", "tiny")]
     report = (retrain / "report.md").read_text()
-    assert "Backbones: `timm:test_convnext`, `tiny` (the search chose among them)." in report
+    assert "Backbones: `timm:test_convnext`, `tiny`." in report
     backbone_rows = report.split("## Backbones")[1].split("##")[0]
     for method, model in zip(results["method"], results["model"]):
         assert f"| {model} " in backbone_rows and f"| {method} " in backbone_rows
@@ -194,3 +194,17 @@ def test_a_search_chooses_the_backbone_and_retrain_tests_each_with_every_method(
     table = pd.read_csv(out)
     assert list(table.columns) == ["GalaxyID", *class_names] and len(table) == 120
     assert (table[class_names].sum(axis=1) - 1).abs().max() < 1e-5
+
+
+def test_a_retrain_planned_before_configs_named_their_backbone_resumes(tmp_path):
+    from galaxy_tune.retrain import claim_retrain
+    from galaxy_tune.train import REFERENCE_CONFIGS
+
+    config = REFERENCE_CONFIGS["full"].to_dict()
+    plan = {"methods": ["full"], "recipes": {"full": {"source": "reference recipe", "config": config}}}
+    before = {"full": {"source": "reference recipe", "config": {k: v for k, v in config.items() if k != "model"}}}
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "recipes": before}))
+    claim_retrain(tmp_path, plan, resume=True)  # the same config: its model is the default
+    changed = {"full": {"source": "reference recipe", "config": {**config, "model": "timm:test_resnet"}}}
+    with pytest.raises(GalaxyTuneError, match="was started with other the configs retrained"):
+        claim_retrain(tmp_path, {**plan, "recipes": changed}, resume=True)

@@ -1,4 +1,4 @@
-"""The names a config or a command chooses among, without torch: backbones, ResNet stages and LoRA's options.
+"""The names a config or a command chooses among, without torch: backbones, their stages and LoRA's options.
 
 The search's driver checks and records configs with these alone; `backbone` and `lora` build what they name.
 """

@@ -1,10 +1,10 @@
 """The exported-model format: a folder that plain `transformers` (or `timm`) loads, plus what galaxy_tune needs.
 
-`<method>-seed<S>/hf/` holds `config.json` + weights (LoRA merged in), and `galaxy_tune.json` (image size, crop,
-class names, task, normalisation): what `predict` needs and the model cannot know. An HF ResNet's folder holds the
-image processor that feeds the model the pixels it was trained on; a timm backbone's is in timm's Hub layout,
-whose config.json holds the same (`timm.data.resolve_data_config` reads it), and
-`timm.create_model("local-dir:DIR", pretrained=True)` loads it. A `kaggle-votes` model's 37 logits become vote fractions through
+`<method>-seed<S>/hf/` holds `config.json` and the weights, LoRA merged in. Its `galaxy_tune.json` holds what
+`predict` needs and the model cannot know: image size, crop, class names, task, normalisation. An HF ResNet's
+folder also holds the image processor that feeds the model the pixels it was trained on. A timm backbone's folder
+is in timm's Hub layout: its config.json says the same, and `timm.create_model("local-dir:DIR", pretrained=True)`
+loads it. A `kaggle-votes` model's 37 logits become vote fractions through
 `galaxy_tune.data.tasks.per_question_softmax` (a plain softmax over all 37 would be wrong).
 `<method>-seed<S>/adapters.safetensors` holds a LoRA result's adapters alone.
 """
@@ -101,8 +101,8 @@ def load_exported(model_dir: Path, image_size_px: int | None = None, crop_px: in
         model = load_timm(model_dir) if is_timm(str(model_dir)) else \
             ResNetForImageClassification.from_pretrained(model_dir)
     except (OSError, ValueError, RuntimeError) as err:
-        raise GalaxyTuneError(f"could not load the model in {model_dir} ({err}): pass a folder written by "
-                              "retrain (or save_pretrained of a transformers ResNet)") from None
+        raise GalaxyTuneError(f"could not load the model in {model_dir} ({err}): pass the hf/ folder of a retrain "
+                              "(or a transformers ResNet or timm classifier saved with its head)") from None
     info_path = model_dir / MODEL_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if info:

@@ -19,7 +19,7 @@ from transformers.models.resnet.modeling_resnet import ResNetBottleNeckLayer, Re
 from ..errors import GalaxyTuneError
 from .backbone import stage_of
 from .choices import BATCHNORM_MODES, LORA_TARGETS, SCALINGS
-from .lora_layers import (LORA_LAYERS, FrozenBatchNormLoraLayer, LoraConv2d, LoraLinear,  # noqa: F401 (here too)
+from .lora_layers import (FrozenBatchNormLoraLayer, LoraBranch, LoraConv2d, LoraLinear,  # noqa: F401 (here too)
                           require_plain_conv)
 from .timm_backbone import TimmClassifier
 
@@ -61,7 +61,7 @@ def add_lora(
     if scaling not in SCALINGS:
         raise GalaxyTuneError(f"LoRA scaling {scaling!r} is unknown; use one of {', '.join(SCALINGS)}")
     if not stages or not set(stages) <= {1, 2, 3, 4}:
-        raise GalaxyTuneError(f"LoRA stages {stages!r} are invalid; use ResNet stages 1-4, e.g. (3, 4)")
+        raise GalaxyTuneError(f"LoRA stages {stages!r} are invalid; use the backbone's stages 1-4, e.g. (3, 4)")
     every_stage = set(stages) == {1, 2, 3, 4}  # the stem's conv ("all" targets) only with every stage
     found = _target_names(model, targets)
     stage = stage_of(model, found)
@@ -175,7 +175,7 @@ def to_plain_model(model: nn.Module) -> nn.Module:
     for name, module in list(plain.named_modules()):
         if isinstance(module, FrozenBatchNormLoraLayer):
             module.__class__ = ResNetConvLayer  # the same modules, HF's own layer again (it adds no state)
-        if isinstance(module, LORA_LAYERS):
+        if isinstance(module, LoraBranch):
             layer = module.base_layer
             with torch.no_grad():
                 layer.weight += module.delta_weight().view_as(layer.weight)
@@ -211,13 +211,13 @@ def set_lora_sum(model: nn.Module, sum_dtype: str) -> None:
     if sum_dtype not in LORA_SUMS:
         raise GalaxyTuneError(f"LoRA sum {sum_dtype!r} is unknown; use one of {', '.join(LORA_SUMS)}")
     for module in model.modules():
-        if isinstance(module, LORA_LAYERS):
+        if isinstance(module, LoraBranch):
             module.cast_sum = sum_dtype == "autocast"
 
 
 def set_lora_merging(model: nn.Module, merge: bool) -> None:
     """Put the model in eval mode, its LoRA layers computing with the merged weight (merge) or the branch."""
     for module in model.modules():
-        if isinstance(module, LORA_LAYERS):
+        if isinstance(module, LoraBranch):
             module.merge_weights = merge
     model.eval()

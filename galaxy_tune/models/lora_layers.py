@@ -24,22 +24,38 @@ from transformers.models.resnet.modeling_resnet import ResNetConvLayer
 from ..errors import GalaxyTuneError
 
 
-class LoraConv2d(nn.Module, loralib.LoRALayer):
-    """A frozen convolution plus a trainable low-rank branch: base(x) + lora_B(lora_A(x)) · alpha / r."""
+class LoraBranch(nn.Module, loralib.LoRALayer):
+    """A frozen layer plus a trainable low-rank branch beside it: base(x) + lora_B(lora_A(x)) · alpha / r."""
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, merge_weights: bool = True, rslora: bool = False):
-        require_plain_conv(base, str(base))
+    def __init__(self, base: nn.Module, lora_a: nn.Module, lora_b: nn.Module, rank: int, alpha: float,
+                 merge_weights: bool, rslora: bool):
         nn.Module.__init__(self)
         loralib.LoRALayer.__init__(self, r=rank, lora_alpha=alpha, lora_dropout=0.0, merge_weights=merge_weights)
         self.base_layer = base.requires_grad_(False)
-        self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
-                                bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=base.weight.device,
-                                dtype=base.weight.dtype)
+        self.lora_A, self.lora_B = lora_a, lora_b
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as loralib and PEFT initialise A
         nn.init.zeros_(self.lora_B.weight)  # so the model is unchanged until training moves B
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank  # rsLoRA: rank-stabilised scaling
         self.cast_sum = False  # see LORA_SUMS and set_lora_sum
+
+    def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) plus the branch's effect, added in fp32: under bf16 autocast a small effect added to the bf16
+        base output would round away."""
+        effect = self.lora_B(self.lora_A(x) * self.scaling)  # scaled at rank r, where it is cheap
+        out = self.base_layer(x)
+        total = (out.float() if out.dtype != torch.float32 else out).add_(effect)
+        return total.to(out.dtype) if self.cast_sum else total
+
+
+class LoraConv2d(LoraBranch):
+    """A frozen convolution with a LoRA branch: a k×k convolution down to rank r, then a 1×1 convolution back up."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, merge_weights: bool = True, rslora: bool = False):
+        require_plain_conv(base, str(base))
+        factory = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        super().__init__(base, nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                         base.dilation, **factory),
+                         nn.Conv2d(rank, base.out_channels, 1, **factory), rank, alpha, merge_weights, rslora)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW of the branch as one conv weight: the 1×1 conv B after the k×k conv A is the conv with B·A."""
@@ -54,11 +70,7 @@ class LoraConv2d(nn.Module, loralib.LoRALayer):
         weights = (x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights):
             return _LoraConvFunction.apply(*weights, self.scaling, _geometry(base), self.cast_sum)
-        effect = self.lora_B(self.lora_A(x) * self.scaling)  # scaled at rank r, where it is cheap
-        out = base(x)
-        # The sum in fp32: under bf16 autocast a small effect added to the bf16 base output would round away.
-        total = (out.float() if out.dtype != torch.float32 else out).add_(effect)
-        return total.to(out.dtype) if self.cast_sum else total
+        return self.branch_sum(x)
 
     def folded(self, x: torch.Tensor, batchnorm: nn.BatchNorm2d) -> torch.Tensor:
         """batchnorm(self(x)) for a frozen BatchNorm in eval mode, in training: its scale folded into W and B, its
@@ -171,22 +183,15 @@ def require_plain_conv(conv: nn.Conv2d, name: str) -> None:
                               f"{name}: choose other targets")
 
 
-class LoraLinear(nn.Module, loralib.LoRALayer):
-    """A frozen Linear layer plus a trainable low-rank branch: base(x) + lora_B(lora_A(x)) · alpha / r, the effect
-    added in fp32 under autocast, as in `LoraConv2d`. Autograd computes its backward: the frozen base's weight,
-    which needs no gradient, gets none."""
+class LoraLinear(LoraBranch):
+    """A frozen Linear layer with a LoRA branch of two Linear layers. Autograd computes its backward: the frozen
+    base's weight, which needs no gradient, gets none."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, merge_weights: bool = True, rslora: bool = False):
-        nn.Module.__init__(self)
-        loralib.LoRALayer.__init__(self, r=rank, lora_alpha=alpha, lora_dropout=0.0, merge_weights=merge_weights)
-        self.base_layer = base.requires_grad_(False)
         factory = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(base.in_features, rank, **factory)
-        self.lora_B = nn.Linear(rank, base.out_features, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-        self.cast_sum = False
+        super().__init__(base, nn.Linear(base.in_features, rank, **factory), nn.Linear(rank, base.out_features,
+                                                                                       **factory),
+                         rank, alpha, merge_weights, rslora)
 
     def delta_weight(self) -> torch.Tensor:
         return _delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
@@ -195,10 +200,5 @@ class LoraLinear(nn.Module, loralib.LoRALayer):
         base = self.base_layer
         if self.merge_weights and not self.training and not torch.is_autocast_enabled(x.device.type):
             return F.linear(x, base.weight + self.delta_weight(), base.bias)
-        out = base(x)
-        effect = self.lora_B(self.lora_A(x) * self.scaling)
-        total = (out.float() if out.dtype != torch.float32 else out) + effect.float()
-        return total.to(out.dtype) if self.cast_sum else total
+        return self.branch_sum(x)
 
-
-LORA_LAYERS = (LoraConv2d, LoraLinear)

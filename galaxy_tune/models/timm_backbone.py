@@ -113,7 +113,8 @@ def build_encoder(name: str) -> nn.Module:
             encoder = timm.create_model(f"local-dir:{hub_folder(name)}", pretrained=True, num_classes=0)
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         raise GalaxyTuneError(f"could not build the timm model {name!r} ({err}): pass `timm:ARCH`, `hf_hub:REPO` "
-                              "or a folder in timm's Hub layout (config.json with architecture, plus weights)") from None
+                              "or a folder in timm's Hub layout (config.json with architecture, plus weights)"
+                              ) from None
     check_encoder(encoder, name)
     return encoder
 
@@ -128,9 +129,15 @@ def hub_folder(name: str) -> str:
     from .backbone import hub_reachable
 
     repo = name.removeprefix(HUB_PREFIX)
-    wanted = ["config.json", "*.safetensors", "pytorch_model.bin"]
+
+    def snapshot(**kwargs) -> str:  # config.json and model.safetensors, else pytorch_model.bin (older timm repos)
+        folder = huggingface_hub.snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"], **kwargs)
+        if os.path.isfile(os.path.join(folder, "model.safetensors")):
+            return folder
+        return huggingface_hub.snapshot_download(repo, allow_patterns=["config.json", "pytorch_model.bin"], **kwargs)
+
     try:
-        return huggingface_hub.snapshot_download(repo, allow_patterns=wanted, local_files_only=True)
+        return snapshot(local_files_only=True)
     except Exception:  # not cached (huggingface_hub raises several kinds): download below
         pass
     folder = repo.rsplit("/", 1)[-1]
@@ -139,7 +146,7 @@ def hub_folder(name: str) -> str:
                               f"network, run `hf download {repo} --local-dir {folder}`, copy the folder here and "
                               f"pass --model {folder}")
     try:
-        return huggingface_hub.snapshot_download(repo, allow_patterns=wanted)
+        return snapshot()
     except Exception as err:  # a wrong id, a gated repo, a broken connection: all say why in their text
         raise GalaxyTuneError(f"could not download {name} ({str(err).splitlines()[0]}): check the id, e.g. "
                               "hf_hub:mwalmsley/zoobot-encoder-resnet50") from None
@@ -163,6 +170,8 @@ def load_timm(folder: Path) -> TimmClassifier:
 
     encoder = timm.create_model(f"local-dir:{folder}", pretrained=True)
     head = encoder.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise OSError("it holds a timm encoder without a classifier head, not a trained model")
     model = TimmClassifier(encoder, head.out_features)
     model.classifier[-1].load_state_dict(head.state_dict())
     encoder.reset_classifier(0)

@@ -1,5 +1,6 @@
-"""A retrain's backbones, when a search chose the backbone: one row per backbone and method, to answer which
-backbone, and full fine-tuning or LoRA, with test numbers beside the val numbers that chose."""
+"""A retrain's backbones, when there are several: one row per backbone and method.
+
+It answers which backbone, and full fine-tuning or LoRA. Test numbers stand beside the val numbers that chose."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ BEFORE_COLOR = "#555555"
 def label_points(ax, points: list[tuple[float, float, int, bool]], color: str, fontsize: float = 10,
                  names: dict[int, str] | None = None) -> None:
     """Label config points (x, y, search rank, selected) right of them, e.g. `#1 selected, #2` where points
-    coincide, each rank followed by its name in `names` if given (e.g. its backbone). A label that would cover another label or point moves up, joined to its point by a thin line.
-    Call once the axes' limits are set."""
+    coincide. Each rank is followed by its name in `names`, if given (e.g. its backbone). A label that would cover
+    another label or point moves up, joined to its point by a thin line. Call once the axes' limits are set."""
     to_axes = ax.transScale + ax.transLimits  # data to axes fractions, whatever the layout
     places: dict[tuple[float, float], list[tuple[int, bool]]] = {}  # points within 1 % of the axis coincide
     for x, y, rank, chosen in points:

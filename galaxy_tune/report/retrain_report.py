@@ -123,7 +123,7 @@ def backbone_line(all_results: pd.DataFrame, info: dict) -> str:
     """The backbone the runs started from, or the backbones when a search chose among them."""
     models = backbones(all_results)
     if len(models) > 1:
-        return f"Backbones: {', '.join(f'`{m}`' for m in models)} (the search chose among them)."
+        return f"Backbones: {', '.join(f'`{m}`' for m in models)}."
     return f"Backbone: {base_weights(all_results['weights'].iloc[0])} (`{info['model']}`)."
 
 

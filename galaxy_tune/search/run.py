@@ -35,7 +35,7 @@ from .. import layout
 from .cluster import check_resources, start_ray
 from ..data.prepare import Prepared, data_summary, prepare, prepared_folder
 from ..errors import GalaxyTuneError, Stopped
-from ..models.choices import RANDOM_BACKBONES, describe_weights
+from ..models.choices import RANDOM_BACKBONES, describe_weights, is_timm
 from .faults import (STOP_MARKER, GracefulStop, PruneCheckpoints, SayRetries, check_ray_state, prune_checkpoints,
                      retried)
 from .options import SearchOptions, saved_options
@@ -95,16 +95,20 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
                  **dict(task.fixed)}
     if options.max_epochs is not None:
         overrides["epochs"] = options.max_epochs
-    space = load_space(options.space or default_space_path(options.method), overrides)
-    check_backbones(space, options.method, options.space or default_space_path(options.method), options.model)
+    space_file = options.space or default_space_path(options.method)
+    space = load_space(space_file, overrides)
 
     # Resources first: a request no node can satisfy is refused before minutes go into caching pixels.
     start_ray(options.address)
     gpus_per_trial, max_concurrent = check_resources(options.cpus_per_trial, options.gpus_per_trial, options.device,
                                                      options.max_concurrent)
     options = dataclasses.replace(options, gpus_per_trial=gpus_per_trial)
+    chosen = check_backbones(space, options.method, space_file, options.model)
     prepared = prepare(options.data, prepared_folder(results_dir, options.data))
-    model_name = options.model if options.model in RANDOM_BACKBONES else pretrained_backbone(options, prepared)
+    if chosen and options.model is None:  # each trial's config names its backbone, loaded above
+        model_name = chosen[0]
+    else:
+        model_name = options.model if options.model in RANDOM_BACKBONES else pretrained_backbone(options, prepared)
     searched = None  # a resumed search keeps its search.json
     if not options.resume:
         # The resolved model is saved as the explicit one: a resumed search never falls back to other weights.
@@ -208,19 +212,19 @@ def pretrained_backbone(options: SearchOptions, prepared: Prepared) -> str:
 
 
 def space_backbones(space: SearchSpace) -> list[str]:
-    """The backbones a space chooses among (its `model` parameter's choices, or its fixed model); none if it has none."""
+    """The backbones a space chooses among: its `model` parameter's choices, or its fixed model, or none."""
     chosen = [p.distribution.choices for p in space.params if p.name == "model"]
     return list(chosen[0]) if chosen else [space.fixed["model"]] if space.fixed.get("model") else []
 
 
-def check_backbones(space: SearchSpace, method: str, space_file: Path, model: str | None) -> None:
-    """Every backbone a space chooses loads here (pretrained ones from the cache or the Hub), and for LoRA takes
-    every `lora_targets` the space can give it, before any trial starts: otherwise each trial that drew it fails.
-    A LoRA search's --model is checked too, unless it is one of the HF ResNets that take every target."""
+def check_backbones(space: SearchSpace, method: str, space_file: Path, model: str | None) -> list[str]:
+    """The backbones the space chooses among, each loaded here (from the cache or the Hub) before any trial starts;
+    otherwise each trial that drew a missing one fails. For LoRA, each must take every `lora_targets` the space can
+    give it, and so must a timm --model (HF ResNets take every target)."""
     chosen = space_backbones(space)
-    backbones = chosen or ([model] if method == "lora" and model and model not in RANDOM_BACKBONES else [])
+    backbones = chosen or ([model] if method == "lora" and model and is_timm(model) else [])
     if not backbones:
-        return
+        return chosen
     from ..models.backbone import build_model
     from ..models.lora import add_lora
 
@@ -247,6 +251,7 @@ def check_backbones(space: SearchSpace, method: str, space_file: Path, model: st
                 fix = ("give lora_targets a `when: {model: [...]}` condition, or drop one of the two" if chosen else
                        f"search a copy of {space_file} without it (--space)")
                 raise GalaxyTuneError(f"{where} takes no lora_targets {target!r} ({err}): {fix}") from None
+    return chosen
 
 
 def about_search(options: SearchOptions, model_name: str, prepared: Prepared, experiment: Path) -> dict:
