@@ -109,7 +109,7 @@ def top_configs(experiment: Path, k: int, task: Task) -> list[tuple[TrainConfig,
 def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | None, task: Task,
             top_k: int = 1, model_name: str = "") -> list[Recipe]:
     """The configs to retrain for each trained method (the top_k of its search, of each backbone it chose, else the
-    reference recipe), each on its config's backbone or `model_name`; then `direct` on each of those backbones."""
+    reference recipe), each on its config's backbone or `model_name`."""
     out = []
     for method in methods:
         if method == "direct":
@@ -125,11 +125,14 @@ def recipes(experiments: dict[str, Path], methods: list[str], max_epochs: int | 
                 config = dataclasses.replace(config, epochs=min(config.epochs, max_epochs))
                 config.validate()
             out.append(Recipe(method, config, source, val, rank, config.model or model_name))
-    if "direct" in methods:
-        backbones = dict.fromkeys([model_name, *(r.model for r in out)])
-        out[:0] = [Recipe("direct", None, "no training", None, rank, backbone)
-                   for rank, backbone in enumerate(backbones, start=1)]
     return out
+
+
+def direct_recipes(plans: list[Recipe], model_name: str) -> list[Recipe]:
+    """`direct` on `model_name` and on every other backbone the plans train, ranked in that order."""
+    backbones = dict.fromkeys([model_name, *(r.model for r in plans)])
+    return [Recipe("direct", None, "no training", None, rank, backbone)
+            for rank, backbone in enumerate(backbones, start=1)]
 
 
 def top_k_shortfalls(plans: list[Recipe], experiments: dict[str, Path], top_k: int) -> list[str]:
@@ -172,8 +175,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     device = pick_device(device)
     task = get_task(prepared.task)
     plans = recipes(experiments, methods, max_epochs, task, top_k, model_name)
-    direct = [r for r in plans if r.config is None]
-    plans = [r for r in plans if r.config is not None]
+    direct = direct_recipes(plans, model_name) if "direct" in methods else []
     plan = {"methods": list(methods), "seeds": seeds, "top_k": top_k, "model": model_name,
             "prepared": str(prepared.folder), "augment": augment,
             "recipes": {r.folder: {"source": r.source, "config": r.config.to_dict()} for r in plans},

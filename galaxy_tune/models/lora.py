@@ -178,7 +178,7 @@ def to_plain_model(model: nn.Module) -> nn.Module:
         if isinstance(module, LoraBranch):
             layer = module.base_layer
             with torch.no_grad():
-                layer.weight += module.delta_weight().view_as(layer.weight)
+                layer.weight += module.delta_weight()
             _replace_module(plain, name, layer)
     return plain.requires_grad_(True)
 

@@ -38,6 +38,11 @@ class LoraBranch(nn.Module, loralib.LoRALayer):
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank  # rsLoRA: rank-stabilised scaling
         self.cast_sum = False  # see LORA_SUMS and set_lora_sum
 
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW of the branch in the base layer's weight shape: B·A scaled (for convolutions, the 1×1 conv B after the
+        k×k conv A is the conv with B·A)."""
+        return _delta(self.lora_A.weight, self.lora_B.weight, self.scaling).view_as(self.base_layer.weight)
+
     def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) plus the branch's effect, added in fp32: under bf16 autocast a small effect added to the bf16
         base output would round away."""
@@ -56,10 +61,6 @@ class LoraConv2d(LoraBranch):
         super().__init__(base, nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                                          base.dilation, **factory),
                          nn.Conv2d(rank, base.out_channels, 1, **factory), rank, alpha, merge_weights, rslora)
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW of the branch as one conv weight: the 1×1 conv B after the k×k conv A is the conv with B·A."""
-        return _delta(self.lora_A.weight, self.lora_B.weight, self.scaling).view_as(self.base_layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -192,9 +193,6 @@ class LoraLinear(LoraBranch):
         super().__init__(base, nn.Linear(base.in_features, rank, **factory), nn.Linear(rank, base.out_features,
                                                                                        **factory),
                          rank, alpha, merge_weights, rslora)
-
-    def delta_weight(self) -> torch.Tensor:
-        return _delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer

@@ -220,7 +220,6 @@ def plot_frontier(all_results: pd.DataFrame, majority: float) -> Figure:
                        edgecolor="black", linewidth=2 if chosen else 0.6, zorder=5 if chosen else 4)
             configs[method].append((x, y, int(rank), chosen))
     direct_runs = all_results[all_results["method"] == "direct"]
-    direct = direct_runs["test_accuracy"].mean() * 100
     for model, runs in direct_runs.groupby("model" if several else "method", sort=False):  # one line per backbone
         level = runs["test_accuracy"].mean() * 100
         ax.axhline(level, color=METHOD_COLORS["direct"], linestyle="--", linewidth=2)
@@ -249,7 +248,7 @@ def plot_frontier(all_results: pd.DataFrame, majority: float) -> Figure:
         Line2D([], [], color="gray", marker="D", linestyle="", markeredgecolor="black", markeredgewidth=2,
                markersize=9, label="selected on val"),
         *([Line2D([], [], color=METHOD_COLORS["direct"], linestyle="--", linewidth=2,
-                  label="direct (0 trainable: no training)")] if not np.isnan(direct) else []),
+                  label="direct (0 trainable: no training)")] if not direct_runs.empty else []),
         Line2D([], [], color="black", linestyle=":", label=f"majority class ({majority * 100:.1f} %)"),
     ], ncols=4)
     ax.set_title("What LoRA buys: test accuracy against trainable parameters")
