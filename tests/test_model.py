@@ -77,6 +77,11 @@ def test_default_backbone_falls_back_to_random_resnet50_when_offline(monkeypatch
     assert err.count("warning:") == 1 and "falling back" in err and DEFAULT_MODEL in err
     assert _same_weights(model, build_model(RANDOM_RESNET50, seed=3))  # the random-init ResNet-50 of that seed
     assert model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 2)
+    # Another Hub id is not replaced: the error says where to put a copy (as --model, or among a space's choices).
+    with pytest.raises(GalaxyTuneError, match=r"offline and not in the Hugging Face cache\); run once with network "
+                       r"access to cache them, name a local folder with a copy \(save_pretrained output\) where you "
+                       r"named 'microsoft/resnet-18', or use resnet50-random$"):
+        build_model("microsoft/resnet-18")
 
 
 def test_describe_weights_names_the_provenance():

@@ -156,15 +156,15 @@ def _load_pretrained(name: str, num_labels: int) -> ResNetForImageClassification
     if not hub_reachable():
         raise GalaxyTuneError(
             f"could not load pretrained weights {name!r} (offline and not in the Hugging Face cache); "
-            f"run once with network access to cache them, pass a local folder with a copy "
-            f"(save_pretrained output, --model DIR), or use {RANDOM_RESNET50}"
+            f"run once with network access to cache them, name a local folder with a copy (save_pretrained "
+            f"output) where you named {name!r}, or use {RANDOM_RESNET50}"
         )
     try:
         return ResNetForImageClassification.from_pretrained(name, **kwargs)
     except OSError as err:
         raise GalaxyTuneError(
             f"could not load pretrained weights {name!r} ({err}); check the Hugging Face model id, "
-            f"pass a local folder with a copy (--model DIR), or use {RANDOM_RESNET50}"
+            f"name a local folder with a copy where you named {name!r}, or use {RANDOM_RESNET50}"
         ) from err
 
 

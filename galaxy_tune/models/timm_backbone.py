@@ -144,7 +144,7 @@ def hub_folder(name: str) -> str:
     if not hub_reachable():
         raise GalaxyTuneError(f"could not load {name} (offline and not in the Hugging Face cache): where there is "
                               f"network, run `hf download {repo} --local-dir {folder}`, copy the folder here and "
-                              f"pass --model {folder}")
+                              f"name the folder {folder} where you named {name}")
     try:
         return snapshot()
     except Exception as err:  # a wrong id, a gated repo, a broken connection: all say why in their text
