@@ -16,6 +16,7 @@ import dataclasses
 import json
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,13 +96,13 @@ def top_configs(experiment: Path, k: int, task: Task) -> list[tuple[TrainConfig,
         return [(TrainConfig.from_dict(best["config"]), best[task.val_metric])]
     trials = pd.read_csv(trials_path)
     trials = trials[trials["status"].isin(["COMPLETED", "STOPPED"])]
-    out, seen, per_backbone = [], set(), {}
+    out, seen, per_backbone = [], set(), Counter()
     for _, trial in task.rank(trials).iterrows():
         config = TrainConfig.from_dict(json.loads(trial["config"]))
         key = json.dumps({name: v for name, v in config.to_dict().items() if name != "seed"}, sort_keys=True)
-        if key not in seen and per_backbone.get(config.model, 0) < k:
+        if key not in seen and per_backbone[config.model] < k:
             seen.add(key)
-            per_backbone[config.model] = per_backbone.get(config.model, 0) + 1
+            per_backbone[config.model] += 1
             out.append((config, float(trial[f"best_{task.val_metric}"])))
     return out
 
@@ -137,22 +138,10 @@ def direct_recipes(plans: list[Recipe], model_name: str) -> list[Recipe]:
 
 def top_k_shortfalls(plans: list[Recipe], experiments: dict[str, Path], top_k: int) -> list[str]:
     """A line for each search that has fewer distinct finished configs than --top-k asks for."""
-    found: dict[tuple[str, str], int] = {}
-    for recipe in plans:
-        if recipe.method in experiments:
-            found[recipe.method, recipe.config.model] = found.get((recipe.method, recipe.config.model), 0) + 1
+    found = Counter((r.method, r.config.model) for r in plans if r.method in experiments)
     return [f"{method}: --top-k {top_k}, but {experiments[method]} has {n} distinct finished config(s)"
             f"{f' of {backbone}' if backbone else ''}: {n} retrained"
             for (method, backbone), n in found.items() if 0 < n < top_k]
-
-
-def select_configs(results: pd.DataFrame, task: Task) -> pd.Series:
-    """Each method's reported config: the rank with the best mean val metric over seeds (ties: the search's
-    better one). Test numbers play no part. Returns a bool per row of `results`."""
-    mean_val = results.groupby(["method", "rank"])[task.val_metric].mean().reset_index()
-    chosen = mean_val.sort_values([task.val_metric, "rank"], ascending=[task.mode == "min", True]).drop_duplicates(
-        "method")
-    return results.set_index(["method", "rank"]).index.isin(chosen.set_index(["method", "rank"]).index)
 
 
 def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path], out_dir: Path,
@@ -208,7 +197,7 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
                       f"with the same command and `--name {out_dir.name} --resume auto`") from None
     progress.close()
     results = pd.DataFrame([row for _, row in tested])
-    results["selected"] = select_configs(results, task)
+    results["selected"] = task.chosen_configs(results)
     results.to_csv(out_dir / layout.TEST_RESULTS, index=False)
     summary = data_summary(prepared)
     predictions = pd.concat([predictions for predictions, _ in tested])

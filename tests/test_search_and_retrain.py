@@ -24,7 +24,6 @@ from galaxy_tune import tracking
 from galaxy_tune.tracking import log_retrain
 from galaxy_tune.data.prepare import load_prepared
 from galaxy_tune.data.loader import open_split
-from galaxy_tune.retrain import select_configs
 from galaxy_tune.data.tasks import get_task
 from galaxy_tune.train import pick_device, place, predict_logits
 
@@ -214,10 +213,10 @@ def test_top_k_retrain_picks_each_methods_config_on_val_accuracy_alone():
         "method": ["lora"] * 4, "rank": [1, 1, 2, 2], "seed": [0, 1, 0, 1],
         "val_accuracy": [0.80, 0.82, 0.85, 0.84],  # rank 2 is better on val...
         "test_accuracy": [0.95, 0.95, 0.70, 0.70]})  # ...and worse on test: test must not sway the pick
-    assert select_configs(results, get_task("seed-top2")).tolist() == [False, False, True, True]
+    assert get_task("seed-top2").chosen_configs(results).tolist() == [False, False, True, True]
     # kaggle-votes: the lower val RMSE wins.
     rmse = results.rename(columns={"val_accuracy": "val_rmse", "test_accuracy": "test_rmse"})
-    assert select_configs(rmse, get_task("kaggle-votes")).tolist() == [True, True, False, False]
+    assert get_task("kaggle-votes").chosen_configs(rmse).tolist() == [True, True, False, False]
 
 
 def test_a_retrain_logs_a_parent_and_a_run_per_method_config_and_seed_to_mlflow(retrained, mlflow_server, tmp_path,

@@ -80,6 +80,14 @@ class Task:
         return trials.sort_values([f"best_{self.val_metric}", "epochs"], ascending=[self.mode == "min", False],
                                   kind="stable")
 
+    def chosen_configs(self, results: pd.DataFrame, by: tuple[str, ...] = ("method",)) -> np.ndarray:
+        """A retrain's reported config of each `by` group: the rank with the best mean val metric over seeds (ties:
+        the search's better one). Test numbers play no part. Returns a bool per row of `results`."""
+        mean_val = results.groupby([*by, "rank"])[self.val_metric].mean().reset_index()
+        chosen = mean_val.sort_values([self.val_metric, "rank"], ascending=[self.mode == "min", True]).drop_duplicates(
+            list(by))
+        return results.set_index([*by, "rank"]).index.isin(chosen.set_index([*by, "rank"]).index)
+
 
 @dataclass(frozen=True)
 class Classification(Task):

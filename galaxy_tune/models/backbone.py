@@ -4,6 +4,8 @@ ResNets) and timm's (Zoobot's encoders, timm architectures), and where each para
 import os
 import re
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import huggingface_hub
 import numpy as np
@@ -15,6 +17,8 @@ from ..data.loader import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import GalaxyTuneError
 from .choices import DEFAULT_MODEL, RANDOM_RESNET50, STAGES, TINY, describe_weights, is_timm  # noqa: F401 (here too)
 from .timm_backbone import TimmClassifier, build_encoder
+
+T = TypeVar("T")
 
 _RANDOM_CONFIGS = {
     RANDOM_RESNET50: dict(layer_type="bottleneck", depths=[3, 4, 6, 3]),
@@ -149,23 +153,29 @@ def _load_pretrained(name: str, num_labels: int) -> ResNetForImageClassification
             f"model folder {name!r} does not exist; check the path, pass a Hugging Face id such as "
             f"{DEFAULT_MODEL!r}, or use {RANDOM_RESNET50}"
         )
+    return cached_or_fetched(
+        lambda **cache: ResNetForImageClassification.from_pretrained(name, **cache, **kwargs), OSError,
+        offline=f"could not load pretrained weights {name!r} (offline and not in the Hugging Face cache); run once "
+                f"with network access to cache them, name a local folder with a copy (save_pretrained output) where "
+                f"you named {name!r}, or use {RANDOM_RESNET50}",
+        failed=lambda err: f"could not load pretrained weights {name!r} ({err}); check the Hugging Face model id, "
+                           f"name a local folder with a copy where you named {name!r}, or use {RANDOM_RESNET50}")
+
+
+def cached_or_fetched(fetch: Callable[..., T], missing: type[Exception] | tuple[type[Exception], ...], offline: str,
+                      failed: Callable[[Exception], str]) -> T:
+    """`fetch(local_files_only=True)` from the Hugging Face cache, else `fetch()` from the Hub. What `fetch` raises
+    as `missing` means not cached, then not fetched (`failed` says why in one line); offline, `offline` says it."""
     try:
-        return ResNetForImageClassification.from_pretrained(name, local_files_only=True, **kwargs)
-    except OSError:
+        return fetch(local_files_only=True)
+    except missing:
         pass  # not cached yet: download below
     if not hub_reachable():
-        raise GalaxyTuneError(
-            f"could not load pretrained weights {name!r} (offline and not in the Hugging Face cache); "
-            f"run once with network access to cache them, name a local folder with a copy (save_pretrained "
-            f"output) where you named {name!r}, or use {RANDOM_RESNET50}"
-        )
+        raise GalaxyTuneError(offline)
     try:
-        return ResNetForImageClassification.from_pretrained(name, **kwargs)
-    except OSError as err:
-        raise GalaxyTuneError(
-            f"could not load pretrained weights {name!r} ({err}); check the Hugging Face model id, "
-            f"name a local folder with a copy where you named {name!r}, or use {RANDOM_RESNET50}"
-        ) from err
+        return fetch()
+    except missing as err:
+        raise GalaxyTuneError(failed(err)) from err
 
 
 def hub_reachable() -> bool:

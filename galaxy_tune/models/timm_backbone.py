@@ -126,7 +126,7 @@ def hub_folder(name: str) -> str:
         return os.path.expanduser(name)
     import huggingface_hub
 
-    from .backbone import hub_reachable
+    from .backbone import cached_or_fetched
 
     repo = name.removeprefix(HUB_PREFIX)
 
@@ -136,20 +136,15 @@ def hub_folder(name: str) -> str:
             return folder
         return huggingface_hub.snapshot_download(repo, allow_patterns=["config.json", "pytorch_model.bin"], **kwargs)
 
-    try:
-        return snapshot(local_files_only=True)
-    except Exception:  # not cached (huggingface_hub raises several kinds): download below
-        pass
     folder = repo.rsplit("/", 1)[-1]
-    if not hub_reachable():
-        raise GalaxyTuneError(f"could not load {name} (offline and not in the Hugging Face cache): where there is "
-                              f"network, run `hf download {repo} --local-dir {folder}`, copy the folder here and "
-                              f"name the folder {folder} where you named {name}")
-    try:
-        return snapshot()
-    except Exception as err:  # a wrong id, a gated repo, a broken connection: all say why in their text
-        raise GalaxyTuneError(f"could not download {name} ({str(err).splitlines()[0]}): check the id, e.g. "
-                              "hf_hub:mwalmsley/zoobot-encoder-resnet50") from None
+    # huggingface_hub raises several kinds: not cached; a wrong id, a gated repo, a broken connection
+    return cached_or_fetched(
+        snapshot, Exception,
+        offline=f"could not load {name} (offline and not in the Hugging Face cache): where there is network, run "
+                f"`hf download {repo} --local-dir {folder}`, copy the folder here and name the folder {folder} where "
+                f"you named {name}",
+        failed=lambda err: f"could not download {name} ({str(err).splitlines()[0]}): check the id, e.g. "
+                           "hf_hub:mwalmsley/zoobot-encoder-resnet50")
 
 
 def save_timm(model: TimmClassifier, folder: Path, class_names: list[str], image_size_px: int,

@@ -26,11 +26,12 @@ def backbone_section(all_results: pd.DataFrame, metric: Metric) -> list[str]:
         return []
     short, digits = ("acc %" if metric.percent else metric.task.metric_name), metric.digits
     test = f"test_{metric.task.metric}"
+    groups = ["model", "method"]
+    configs = all_results.groupby(groups)["rank"].nunique()
     rows = []
-    for (model, method), runs in all_results.groupby(["model", "method"], sort=False):
-        means = runs.groupby("rank")[metric.name].mean()
-        chosen = runs[runs["rank"] == (means.idxmax() if metric.task.mode == "max" else means.idxmin())]
-        rows.append({"backbone": model, "method": method, "configs": runs["rank"].nunique(),
+    for (model, method), chosen in all_results[metric.task.chosen_configs(all_results, by=tuple(groups))].groupby(
+            groups, sort=False):
+        rows.append({"backbone": model, "method": method, "configs": configs[model, method],
                      "trainable params": f"{int(chosen['trainable_params'].iloc[0]):,}",
                      f"val {short}": mean_and_sd(metric.shown(chosen[metric.name]), digits),
                      f"test {short}": mean_and_sd(metric.shown(chosen[test]), digits),
