@@ -79,8 +79,8 @@ def test_default_backbone_falls_back_to_random_resnet50_when_offline(monkeypatch
     assert model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 2)
     # Another Hub id is not replaced: the error says where to put a copy (as --model, or among a space's choices).
     with pytest.raises(GalaxyTuneError, match=r"offline and not in the Hugging Face cache\); run once with network "
-                       r"access to cache them, name a local folder with a copy \(save_pretrained output\) where you "
-                       r"named 'microsoft/resnet-18', or use resnet50-random$"):
+                       r"access to cache them, name a local folder with a copy \(save_pretrained output\) in its "
+                       r"place, or use resnet50-random$"):
         build_model("microsoft/resnet-18")
 
 

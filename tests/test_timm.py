@@ -72,8 +72,8 @@ def test_timm_backbones_that_cannot_be_had_say_why_and_what_to_do(tmp_path, monk
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(GalaxyTuneError, match=r"offline and not in the Hugging Face cache\): where there is network, "
                        r"run `hf download mwalmsley/zoobot-encoder-resnet50 --local-dir zoobot-encoder-resnet50`, copy "
-                       r"the folder here and name the folder zoobot-encoder-resnet50 where you named "
-                       r"hf_hub:mwalmsley/zoobot-encoder-resnet50$"):  # as --model, or among a space's choices
+                       r"the folder here and name it in place of hf_hub:mwalmsley/zoobot-encoder-resnet50$"):
+        # as --model, or among a space's model choices
         build_model("hf_hub:mwalmsley/zoobot-encoder-resnet50")
 
 

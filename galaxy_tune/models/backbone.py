@@ -156,10 +156,10 @@ def _load_pretrained(name: str, num_labels: int) -> ResNetForImageClassification
     return cached_or_fetched(
         lambda **cache: ResNetForImageClassification.from_pretrained(name, **cache, **kwargs), OSError,
         offline=f"could not load pretrained weights {name!r} (offline and not in the Hugging Face cache); run once "
-                f"with network access to cache them, name a local folder with a copy (save_pretrained output) where "
-                f"you named {name!r}, or use {RANDOM_RESNET50}",
+                f"with network access to cache them, name a local folder with a copy (save_pretrained output) in its "
+                f"place, or use {RANDOM_RESNET50}",
         failed=lambda err: f"could not load pretrained weights {name!r} ({err}); check the Hugging Face model id, "
-                           f"name a local folder with a copy where you named {name!r}, or use {RANDOM_RESNET50}")
+                           f"name a local folder with a copy in its place, or use {RANDOM_RESNET50}")
 
 
 def cached_or_fetched(fetch: Callable[..., T], missing: type[Exception] | tuple[type[Exception], ...], offline: str,

@@ -141,8 +141,7 @@ def hub_folder(name: str) -> str:
     return cached_or_fetched(
         snapshot, Exception,
         offline=f"could not load {name} (offline and not in the Hugging Face cache): where there is network, run "
-                f"`hf download {repo} --local-dir {folder}`, copy the folder here and name the folder {folder} where "
-                f"you named {name}",
+                f"`hf download {repo} --local-dir {folder}`, copy the folder here and name it in place of {name}",
         failed=lambda err: f"could not download {name} ({str(err).splitlines()[0]}): check the id, e.g. "
                            "hf_hub:mwalmsley/zoobot-encoder-resnet50")
 
