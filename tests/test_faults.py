@@ -20,7 +20,7 @@ from ray import tune
 
 from conftest import CROP_PX, IMAGE_SIZE_PX, TINY_SEARCH, epochs_logged, mlflow_search
 from galaxy_tune.cli import main
-from galaxy_tune.search.faults import RAY_STATE, STOP_MARKER
+from galaxy_tune.search.faults import RAY_STATE, STOP_MARKER, KeepReportsOnRetry
 from galaxy_tune.search.trainable import train_trial
 from galaxy_tune.train import TrainConfig
 
@@ -41,9 +41,22 @@ def case_trial(config: dict, **kwargs) -> None:
     train_trial({k: v for k, v in config.items() if k != "case"}, **kwargs, **CASES[config["case"]])
 
 
+class StaleExperimentCopy(tune.Callback):
+    """Leaves the every_epoch trial's result files in the experiment folder as Ray's periodic copy can leave them
+    when its first run fails: from before its epoch-1 report. A retry from a checkpoint reads them back."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.config["case"] == "every_epoch" and result["epoch"] == 1 and not trial.run_metadata.num_failures:
+            folder = Path(trial.storage.trial_fs_path)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in ("result.json", "progress.csv"):
+                (folder / name).write_text("")
+
+
 @pytest.fixture(scope="module")
 def cases(ray_local, prepared, tmp_path_factory) -> dict[str, tune.Result]:
-    """Case -> the result of its trial, the three run at once as a search runs them (2 at a time)."""
+    """Case -> the result of its trial, the three run at once as a search runs them (2 at a time), with the
+    search's callback that keeps a retried trial's reports."""
     config = TrainConfig(method="full", lr=3e-3, optimizer="adam", scheduler="onecycle", epochs=3,
                          batch_size=16).to_dict()
     trainable = tune.with_parameters(case_trial, prepared_dir=str(prepared.folder), image_size_px=IMAGE_SIZE_PX,
@@ -51,10 +64,13 @@ def cases(ray_local, prepared, tmp_path_factory) -> dict[str, tune.Result]:
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}),
                        param_space={**config, "case": tune.grid_search(list(CASES))},
                        run_config=tune.RunConfig(name="cases", storage_path=str(tmp_path_factory.mktemp("cases")),
-                                                 failure_config=tune.FailureConfig(max_failures=1)))
+                                                 failure_config=tune.FailureConfig(max_failures=1),
+                                                 callbacks=[StaleExperimentCopy(), KeepReportsOnRetry()]))
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
     try:
-        return {result.config["case"]: result for result in tuner.fit()}
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("TUNE_GLOBAL_CHECKPOINT_S", "3600")  # no copy of the experiment folder between run and retry
+            return {result.config["case"]: result for result in tuner.fit()}
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 

@@ -3,6 +3,7 @@
 - `GracefulStop`: SIGTERM and SIGUSR1 (what Slurm and Kubernetes send before a kill) let each running trial
   checkpoint at the end of its epoch, for at most `STOP_GRACE_S`, then stop the search as Ctrl-C does.
 - `SayRetries` and `retried`: which trials Ray retried, and why (their node lost, or their own error).
+- `KeepReportsOnRetry`: a trial retried from its checkpoint keeps the reports of its failed run.
 - `PruneCheckpoints`: checkpoints pruned only once a killed driver's state can no longer name them.
 - `check_ray_state`: a Ray state file cut short by a kill is refused, not silently started over.
 """
@@ -19,7 +20,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs
 from ray import cloudpickle, tune
+from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
 
 from .. import layout
 from ..data.tasks import Task
@@ -112,6 +115,25 @@ class SayRetries(tune.Callback):
         start = "its last checkpoint" if trial.checkpoint else "the start"
         print(f"trial {trial.trial_id}: {why}; retried from {start} (failure {trial.run_metadata.num_failures}, "
               f"--max-failures {self.max_failures})")
+
+
+class KeepReportsOnRetry(tune.Callback):
+    """A trial retried from its checkpoint keeps the reports of its failed run in result.json and progress.csv.
+
+    Ray's retry reads these files back from the experiment folder, which it updates only every few seconds or
+    more: a trial that failed soon after a report would lose the reports since. The driver's staging folder holds
+    them up to date, so they are copied to the experiment folder first (when it is not that folder itself).
+    """
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if not trial.checkpoint:  # a retry from the start keeps the staging folder's files as they are
+            return
+        filesystem = trial.storage.storage_filesystem
+        for name in (EXPR_RESULT_FILE, EXPR_PROGRESS_FILE):
+            staged, kept = Path(trial.local_path, name), Path(trial.storage.trial_fs_path, name)
+            if staged.is_file() and not (isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+                                         and kept.resolve() == staged.resolve()):
+                pyarrow.fs.copy_files(str(staged), kept.as_posix(), destination_filesystem=filesystem)
 
 
 def retried(trials: pd.DataFrame) -> list[dict]:

@@ -36,8 +36,8 @@ from .cluster import check_resources, start_ray
 from ..data.prepare import Prepared, data_summary, prepare, prepared_folder
 from ..errors import GalaxyTuneError, Stopped
 from ..models.choices import RANDOM_BACKBONES, describe_weights, is_timm
-from .faults import (STOP_MARKER, GracefulStop, PruneCheckpoints, SayRetries, check_ray_state, prune_checkpoints,
-                     retried)
+from .faults import (STOP_MARKER, GracefulStop, KeepReportsOnRetry, PruneCheckpoints, SayRetries, check_ray_state,
+                     prune_checkpoints, retried)
 from .options import SearchOptions, saved_options
 from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from ..provenance import library_versions
@@ -168,6 +168,7 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             progress_reporter=progress_table(space, task),
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=metric, checkpoint_score_order=mode),
             callbacks=[GracefulStop(experiment), PruneCheckpoints(experiment, task), SayRetries(options.max_failures),
+                       KeepReportsOnRetry(),
                        # then optuna.db, trials.csv and best.json as trials run, and the MLflow runs
                        *watchers(experiment, options.name, space, about, max_concurrent, task),
                        *tracked(options, searched, about, task)],
