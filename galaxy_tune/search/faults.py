@@ -131,9 +131,14 @@ class KeepReportsOnRetry(tune.Callback):
         filesystem = trial.storage.storage_filesystem
         for name in (EXPR_RESULT_FILE, EXPR_PROGRESS_FILE):
             staged, kept = Path(trial.local_path, name), Path(trial.storage.trial_fs_path, name)
-            if staged.is_file() and not (isinstance(filesystem, pyarrow.fs.LocalFileSystem)
-                                         and kept.resolve() == staged.resolve()):
+            if not staged.is_file() or (isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+                                        and kept.resolve() == staged.resolve()):
+                continue
+            try:
                 pyarrow.fs.copy_files(str(staged), kept.as_posix(), destination_filesystem=filesystem)
+            except OSError as err:  # the retry goes on, as it would without this copy
+                print(f"warning: trial {trial.trial_id}: its {name} could not be brought up to date before its "
+                      f"retry ({err}); it may miss reports of its failed run", file=sys.stderr)
 
 
 def retried(trials: pd.DataFrame) -> list[dict]:
