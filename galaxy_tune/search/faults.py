@@ -122,7 +122,7 @@ class KeepReportsOnRetry(tune.Callback):
 
     Ray's retry reads these files back from the experiment folder, which it updates only every few seconds or
     more: a trial that failed soon after a report would lose the reports since. The driver's staging folder holds
-    them up to date, so they are copied to the experiment folder first (when it is not that folder itself).
+    them up to date, so they are copied to the experiment folder first.
     """
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -130,12 +130,12 @@ class KeepReportsOnRetry(tune.Callback):
             return
         filesystem = trial.storage.storage_filesystem
         for name in (EXPR_RESULT_FILE, EXPR_PROGRESS_FILE):
-            staged, kept = Path(trial.local_path, name), Path(trial.storage.trial_fs_path, name)
-            if not staged.is_file() or (isinstance(filesystem, pyarrow.fs.LocalFileSystem)
-                                        and kept.resolve() == staged.resolve()):
+            staged = Path(trial.local_path, name)
+            if not staged.is_file():
                 continue
             try:
-                pyarrow.fs.copy_files(str(staged), kept.as_posix(), destination_filesystem=filesystem)
+                pyarrow.fs.copy_files(str(staged), Path(trial.storage.trial_fs_path, name).as_posix(),
+                                      destination_filesystem=filesystem)
             except OSError as err:  # the retry goes on, as it would without this copy
                 print(f"warning: trial {trial.trial_id}: its {name} could not be brought up to date before its "
                       f"retry ({err}); it may miss reports of its failed run", file=sys.stderr)
