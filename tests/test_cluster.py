@@ -116,14 +116,15 @@ def lose_node(node: subprocess.Popen) -> None:
 
 def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(cluster, demo_dir, tmp_path):
     experiment = tmp_path / "results" / "cluster"
-    # Trials that outlast a worker's start (ResNet-50, 64 px): a pending trial goes to the first free worker, and
-    # short ones would all reuse the head's while the other node's worker is still importing torch. Both run at
-    # once, one per node (each node has one CPU). Each checkpoints every epoch and runs every epoch (no early
-    # stopping), so the one on the node lost after its first epoch has a checkpoint to continue from.
+    # Trials that outlast a worker's start (the tiny ResNet at 256 px, 6 epochs of a second or two): a pending trial
+    # goes to the first free worker, and short ones would all reuse the head's while the other node's worker is
+    # still importing torch. Both run at once, one per node (each node has one CPU). Each checkpoints every epoch
+    # and runs every epoch (no early stopping), so the one on the node lost after its first epoch has a checkpoint
+    # to continue from, and epochs left to run.
     driver = subprocess.Popen(
         [sys.executable, "-m", "galaxy_tune", "search", "full", "--address", cluster.address, "--data-dir",
-         str(demo_dir), "--results-dir", str(tmp_path / "results"), "--model", "resnet50-random", "--image-size",
-         "64", "--crop", "256", "--num-samples", "2", "--max-epochs", "3", "--scheduler", "fifo",
+         str(demo_dir), "--results-dir", str(tmp_path / "results"), "--model", "tiny", "--image-size",
+         "256", "--crop", "256", "--num-samples", "2", "--max-epochs", "6", "--scheduler", "fifo",
          "--checkpoint-every", "0", "--name", "cluster"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=shell_environment())
     try:
