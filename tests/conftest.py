@@ -1,5 +1,5 @@
 """Shared fixtures: a small generated Kaggle-format data set, its prepared cache, one local Ray, one finished
-LoRA search, a bomb JPEG, an MLflow server; helpers that start Ray nodes with the `ray start` CLI."""
+LoRA search, a bomb JPEG, MLflow servers; helpers that start Ray nodes with the `ray start` CLI."""
 
 import io
 import json
@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from PIL import Image
@@ -117,9 +118,15 @@ def stop_nodes(*nodes: subprocess.Popen) -> None:
             node.wait()
 
 
-def start_mlflow(folder: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on 127.0.0.1 and a free port, its runs in sqlite and its artifacts in `folder`, in its own
-    process group; returns it and its URI once it answers."""
+class MlflowServer(NamedTuple):
+    process: subprocess.Popen  # `mlflow server`, in its own process group
+    uri: str
+    log: Path
+
+
+def launch_mlflow(folder: Path) -> MlflowServer:
+    """`mlflow server` on 127.0.0.1 and a free port, its runs in sqlite and its artifacts in `folder`; returns at
+    once. It answers about 10 s later, after importing MLflow twice (its command, then its uvicorn worker)."""
     folder.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), folder / "server.log"
     with log.open("w") as out:
@@ -128,17 +135,22 @@ def start_mlflow(folder: Path) -> tuple[subprocess.Popen, str]:
              "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
              str(folder / "artifacts")], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job workers: runs only
-    uri, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    return MlflowServer(server, f"http://127.0.0.1:{port}", log)
+
+
+def answering(server: MlflowServer) -> MlflowServer:
+    """The server once it answers; fails the test if it ended or did not answer within 90 s."""
+    deadline = time.monotonic() + 90
     while True:
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+            with urllib.request.urlopen(f"{server.uri}/health", timeout=2) as answer:
                 if answer.status == 200:
-                    return server, uri
+                    return server
         except OSError:
             pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            stop_mlflow(server)
-            pytest.fail(f"`mlflow server` did not come up:\n{log.read_text()[-3000:]}")
+        if server.process.poll() is not None or time.monotonic() > deadline:
+            stop_mlflow(server.process)
+            pytest.fail(f"`mlflow server` did not come up:\n{server.log.read_text()[-3000:]}")
         time.sleep(0.3)
 
 
@@ -153,12 +165,30 @@ def stop_mlflow(server: subprocess.Popen, signum: int = signal.SIGTERM) -> None:
             server.wait()
 
 
+MLFLOW_SERVERS = ("mlflow_server", "doomed_mlflow_server")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def launched_mlflow(request, tmp_path_factory) -> dict[str, MlflowServer]:
+    """The MLflow servers that the selected tests use, launched as the session starts, so that their start-up
+    overlaps the first tests instead of holding up their own: fixture name -> server."""
+    used = {name for item in request.session.items for name in item.fixturenames} & set(MLFLOW_SERVERS)
+    launched = {name: launch_mlflow(tmp_path_factory.mktemp(name)) for name in sorted(used)}
+    yield launched
+    for server in launched.values():
+        stop_mlflow(server.process)
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
+def mlflow_server(launched_mlflow) -> str:
     """One MLflow tracking server for the tests that log to it; its URI."""
-    server, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"))
-    yield uri
-    stop_mlflow(server)
+    return answering(launched_mlflow["mlflow_server"]).uri
+
+
+@pytest.fixture
+def doomed_mlflow_server(launched_mlflow) -> MlflowServer:
+    """A server of its own for the one test that kills it."""
+    return answering(launched_mlflow["doomed_mlflow_server"])
 
 
 def mlflow_search(uri: str, experiment: Path) -> tuple[list, dict[str, list]]:

@@ -11,7 +11,7 @@ import time
 import pandas as pd
 from mlflow import MlflowClient
 
-from conftest import SEARCH, start_mlflow, stop_mlflow
+from conftest import SEARCH, stop_mlflow
 from galaxy_tune.cli import main
 
 
@@ -32,8 +32,9 @@ def stop_once_a_trial_is_logged(server, uri: str, name: str) -> threading.Thread
     return thread
 
 
-def test_a_search_whose_mlflow_server_dies_completes_and_says_so(ray_local, demo_dir, tmp_path, capsys):
-    server, uri = start_mlflow(tmp_path / "mlflow")
+def test_a_search_whose_mlflow_server_dies_completes_and_says_so(ray_local, demo_dir, tmp_path, capsys,
+                                                                 doomed_mlflow_server):
+    server, uri = doomed_mlflow_server.process, doomed_mlflow_server.uri
     try:
         watcher = stop_once_a_trial_is_logged(server, uri, "dies")
         assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--name", "dies",
