@@ -1,6 +1,9 @@
 """Shared fixtures: a small generated Kaggle-format data set, its prepared cache, one local Ray, one finished
-LoRA search, a bomb JPEG, MLflow servers; helpers that start Ray nodes with the `ray start` CLI."""
+LoRA search, one search watched as it runs, a bomb JPEG, MLflow servers; helpers that start Ray nodes with the
+`ray start` CLI."""
 
+import contextlib
+import importlib
 import io
 import json
 import os
@@ -10,11 +13,13 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -185,10 +190,76 @@ def mlflow_server(launched_mlflow) -> str:
     return answering(launched_mlflow["mlflow_server"]).uri
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def doomed_mlflow_server(launched_mlflow) -> MlflowServer:
-    """A server of its own for the one test that kills it."""
+    """A server of its own for the search that kills it."""
     return answering(launched_mlflow["doomed_mlflow_server"])
+
+
+def kill_once_a_trial_is_logged(server: MlflowServer, name: str) -> threading.Thread:
+    """A thread that kills the server (kill -9) once a trial's run of the search `name` has an epoch."""
+    def watch():
+        from mlflow import MlflowClient
+
+        client, deadline = MlflowClient(server.uri), time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = client.get_experiment_by_name(name)
+            if found and any(run.data.metrics for run in client.search_runs(
+                    [found.experiment_id], "tags.`galaxy_tune.role` = 'trial'")):
+                break
+            time.sleep(0.2)
+        stop_mlflow(server.process, signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+class WatchedSearch(NamedTuple):
+    experiment: Path
+    looks: list[dict]  # what a user read after each trial's end: the live study, trials.csv, best.json, Ray's trials
+    finish_passes: list[str]  # what each final pass over the study did
+    out: str
+    err: str
+    mlflow_uri: str
+
+
+@pytest.fixture(scope="session")
+def watched_search(ray_local, demo_dir, doomed_mlflow_server, tmp_path_factory) -> WatchedSearch:
+    """A 4-trial LoRA search, one trial at a time, run as a user runs it and watched as it runs: a callback added
+    to the search's own reads its files after each trial's end, and its MLflow server is killed (kill -9) once a
+    trial's run has an epoch."""
+    import optuna
+    from ray import tune
+
+    from galaxy_tune.cli import main
+
+    search = importlib.import_module("galaxy_tune.search.run")  # the module (galaxy_tune.search is the API call)
+    results, server = tmp_path_factory.mktemp("watched"), doomed_mlflow_server
+    experiment, looks, passes, out, err = results / "dies", [], [], io.StringIO(), io.StringIO()
+
+    class Probe(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            live = optuna.load_study(study_name=experiment.name, storage=f"sqlite:///{experiment / 'optuna.db'}")
+            looks.append({"study": [(t.user_attrs["ray_trial_id"], t.state, dict(t.intermediate_values))
+                                    for t in live.trials],
+                          "trials": pd.read_csv(experiment / "trials.csv"),
+                          "best": json.loads((experiment / "best.json").read_text()),
+                          "ray": {t.trial_id: t.status for t in trials}})
+
+    make, finish = search.watchers, search.finish_study
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            patch.setattr(search, "watchers", lambda *args: [*make(*args), Probe()])
+            patch.setattr(search, "finish_study", lambda *args: passes.append(finish(*args)) or passes[-1])
+            killer = kill_once_a_trial_is_logged(server, experiment.name)
+            assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(results), "--name",
+                         experiment.name, "--num-samples", "4", "--max-concurrent", "1", *SEARCH, "--mlflow",
+                         server.uri]) == 0, err.getvalue()[-3000:]
+            killer.join()
+    finally:
+        stop_mlflow(server.process, signal.SIGKILL)
+    return WatchedSearch(experiment, looks, passes, out.getvalue(), err.getvalue(), server.uri)
 
 
 def mlflow_search(uri: str, experiment: Path) -> tuple[list, dict[str, list]]:

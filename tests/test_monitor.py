@@ -1,6 +1,5 @@
 """Watching a running search: optuna.db, trials.csv and best.json while trials finish, and after --resume."""
 
-import importlib
 import json
 import pickle
 from types import SimpleNamespace
@@ -9,15 +8,11 @@ import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
-from ray import tune
 
-from conftest import SEARCH
 from galaxy_tune.search import monitor
-from galaxy_tune.cli import main
 from galaxy_tune.search.space import default_space_path, load_space
 from galaxy_tune.data.tasks import get_task
 
-search = importlib.import_module("galaxy_tune.search.run")  # the module (galaxy_tune.search is the API call)
 TASK = get_task("seed-top2")
 LORA = load_space(default_space_path("lora"), {"method": "lora", "seed": 0, "augment": True, "epochs": 2})
 
@@ -150,35 +145,11 @@ def test_trial_rows_keep_the_last_report_of_a_repeated_epoch():
     assert monitor.trial_row("y", config(1e-3), [], "RUNNING", None, TASK)["status"] == "RUNNING"
 
 
-class Probe(tune.Callback):
-    """Reads what a user would (load_study, trials.csv, best.json) after each trial's end, mid-search."""
+def test_the_study_and_tables_can_be_read_while_the_search_runs(watched_search):
+    looks, passes, experiment = watched_search.looks, watched_search.finish_passes, watched_search.experiment
+    assert len(looks) == 4  # one look per finished trial
 
-    looks: list = []
-
-    def __init__(self, experiment):
-        self.experiment = experiment
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        live = study(self.experiment / "optuna.db", self.experiment.name).trials
-        Probe.looks.append({
-            "study": [(t.user_attrs["ray_trial_id"], t.state, dict(t.intermediate_values)) for t in live],
-            "trials": pd.read_csv(self.experiment / "trials.csv"),
-            "best": json.loads((self.experiment / "best.json").read_text()),
-            "ray": {t.trial_id: t.status for t in trials}})
-
-
-def test_the_study_and_tables_can_be_read_while_the_search_runs(ray_local, demo_dir, tmp_path, monkeypatch):
-    experiment = tmp_path / "live"
-    make = search.watchers
-    monkeypatch.setattr(search, "watchers", lambda *args: [*make(*args), Probe(experiment)])
-    finish, passes = search.finish_study, []
-    monkeypatch.setattr(search, "finish_study", lambda *args: passes.append(finish(*args)) or passes[-1])
-    Probe.looks.clear()
-    assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--name", "live",
-                 "--num-samples", "4", *SEARCH]) == 0
-    assert len(Probe.looks) == 4  # one look per finished trial
-
-    second = Probe.looks[1]  # after the second trial ended, with two still to finish
+    second = looks[1]  # after the second trial ended, with two still to finish
     finished = second["trials"][second["trials"]["status"].isin(["COMPLETED", "STOPPED"])]
     assert len(finished) == 2 and len(second["trials"]) == len(second["ray"])  # a row for every trial Ray has
     assert set(second["trials"]["status"]) - {"COMPLETED", "STOPPED"} <= {"RUNNING", "PENDING"}
@@ -196,10 +167,10 @@ def test_the_study_and_tables_can_be_read_while_the_search_runs(ray_local, demo_
     # has each Ray trial once, as Ray ran it: the mirror already agreed with Ray's results, so it stays in place.
     assert passes == ["updated"]
     trials = pd.read_csv(experiment / "trials.csv")
-    pd.testing.assert_frame_equal(Probe.looks[-1]["trials"], trials)
+    pd.testing.assert_frame_equal(looks[-1]["trials"], trials)
     best = json.loads((experiment / "best.json").read_text())
     assert best["running"] is False and best["complete"] is True and best["finished_trials"] == 4
-    final = study(experiment / "optuna.db", "live").trials
+    final = study(experiment / "optuna.db", experiment.name).trials
     assert sorted(by_ray_id(final)) == sorted(trials["trial_id"]) and len(final) == 4
     for _, row in trials.iterrows():
         trial = by_ray_id(final)[row["trial_id"]]

@@ -3,54 +3,24 @@ of a search resumed after kill -9 are checked in test_faults, a retrain's in tes
 
 import json
 import re
-import signal
 import sys
-import threading
-import time
 
 import pandas as pd
 from mlflow import MlflowClient
 
-from conftest import SEARCH, stop_mlflow
 from galaxy_tune.cli import main
 
 
-def stop_once_a_trial_is_logged(server, uri: str, name: str) -> threading.Thread:
-    """A thread that kills the server (kill -9) once a trial's run of the search `name` has an epoch."""
-    def watch():
-        client, deadline = MlflowClient(uri), time.monotonic() + 120
-        while time.monotonic() < deadline:
-            found = client.get_experiment_by_name(name)
-            if found and any(run.data.metrics for run in client.search_runs(
-                    [found.experiment_id], "tags.`galaxy_tune.role` = 'trial'")):
-                break
-            time.sleep(0.2)
-        stop_mlflow(server, signal.SIGKILL)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
-def test_a_search_whose_mlflow_server_dies_completes_and_says_so(ray_local, demo_dir, tmp_path, capsys,
-                                                                 doomed_mlflow_server):
-    server, uri = doomed_mlflow_server.process, doomed_mlflow_server.uri
-    try:
-        watcher = stop_once_a_trial_is_logged(server, uri, "dies")
-        assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(tmp_path), "--name", "dies",
-                     "--num-samples", "4", "--max-concurrent", "1", *SEARCH, "--mlflow", uri]) == 0
-        watcher.join()
-    finally:
-        stop_mlflow(server, signal.SIGKILL)
-    out, err = capsys.readouterr()
+def test_a_search_whose_mlflow_server_dies_completes_and_says_so(watched_search):
+    out, err, uri, experiment = (watched_search.out, watched_search.err, watched_search.mlflow_uri,
+                                 watched_search.experiment)
     assert f"MLflow: this search's runs are at {uri}/#/experiments/" in out
     # Said once, however many updates it missed; and at the end, with the command that catches MLflow up.
     assert err.count(f"MLflow at {uri} does not answer") == 1, err
     assert re.search(rf"MLflow at {uri} does not answer \((connection refused|connection lost)\)", err), err
     assert re.search(rf"MLflow at {uri} did not take the end of the search \((connection refused|connection lost)\)",
                      err), err
-    assert f"`search lora --resume --name dies --results-dir {tmp_path}` brings its runs up to date" in err
-    experiment = tmp_path / "dies"
+    assert f"`search lora --resume --name dies --results-dir {experiment.parent}` brings its runs up to date" in err
     assert len(pd.read_csv(experiment / "trials.csv")) == 4
     assert json.loads((experiment / "best.json").read_text())["complete"] is True
     assert (experiment / "report.md").is_file()
