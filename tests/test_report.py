@@ -109,6 +109,8 @@ def test_retrain_report_gives_intervals_tta_and_a_paired_test(results):
     for column in ("trainable params", "train s per seed", "images seen per seed", "backbone weights"):
         assert column in report
     assert "random init tiny resnet" in report
+    recipes = report.split("## Recipes")[1].split("Library versions")[0]  # each with the backbone it trained
+    assert recipes.count('"model": "tiny"') == len(json.loads((retrain / "retrain.json").read_text())["recipes"])
     # Top-k: LoRA's 3 searched configs, each with its search val accuracy; the selection is the retrain's.
     assert "## Top-k retrain: selection on validation data and the winner's curse" in report
     selection = report.split("## Top-k retrain")[1].split("## ")[0]
