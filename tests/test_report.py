@@ -21,7 +21,7 @@ from galaxy_tune.report.evaluation import run_metrics
 from galaxy_tune.report.figure import FigureSkipped
 from galaxy_tune.report.figure import Metric
 from galaxy_tune.data.tasks import get_task
-from galaxy_tune.report.search_report import plot_param_importances
+from galaxy_tune.report.search_report import plot_param_importances, plot_val_curves
 
 ACCURACY = Metric(get_task("seed-top2"))
 from galaxy_tune.report.stats import (coverage_curve, fmt_interval, largest_coverage, mcnemar_exact,
@@ -254,6 +254,19 @@ def test_importances_are_drawn_once_enough_trials_completed():
     one.add_trial(study.trials[0])
     with pytest.raises(FigureSkipped, match="only 1 trial"):
         plot_param_importances(one, "toy", ACCURACY)
+
+
+def test_trials_with_the_same_curve_are_drawn_once_and_counted():
+    curves = {"best": ("COMPLETED", [0.7, 0.8]), "twin": ("COMPLETED", [0.7, 0.8]), "a": ("STOPPED", [0.5]),
+              "b": ("STOPPED", [0.5]), "c": ("STOPPED", [0.5]), "d": ("COMPLETED", [0.6, 0.65])}
+    trials = pd.DataFrame([{"trial_id": trial, "status": status, "val_accuracy_curve": json.dumps(curve),
+                            "best_val_accuracy": max(curve)} for trial, (status, curve) in curves.items()])
+    figure = plot_val_curves(trials, None, "toy", ACCURACY)
+    [ax] = figure.axes
+    drawn = [line.get_ydata().tolist() for line in ax.get_lines()]
+    assert drawn == [[50], [50], [60, 65], [70, 80]]  # in %: stopped once (line and ×), the other, the best
+    assert [text.get_text() for text in ax.texts] == ["3 trials"]
+    assert "best trial best (+1 with its curve)" in [text.get_text() for text in figure.legends[0].get_texts()]
 
 
 def test_interval_and_test_statistics_match_textbook_values():

@@ -10,6 +10,7 @@ import json
 import math
 import textwrap
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,7 +63,8 @@ def write_search_report(experiment: Path, out_dir: Path | None = None) -> Path:
         "## Figures",
         "",
         *embed(out, "val_curves.png", f"{metric.title[:1].upper()}{metric.title[1:]} after each epoch, one line "
-               "per trial; ASHA-stopped trials end early (dashed, ×)",
+               "per trial (trials with the same curve share one, marked with their number); ASHA-stopped trials end "
+               "early (dashed, ×)",
                lambda: plot_val_curves(trials, baseline, experiment.name, metric)),
         *embed(out, "best_vs_trial.png", f"Best {metric.title} so far against the number of trials run",
                lambda: plot_best_vs_trial(trials, experiment.name, metric)),
@@ -127,15 +129,20 @@ def plot_val_curves(trials: pd.DataFrame, baseline: tuple[str, float] | None, na
     figure = Figure(figsize=(8, 4.8), layout="constrained")
     ax = figure.subplots()
     best_row = metric.task.arg_best(trials[f"best_{metric.name}"])
-    for row, (status, curve) in enumerate(zip(trials["status"], curves)):
-        if row == best_row or not curve:
-            continue
+    best_curve = curves[best_row]
+    # Trials with the same curve would hide one another: each curve is drawn once, with how many trials it stands for.
+    alike = Counter((status, tuple(curve)) for row, (status, curve) in enumerate(zip(trials["status"], curves))
+                    if curve and row != best_row and curve != best_curve)
+    for (status, curve), count in alike.items():
         style, _ = STATUS_STYLE[status]
         epochs = np.arange(1, len(curve) + 1)
         ax.plot(epochs, curve, **style, marker="o" if len(curve) == 1 else None, markersize=3)
         if status != "COMPLETED":
             ax.plot(epochs[-1], curve[-1], marker="x", color=style["color"], markersize=8, markeredgewidth=2)
-    best_curve = curves[best_row]
+        if count > 1:
+            ax.annotate(f"{count} trials", (epochs[-1], curve[-1]), xytext=(8, -4), textcoords="offset points",
+                        fontsize=8, color=style["color"])
+    like_best = sum(curve == best_curve for row, curve in enumerate(curves) if row != best_row)
     ax.plot(np.arange(1, len(best_curve) + 1), best_curve, color="#d62728", linewidth=2.6, marker="o",
             markersize=4, zorder=5)
     if baseline:
@@ -144,7 +151,8 @@ def plot_val_curves(trials: pd.DataFrame, baseline: tuple[str, float] | None, na
     handles = [Line2D([], [], **STATUS_STYLE[s][0], marker="x" if s != "COMPLETED" else None,
                       label=f"{STATUS_STYLE[s][1]} ({counts[s]})") for s in STATUS_STYLE if s in counts]
     handles += [Line2D([], [], color="#d62728", linewidth=2.6, marker="o", markersize=4,
-                       label=f"best trial {trials['trial_id'].iloc[best_row]}")]
+                       label=f"best trial {trials['trial_id'].iloc[best_row]}" + (
+                           f" (+{like_best} with its curve)" if like_best else ""))]
     if baseline:
         handles.append(Line2D([], [], color="black", linestyle=":", label=(
             f"majority class ({metric.shown(baseline[1]):.1f} %)" if metric.percent
