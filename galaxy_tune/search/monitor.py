@@ -115,7 +115,7 @@ def study_trial(space: SearchSpace, config: dict, reports: list[dict], task: Tas
     """A finished trial as the study holds it: FAIL (an error, or no epoch), PRUNED (stopped before its last
     epoch) or COMPLETE (valued by its best val metric), each epoch's val metric an intermediate value."""
     curve = {int(r["epoch"]): float(r[task.val_metric]) for r in by_epoch(reports, task.val_metric)}
-    stopped = bool(curve) and max(curve) < int(config.get("epochs", 0))
+    stopped = bool(curve) and ended_status(config, max(curve)) == "STOPPED"
     state = (TrialState.FAIL if failed or not curve else TrialState.PRUNED if stopped else TrialState.COMPLETE)
     values = list(curve.values())
     searched = space.distributions(config)
