@@ -18,7 +18,8 @@ from galaxy_tune.data.kaggle import IMAGES_DIR
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.models.backbone import build_model, normalisation
 from galaxy_tune.models.export import load_exported
-from galaxy_tune.models.lora import LoraBranch, LoraLinear, add_lora, set_lora_sum, to_plain_model
+from galaxy_tune.models.lora import LoraBranch, LoraConv2d, LoraLinear, add_lora, set_lora_sum, to_plain_model
+from galaxy_tune.models.lora_layers import FoldedBatchNorm2d, FoldingLoraConv2d
 from galaxy_tune.models.timm_backbone import TimmClassifier
 
 TIMM_TINY = ["timm:test_resnet", "timm:test_convnext"]
@@ -92,6 +93,41 @@ def test_lora_on_a_timm_backbone_folds_exactly_and_leaves_the_frozen_base_withou
     plain = to_plain_model(model)
     assert not any(isinstance(m, LoraBranch) for m in plain.modules())
     torch.testing.assert_close(logits(plain), logits(model.train(False)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_timm_resnets_frozen_batchnorms_fold_into_their_lora_convs_and_train_as_unfolded(monkeypatch):
+    torch.manual_seed(0)
+    model = add_lora(build_model("timm:test_resnet", seed=0), rank=4, alpha=8, targets="all",
+                     batchnorm="frozen").train()
+    with torch.no_grad():  # statistics and affine parameters far from BatchNorm's identity, B off zero
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+            if isinstance(m, LoraConv2d):
+                nn.init.normal_(m.lora_B.weight, std=0.1)
+    # Every BatchNorm right after a LoRA convolution: the stem's behind its deep stem's Sequential stays.
+    assert {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+            and not isinstance(m, FoldedBatchNorm2d)} == {"encoder.bn1"}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def logits_and_gradients():
+        out = model(pixel_values=IMAGES).logits
+        return out.detach(), torch.autograd.grad(nn.functional.cross_entropy(out, LABELS), trainable)
+
+    folded = logits_and_gradients()
+    monkeypatch.setattr(FoldingLoraConv2d, "forward", LoraConv2d.forward)  # convolution, then BatchNorm
+    monkeypatch.setattr(FoldedBatchNorm2d, "forward", nn.BatchNorm2d.forward)
+    unfolded = logits_and_gradients()
+    torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()
+    assert model.state_dict().keys() == add_lora(build_model("timm:test_resnet", seed=0), rank=4, alpha=8,
+                                                 targets="all").state_dict().keys()
+    plain = to_plain_model(model)
+    assert not any(isinstance(m, (FoldedBatchNorm2d, FoldingLoraConv2d)) for m in plain.modules())
+    torch.testing.assert_close(logits(plain), logits(model), atol=1e-5, rtol=1e-5)
 
 
 def test_lora_refuses_a_convnexts_grouped_depthwise_convolutions():

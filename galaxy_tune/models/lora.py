@@ -19,8 +19,8 @@ from transformers.models.resnet.modeling_resnet import ResNetBottleNeckLayer, Re
 from ..errors import GalaxyTuneError
 from .backbone import stage_of
 from .choices import BATCHNORM_MODES, LORA_TARGETS, SCALINGS
-from .lora_layers import (FrozenBatchNormLoraLayer, LoraBranch, LoraConv2d, LoraLinear,  # noqa: F401 (here too)
-                          require_plain_conv)
+from .lora_layers import (FoldedBatchNorm2d, FrozenBatchNormLoraLayer, LoraBranch, LoraConv2d,  # noqa: F401
+                          LoraLinear, fold_frozen_batchnorm, require_plain_conv, unfold_frozen_batchnorm)
 from .timm_backbone import TimmClassifier
 
 # Under autocast, the dtype of a LoRA layer's output, base + effect: "fp32" (the sum's own, so BatchNorm, ReLU and the
@@ -85,6 +85,10 @@ def add_lora(
             if (isinstance(module, ResNetConvLayer) and isinstance(module.convolution, LoraConv2d)
                     and module.normalization.affine):
                 _replace_module(model, name, FrozenBatchNormLoraLayer(module))
+        for conv, bn in model.conv_batchnorm_pairs() if isinstance(model, TimmClassifier) else []:
+            conv, bn = model.get_submodule(conv), model.get_submodule(bn)
+            if type(conv) is LoraConv2d and type(bn) is nn.BatchNorm2d and bn.affine:  # not timm's BatchNormAct2d
+                fold_frozen_batchnorm(conv, bn)
     return model
 
 
@@ -175,6 +179,8 @@ def to_plain_model(model: nn.Module) -> nn.Module:
     for name, module in list(plain.named_modules()):
         if isinstance(module, FrozenBatchNormLoraLayer):
             module.__class__ = ResNetConvLayer  # the same modules, HF's own layer again (it adds no state)
+        if isinstance(module, FoldedBatchNorm2d):
+            unfold_frozen_batchnorm(module)
         if isinstance(module, LoraBranch):
             layer = module.base_layer
             with torch.no_grad():

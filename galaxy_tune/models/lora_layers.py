@@ -9,9 +9,9 @@ which merges W + B·A into one weight before convolving:
 - under bf16 autocast the merged weight rounds ΔW onto W's bf16 grid (most of a small ΔW is lost); the branch
   computes the adapter's effect on its own, and adds it to the base output in fp32.
 Training runs the layer as one autograd function (`_LoraConvFunction`) whose backward forms no full-size tensor
-beyond the input gradient, and folds a frozen BatchNorm after it into the convolution
-(`FrozenBatchNormLoraLayer`); in eval mode outside autocast (e.g. CPU inference) the forward is one convolution
-with the merged weight: plain-conv speed.
+beyond the input gradient, and folds a frozen BatchNorm after it into the convolution (`FrozenBatchNormLoraLayer`
+in HF's ResNet, `fold_frozen_batchnorm` in timm's); in eval mode outside autocast (e.g. CPU inference) the forward
+is one convolution with the merged weight: plain-conv speed.
 """
 import math
 
@@ -100,6 +100,40 @@ class FrozenBatchNormLoraLayer(ResNetConvLayer):
         if self.training and torch.is_grad_enabled():
             return self.activation(self.convolution.folded(hidden_states, self.normalization))
         return super().forward(hidden_states)
+
+
+class FoldingLoraConv2d(LoraConv2d):
+    """A LoraConv2d whose frozen BatchNorm is a sibling module, as in timm's blocks (conv1, bn1, ...): in training
+    it folds that BatchNorm (`folded`), which then passes its input through (`FoldedBatchNorm2d`). Made by
+    `fold_frozen_batchnorm`, which only changes the two modules' classes: their names and state stay."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            return self.folded(x, self.frozen_batchnorm)
+        return super().forward(x)
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A frozen BatchNorm that its convolution folds in training (see FoldingLoraConv2d); otherwise BatchNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.folded_into
+        if conv.training and torch.is_grad_enabled():  # the convolution's own test: it has normalised x already
+            return x
+        return super().forward(x)
+
+
+def fold_frozen_batchnorm(conv: LoraConv2d, batchnorm: nn.BatchNorm2d) -> None:
+    """Fold `batchnorm`, frozen and applied right after `conv` in its block's forward, into `conv` in training."""
+    conv.__class__, batchnorm.__class__ = FoldingLoraConv2d, FoldedBatchNorm2d
+    object.__setattr__(conv, "frozen_batchnorm", batchnorm)  # references, not children: the state stays as it was
+    object.__setattr__(batchnorm, "folded_into", conv)
+
+
+def unfold_frozen_batchnorm(batchnorm: FoldedBatchNorm2d) -> None:
+    """Undo fold_frozen_batchnorm: BatchNorm applies itself again (its convolution is replaced by the caller)."""
+    batchnorm.__class__ = nn.BatchNorm2d
+    del batchnorm.__dict__["folded_into"]
 
 
 def _geometry(conv: nn.Conv2d) -> dict:
