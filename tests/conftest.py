@@ -43,6 +43,19 @@ def jpeg_claiming(side: int) -> bytes:
     return bytes(data)
 
 
+def randomise_batchnorm(model) -> None:
+    """Statistics and affine parameters unlike a fresh BatchNorm's (1, 0), so folding them in is tested."""
+    import torch
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """120 synthetic galaxies in the exact Kaggle layout (read-only for tests: copy it to modify it)."""

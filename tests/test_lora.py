@@ -8,6 +8,7 @@ from torch import nn
 from transformers import ResNetForImageClassification
 from transformers.models.resnet.modeling_resnet import ResNetConvLayer
 
+from conftest import randomise_batchnorm
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.models.lora import (
     LORA_TARGETS,
@@ -255,21 +256,10 @@ def test_adapters_written_by_the_earlier_loralib_convlora_layer_still_load():
         torch.testing.assert_close(model.eval()(expected["pixels"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
 
 
-def _randomise_batchnorm(model: nn.Module) -> None:
-    """Statistics and affine parameters unlike a fresh BatchNorm's (1, 0), so folding them in is tested."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-
-
 def test_a_frozen_batchnorm_folded_into_the_lora_conv_trains_as_the_unfolded_layer(monkeypatch):
     torch.manual_seed(0)
     model = add_lora(build_model(TINY), rank=4, alpha=8, targets="all", batchnorm="frozen").train()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     for m in model.modules():
         if isinstance(m, LoraConv2d):
             nn.init.normal_(m.lora_B.weight, std=0.1)
@@ -290,7 +280,7 @@ def test_a_frozen_batchnorm_folded_into_the_lora_conv_trains_as_the_unfolded_lay
 def test_a_folded_frozen_batchnorm_under_bf16_autocast_stays_within_bf16_rounding_of_float32():
     torch.manual_seed(0)
     model = add_lora(build_model(TINY), rank=4, alpha=8, batchnorm="frozen").train()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     for m in model.modules():
         if isinstance(m, LoraConv2d):
             nn.init.normal_(m.lora_B.weight, std=0.1)

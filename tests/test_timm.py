@@ -12,7 +12,7 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
-from conftest import CROP_PX, IMAGE_SIZE_PX
+from conftest import CROP_PX, IMAGE_SIZE_PX, randomise_batchnorm
 from galaxy_tune.cli import main
 from galaxy_tune.data.kaggle import IMAGES_DIR
 from galaxy_tune.errors import GalaxyTuneError
@@ -99,15 +99,10 @@ def test_a_timm_resnets_frozen_batchnorms_fold_into_their_lora_convs_and_train_a
     torch.manual_seed(0)
     model = add_lora(build_model("timm:test_resnet", seed=0), rank=4, alpha=8, targets="all",
                      batchnorm="frozen").train()
-    with torch.no_grad():  # statistics and affine parameters far from BatchNorm's identity, B off zero
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_()
-                m.bias.normal_()
-            if isinstance(m, LoraConv2d):
-                nn.init.normal_(m.lora_B.weight, std=0.1)
+    randomise_batchnorm(model)
+    for m in model.modules():
+        if isinstance(m, LoraConv2d):
+            nn.init.normal_(m.lora_B.weight, std=0.1)
     # Every BatchNorm right after a LoRA convolution: the stem's behind its deep stem's Sequential stays.
     assert {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
             and not isinstance(m, FoldedBatchNorm2d)} == {"encoder.bn1"}
