@@ -209,9 +209,8 @@ def run_retrain(prepared: Prepared, model_name: str, experiments: dict[str, Path
     (out_dir / layout.RETRAIN).write_text(json.dumps({
         "data": summary, "model": model_name, "seeds": seeds, "methods": list(methods),
         "top_k": top_k, "notes": notes, "selected_rank": {m: int(r) for m, r in selected.items()},
-        "recipes": {r.folder: {"method": r.method, "rank": r.rank, "source": r.source, "model": r.model,
-                               "config": r.config.to_dict(), f"search_{task.val_metric}": r.search_val}
-                    for r in plans},
+        "recipes": {r.folder: {"method": r.method, "rank": r.rank, "source": r.source, "config": r.config.to_dict(),
+                               f"search_{task.val_metric}": r.search_val} for r in plans},
         "metric": task.metric, "mode": task.mode,
         f"baseline_test_{task.metric}": baseline, **({} if task.regression else {"majority_share": baseline}),
         "versions": library_versions()}, indent=2))

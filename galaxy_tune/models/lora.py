@@ -85,8 +85,7 @@ def add_lora(
             if (isinstance(module, ResNetConvLayer) and isinstance(module.convolution, LoraConv2d)
                     and module.normalization.affine):
                 _replace_module(model, name, FrozenBatchNormLoraLayer(module))
-        for conv, bn in model.conv_batchnorm_pairs() if isinstance(model, TimmClassifier) else []:
-            conv, bn = model.get_submodule(conv), model.get_submodule(bn)
+        for conv, bn in model.layer_batchnorm_pairs() if isinstance(model, TimmClassifier) else []:
             if type(conv) is LoraConv2d and type(bn) is nn.BatchNorm2d and bn.affine:  # not timm's BatchNormAct2d
                 fold_frozen_batchnorm(conv, bn)
     return model

@@ -107,8 +107,12 @@ class FoldingLoraConv2d(LoraConv2d):
     it folds that BatchNorm (`folded`), which then passes its input through (`FoldedBatchNorm2d`). Made by
     `fold_frozen_batchnorm`, which only changes the two modules' classes: their names and state stay."""
 
+    def folds(self) -> bool:
+        """Whether this pass folds the BatchNorm: a training pass with gradients (eval passes run both layers)."""
+        return self.training and torch.is_grad_enabled()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+        if self.folds():
             return self.folded(x, self.frozen_batchnorm)
         return super().forward(x)
 
@@ -117,10 +121,7 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
     """A frozen BatchNorm that its convolution folds in training (see FoldingLoraConv2d); otherwise BatchNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.folded_into
-        if conv.training and torch.is_grad_enabled():  # the convolution's own test: it has normalised x already
-            return x
-        return super().forward(x)
+        return x if self.folded_into.folds() else super().forward(x)  # folded: x is normalised already
 
 
 def fold_frozen_batchnorm(conv: LoraConv2d, batchnorm: nn.BatchNorm2d) -> None:

@@ -62,24 +62,19 @@ class TimmClassifier(nn.Module):
                           if isinstance(m, (nn.Linear, nn.Conv2d))]
         return [f"encoder.{name}" for name in names]
 
-    def conv_batchnorm_pairs(self) -> list[tuple[str, str]]:
-        """(layer, BatchNorm) names where the BatchNorm is applied right after the layer: a ResNet's convN and bnN
-        (its stem's and its blocks'), and neighbours in a Sequential (a shortcut, a deep stem)."""
+    def layer_batchnorm_pairs(self) -> list[tuple[nn.Module, nn.BatchNorm2d]]:
+        """(layer, BatchNorm) where the BatchNorm is applied right after the layer: a ResNet's convN and bnN (its
+        stem's and its blocks'), and neighbours in a Sequential (a shortcut, a deep stem)."""
         from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
         pairs = []
-        for parent_name, parent in self.encoder.named_modules():
-            children = dict(parent.named_children())
+        for parent in self.encoder.modules():
             if isinstance(parent, (BasicBlock, Bottleneck, ResNet)):
-                found = [(f"conv{n}", f"bn{n}") for n in (1, 2, 3) if f"conv{n}" in children]
+                pairs += [(getattr(parent, f"conv{n}"), getattr(parent, f"bn{n}")) for n in (1, 2, 3)
+                          if hasattr(parent, f"conv{n}")]
             elif isinstance(parent, nn.Sequential):
-                found = list(zip(children, list(children)[1:]))
-            else:
-                continue
-            prefix = ".".join(["encoder", parent_name] if parent_name else ["encoder"])
-            pairs += [(f"{prefix}.{layer}", f"{prefix}.{bn}") for layer, bn in found
-                      if isinstance(children.get(bn), nn.BatchNorm2d)]
-        return pairs
+                pairs += zip(parent, parent[1:])
+        return [(layer, bn) for layer, bn in pairs if isinstance(bn, nn.BatchNorm2d)]
 
     def depths(self, names: list[str]) -> dict[str, int]:
         """How far below the head each parameter (or module with a weight) sits: stage s at 5 - s, the stem at 5,

@@ -66,8 +66,8 @@ def write_retrain_report(folder: Path, out_dir: Path | None = None) -> Path:
     else:
         lines += classification_sections(out, results, predictions, all_results, all_predictions, info, metric)
     lines += ["## Recipes", ""]
-    for method, recipe in info["recipes"].items():  # "model": "" in a config is the retrain's backbone
-        config = {**recipe["config"], "model": recipe.get("model") or recipe["config"].get("model") or info["model"]}
+    for method, recipe in info["recipes"].items():  # a config's "model": "" trains the retrain's backbone
+        config = {**recipe["config"], "model": recipe["config"].get("model") or info["model"]}
         lines.append(f"- **{method}** from {recipe['source']}: `{json.dumps(config)}`")
     lines += ["", f"Library versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}.", ""]
     path = out / layout.REPORT

@@ -131,8 +131,8 @@ def plot_val_curves(trials: pd.DataFrame, baseline: tuple[str, float] | None, na
     best_row = metric.task.arg_best(trials[f"best_{metric.name}"])
     best_curve = curves[best_row]
     # Trials with the same curve would hide one another: each curve is drawn once, with how many trials it stands for.
-    alike = Counter((status, tuple(curve)) for row, (status, curve) in enumerate(zip(trials["status"], curves))
-                    if curve and row != best_row and curve != best_curve)
+    alike = Counter((status, tuple(curve)) for status, curve in zip(trials["status"], curves)
+                    if curve and curve != best_curve)
     for (status, curve), count in alike.items():
         style, _ = STATUS_STYLE[status]
         epochs = np.arange(1, len(curve) + 1)
@@ -142,7 +142,7 @@ def plot_val_curves(trials: pd.DataFrame, baseline: tuple[str, float] | None, na
         if count > 1:
             ax.annotate(f"{count} trials", (epochs[-1], curve[-1]), xytext=(8, -4), textcoords="offset points",
                         fontsize=8, color=style["color"])
-    like_best = sum(curve == best_curve for row, curve in enumerate(curves) if row != best_row)
+    like_best = sum(curve == best_curve for curve in curves) - 1  # the best trial's own is among them
     ax.plot(np.arange(1, len(best_curve) + 1), best_curve, color="#d62728", linewidth=2.6, marker="o",
             markersize=4, zorder=5)
     if baseline:
