@@ -267,6 +267,9 @@ def test_trials_with_the_same_curve_are_drawn_once_and_counted():
     assert drawn == [[50], [50], [60, 65], [70, 80]]  # in %: stopped once (line and ×), the other, the best
     assert [text.get_text() for text in ax.texts] == ["3 trials"]
     assert "best trial best (+1 with its curve)" in [text.get_text() for text in figure.legends[0].get_texts()]
+    [ax] = plot_val_curves(trials, ("majority class", 0.5), "toy", ACCURACY).axes  # a trial flat on the baseline
+    *drawn, baseline = ax.get_lines()
+    assert baseline.get_linestyle() == ":" and baseline.get_zorder() < min(line.get_zorder() for line in drawn)
 
 
 def test_interval_and_test_statistics_match_textbook_values():

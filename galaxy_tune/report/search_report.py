@@ -145,8 +145,8 @@ def plot_val_curves(trials: pd.DataFrame, baseline: tuple[str, float] | None, na
     like_best = sum(curve == best_curve for curve in curves) - 1  # the best trial's own is among them
     ax.plot(np.arange(1, len(best_curve) + 1), best_curve, color="#d62728", linewidth=2.6, marker="o",
             markersize=4, zorder=5)
-    if baseline:
-        ax.axhline(metric.shown(baseline[1]), color="black", linestyle=":", linewidth=1.2)
+    if baseline:  # under the trials: a trial flat at the baseline stays visible
+        ax.axhline(metric.shown(baseline[1]), color="black", linestyle=":", linewidth=1.2, zorder=1)
     counts = trials["status"].value_counts()
     handles = [Line2D([], [], **STATUS_STYLE[s][0], marker="x" if s != "COMPLETED" else None,
                       label=f"{STATUS_STYLE[s][1]} ({counts[s]})") for s in STATUS_STYLE if s in counts]
