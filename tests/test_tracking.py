@@ -43,6 +43,25 @@ def test_a_server_failure_is_said_by_its_cause():
     assert describe(ValueError("first line\nsecond")) == "ValueError: first line"
 
 
+def test_a_writer_that_outlasts_the_flush_stops_before_the_search_ends(mlflow_server, monkeypatch, capsys):
+    """The end of the search waits for MLflow's writer to stop, so `finish_search` never writes beside it."""
+    from ray.tune.experiment import Trial
+
+    from galaxy_tune.data.tasks import get_task
+    from galaxy_tune.search import tracking
+
+    monkeypatch.setattr(tracking, "FLUSH_S", 0.0)  # a server slower than the flush: here, any server
+    task = get_task("seed-top2")
+    callback = tracking.MlflowTrials(mlflow_server, "outlasted", "outlasted-1", {"method": "lora"}, task)
+    callback.setup()
+    trials = [Trial("train_trial", config={"lr": 0.01}, stub=True, trial_id=f"t{i}") for i in range(20)]
+    for trial in trials:
+        callback.on_trial_result(0, trials, trial, {"epoch": 1, task.val_metric: 0.5, "val_loss": 0.7})
+    callback.on_experiment_end(trials)
+    assert not callback.thread.is_alive()
+    assert "did not take the last updates of" in capsys.readouterr().err
+
+
 def test_mlflow_refusals_are_one_line_before_anything_runs(lora_search, mlflow_server, demo_dir, tmp_path, monkeypatch,
                                                            capsys):
     # An MLflow experiment of the search's name that was deleted would take no run.

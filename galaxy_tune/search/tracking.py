@@ -11,7 +11,8 @@ Ray ran. When the search ends, `finish_search` makes the runs equal to trials.cs
 The callbacks only note what changed; a thread of the driver writes it. A server that is down or slow never stops
 or slows the search: its first failure is said once, what is not written yet waits (one entry per trial, so the
 backlog is bounded by the trials), and writing is retried after a pause that doubles up to PAUSE_MAX_S. When the
-search ends, the thread has FLUSH_S seconds to catch up, and what it could not write is said.
+search ends, the thread has FLUSH_S seconds to catch up, and what it could not write is said. The thread then stops
+after the request it is making, so that `finish_search` never writes beside it.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class MlflowTrials(TrialWatcher):
         self.notes: dict[str, dict] = {}  # Ray trial id -> config, reports, state, version
         self.dirty: set[str] = set()
         self.ray_ids: set[str] | None = None  # Ray's trials when this driver began
-        self.closing = self.failing = self.said = False
+        self.closing = self.failing = self.said = self.abandoned = False
         self.runs, self.best, self.lost_checked = None, None, False
         self.thread = threading.Thread(target=self.work, name="galaxy_tune-mlflow", daemon=True)
         self.thread.start()
@@ -204,9 +205,14 @@ class MlflowTrials(TrialWatcher):
         self.closing = True
         self.wake.set()
         self.thread.join(FLUSH_S)
+        late = self.thread.is_alive()
+        if late:  # it stops after its request in flight, which MLflow's own timeout bounds (REQUEST_DEFAULTS)
+            self.abandoned = True
+            self.wake.set()
+            self.thread.join()
         with self.lock:
             behind = len(self.dirty)
-        if behind or self.thread.is_alive():
+        if behind or late:
             print(f"galaxy_tune: MLflow at {self.uri} did not take the last updates of {behind} trial(s); the "
                   "search's own files are complete", file=sys.stderr)
 
@@ -216,6 +222,8 @@ class MlflowTrials(TrialWatcher):
         while True:
             self.wake.wait(timeout=pause if self.failing else None)
             self.wake.clear()
+            if self.abandoned:
+                return
             try:
                 self.write()
             except Exception as err:
@@ -232,7 +240,7 @@ class MlflowTrials(TrialWatcher):
             self.failing, pause = False, 1.0
             with self.lock:
                 done = self.closing and not self.dirty
-            if done:
+            if done or self.abandoned:
                 return
 
     def write(self) -> None:
@@ -246,14 +254,19 @@ class MlflowTrials(TrialWatcher):
             work = {trial_id: dict(self.notes[trial_id]) for trial_id in self.dirty}
             ray_ids, noted = self.ray_ids, set(self.notes)
         for trial_id, note in work.items():
+            if self.abandoned:
+                return
             self.runs.write_trial(trial_id, note["config"], note["reports"], note["state"])
             with self.lock:
                 if self.notes[trial_id]["version"] == note["version"]:
                     self.dirty.discard(trial_id)
+        if self.abandoned:
+            return
         if ray_ids is not None and not self.lost_checked:
             self.runs.drop_lost(ray_ids | noted)
             self.lost_checked = True
-        self.write_best()
+        if not self.abandoned:
+            self.write_best()
 
     def write_best(self) -> None:
         """The parent's best val metric so far, at step = the trials finished, each time it improves."""
