@@ -14,6 +14,8 @@ Each function imports what it needs when called, so a command pays only for its 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import time
 from pathlib import Path
 
@@ -75,15 +77,18 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
            max_concurrent: int | None = None, address: str | None = None, seed: int | None = None,
            max_failures: int | None = None, checkpoint_every_s: float | None = None, resume: bool | str = False,
            augment: bool = True, sampler: str | None = None, scheduler: str | None = None,
-           mlflow: str | None = None) -> Path:
+           mlflow: str | None = None, storage: str | None = None) -> Path:
     """Run (or, with resume and name, continue) a Ray Tune + Optuna search; returns the experiment folder.
 
     `resume="auto"` starts the search `name` when it does not exist yet, and continues it when it does, once the
     settings given here are found equal to the ones it started with. `mlflow`: a tracking URI, or "" for
-    MLFLOW_TRACKING_URI (`galaxy_tune.tracking`).
+    MLFLOW_TRACKING_URI (`galaxy_tune.tracking`). `storage`: a URI for Ray's results (`galaxy_tune.storage`).
     """
     if name is not None:
         layout.check_name(name)  # before anything is made or imported, the demo data included
+    if storage is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(results_dir)):
+        raise GalaxyTuneError(f"--results-dir {results_dir} is not a local folder: with --storage {storage}, it is "
+                              "the driver's working copy; give a local folder")
     mlflow = resolve_uri(mlflow)
     auto = resume == "auto"
     if resume and not name:
@@ -98,7 +103,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     if resume and not auto:
         # Everything else comes from the experiment's search.json; --address may name the cluster's new head.
         options = SearchOptions(method, DataConfig(Path()), results_dir=Path(results_dir), name=name, resume=True,
-                                address=address, mlflow=mlflow)
+                                address=address, mlflow=mlflow, storage=storage)
     else:
         demo = {"num_samples": DEMO["num_samples"], "max_epochs": DEMO["max_epochs"]} if data_dir is None else {}
         config = data_config(data_dir, results_dir, task=task, min_vote=min_vote, image_size_px=image_size_px,
@@ -107,7 +112,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
             name=name, space=space, num_samples=num_samples, max_epochs=max_epochs, model=model,
             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, device=device, max_concurrent=max_concurrent,
             address=address, max_failures=max_failures, checkpoint_every_s=checkpoint_every_s, sampler=sampler,
-            scheduler=scheduler, mlflow=mlflow)})
+            scheduler=scheduler, mlflow=mlflow, storage=storage)})
         if auto and experiment.exists():
             check_unchanged(options, saved_options(experiment), experiment)
             print(f"--resume auto: {experiment} exists, with these settings: continuing it")
@@ -116,6 +121,12 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     from .report import write_search_report  # here: a search that stops or fails has no report to write
 
     print(f"search results in {experiment}; report: {write_search_report(experiment)}")
+    stored = json.loads((experiment / layout.SEARCH_OPTIONS).read_text()).get("storage")
+    if stored:
+        from .storage import object_storage
+
+        figures = sorted(path.name for path in experiment.glob("*.png"))
+        object_storage(stored).upload_views(experiment, [layout.REPORT, *figures])
     from .search.tracking import finish_search
 
     finish_search(experiment)

@@ -80,7 +80,7 @@ def cmd_search(args) -> None:
                max_concurrent=args.max_concurrent, address=args.address,
                seed=args.seed, max_failures=args.max_failures, checkpoint_every_s=args.checkpoint_every,
                resume=args.resume, augment=not args.no_augment, sampler=args.sampler, scheduler=args.scheduler,
-               mlflow=args.mlflow)
+               mlflow=args.mlflow, storage=args.storage)
 
 
 def cmd_retrain(args) -> None:
@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     mlflow_flag(p, "a parent run for the search, a nested run per trial with each epoch's metrics, kept up to date "
                 "while it runs")
+    p.add_argument("--storage", metavar="URI", help="keep Ray's results (checkpoints, reports, its state) in object "
+                   "storage, e.g. s3://bucket/prefix or gs://bucket/prefix (an S3-compatible server: add "
+                   "?endpoint_override=host:9000&scheme=http); --results-dir keeps the driver's working copy, and "
+                   "trials.csv, best.json, optuna.db and the report are uploaded as they change; credentials come "
+                   "from the environment (default: Ray's results in --results-dir)")
     p.set_defaults(run=cmd_search)
 
     p = commands.add_parser("retrain", help="retrain the top configs of each search and test direct, full and LoRA")

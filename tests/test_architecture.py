@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "galaxy_tune"
-# Each wing and what it may import of galaxy_tune; the bottom modules (errors, layout, provenance, signals,
+# Each wing and what it may import of galaxy_tune; the bottom modules (errors, layout, provenance, signals, storage,
 # tracking) serve all.
-BOTTOM = {"errors", "layout", "provenance", "signals", "tracking"}
+BOTTOM = {"errors", "layout", "provenance", "signals", "storage", "tracking"}
 LAYERS = {
     "data": BOTTOM | {"data"},
     "models": BOTTOM | {"models", "data"},  # data for constants only: see test_models_take_only_constants_of_data

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -185,9 +184,14 @@ class PruneCheckpoints(tune.Callback):
                 self.waiting[trial_id] = (folder, seen, changes)
 
 
-def prune_checkpoints(trial_folder: Path, task: Task) -> None:
-    """Delete a finished trial's checkpoints but its best (by the task's val metric) and its latest."""
-    checkpoints = sorted(trial_folder.glob("checkpoint_*"))
+def prune_checkpoints(trial_folder: Path, task: Task, filesystem: pyarrow.fs.FileSystem | None = None,
+                      stored: str | None = None) -> None:
+    """Delete a finished trial's checkpoints but its best (by the task's val metric) and its latest. Its reports
+    are read in `trial_folder`; its checkpoints are there too, or at `stored` in `filesystem` (object storage)."""
+    filesystem, stored = filesystem or pyarrow.fs.LocalFileSystem(), stored or str(trial_folder)
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(stored, allow_not_found=True))
+    checkpoints = sorted(i.base_name for i in found if i.type == pyarrow.fs.FileType.Directory
+                         and i.base_name.startswith("checkpoint_"))
     if len(checkpoints) <= 2:
         return
     metric = task.val_metric
@@ -196,8 +200,11 @@ def prune_checkpoints(trial_folder: Path, task: Task) -> None:
         return
     best = reports[task.arg_best([r[metric] for r in reports])]["checkpoint_dir_name"]
     for checkpoint in checkpoints[:-1]:
-        if checkpoint.name != best:
-            shutil.rmtree(checkpoint, ignore_errors=True)
+        if checkpoint != best:
+            try:
+                filesystem.delete_dir(f"{stored}/{checkpoint}")
+            except OSError:  # gone already: pruned by an earlier pass
+                pass
 
 
 def check_ray_state(experiment: Path) -> None:

@@ -41,6 +41,7 @@ class SearchOptions:
     sampler_seed: int | None = None  # default: the data's seed (`bench search` varies it, keeping the split)
     augment: bool = True  # random flips / 90-degree rotations of the training images
     mlflow: str | None = None  # the MLflow tracking URI the runs go to (`tracking`); None: no MLflow
+    storage: str | None = None  # --storage URI: Ray's results in object storage (`galaxy_tune.storage`)
 
     def __post_init__(self):
         if not self.name:

@@ -8,7 +8,9 @@ scheduler, the checkpoints kept, the tables and the study.
 An experiment folder `results/<name>/` holds Ray Tune's own results (open it with `tune.ExperimentAnalysis` or
 `Tuner.restore`), `optuna.db` (the study, for `optuna-dashboard` / `optuna.load_study`), `trials.csv`,
 `best.json` and `search.json` (what the search was asked to do). The study, trials.csv and best.json grow while
-trials finish (`monitor`), and are made final when the search ends.
+trials finish (`monitor`), and are made final when the search ends. With `--storage`, Ray's results are in the
+object storage instead (`galaxy_tune.storage`), galaxy_tune's files are uploaded beside them (`uploads`), and the
+experiment folder is the driver's working copy: its files, and each trial's reports without its checkpoints.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ from .options import SearchOptions, saved_options
 from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from ..provenance import library_versions
 from ..signals import STOP_SIGNALS, handlers_kept
+from ..storage import Storage, object_storage
 from ..tracking import check_experiment
 from .space import SearchSpace, default_space_path, load_space
 from .strategy import make_sampler, make_scheduler, uses_constant_liar
 from .tracking import tracked
 from ..data.tasks import Task, get_task
 from .trainable import train_trial
+from .uploads import TABLES, UploadViews
 from ..train_config import METHODS, TrainConfig
 
 TABLE_PARAMETERS = 5  # searched parameters shown in the console table
@@ -67,6 +71,10 @@ def run_search(options: SearchOptions) -> Path:
             raise GalaxyTuneError(f"{experiment} logs to MLflow at {saved.mlflow or 'no server (no --mlflow)'}, not "
                                   f"{options.mlflow}: a resumed search keeps the runs where they began, so resume it "
                                   "without --mlflow")
+        if options.storage is not None and options.storage != saved.storage:
+            kept = saved.storage or "its own folder (no --storage)"
+            raise GalaxyTuneError(f"{experiment} keeps its results in {kept}, not {options.storage}: resume it "
+                                  "without --storage")
         # The cluster's head may have moved since (a requeued job): the --address given now wins.
         return search_in(experiment, dataclasses.replace(saved, address=options.address or saved.address))
     with claim_experiment(experiment):
@@ -89,6 +97,7 @@ def claim_experiment(experiment: Path) -> Iterator[None]:
 def search_in(experiment: Path, options: SearchOptions) -> Path:
     """The search of `options` in its experiment folder, made already (or resumed)."""
     check_experiment(options.mlflow, options.name)
+    storage = object_storage(options.storage) if options.storage else None
     results_dir = experiment.parent
     task = get_task(options.data.task)
     overrides = {"method": options.method, "seed": options.data.seed, "augment": options.augment,
@@ -116,6 +125,8 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
                     "concurrency": max_concurrent, "constant_liar": uses_constant_liar(options, max_concurrent),
                     "mlflow_search_id": uuid.uuid4().hex if options.mlflow else None}  # its MLflow run's tag
         (experiment / layout.SEARCH_OPTIONS).write_text(json.dumps(searched, indent=2, default=str))
+    if storage:
+        storage.upload_views(experiment, [layout.SEARCH_OPTIONS])
 
     started = time.time()
     about = about_search(options, model_name, prepared, experiment)  # what best.json says of the search
@@ -125,17 +136,25 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
         warnings.filterwarnings("ignore", "The reported value is ignored because this `step=", UserWarning)
         with handlers_kept((signal.SIGINT, *STOP_SIGNALS)):  # Ray Tune's run leaves its own installed
             grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about, task,
-                              searched).fit()
-    write_results(grid, options, space, experiment, about, task,
-                  {"wall_seconds": round(time.time() - started, 1), "concurrency": max_concurrent})
+                              storage, searched).fit()
+    if storage:  # the working copy of each trial's reports, which the tables, the report and MLflow read
+        storage.download_trials(options.name, experiment)
+    try:
+        write_results(grid, options, space, experiment, about, task,
+                      {"wall_seconds": round(time.time() - started, 1), "concurrency": max_concurrent})
+    finally:
+        if storage:
+            storage.upload_views(experiment, [*TABLES, layout.STUDY])
     return experiment
 
 
 def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, model_name: str,
-               max_concurrent: int, experiment: Path, about: dict, task: Task,
+               max_concurrent: int, experiment: Path, about: dict, task: Task, storage: Storage | None,
                searched: dict | None = None) -> tune.Tuner:
     """A new Tuner (Optuna TPE proposing, ASHA stopping), or the interrupted one of `experiment` on --resume.
     `searched`: what a new search's search.json holds."""
+    # Ray's experiment: in the experiment folder, or under the object storage's root.
+    ray_path, filesystem = (storage.path(options.name), storage.filesystem) if storage else (str(experiment), None)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=prepared.image_size_px,
                              crop_px=prepared.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
@@ -146,11 +165,11 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
         " (constant liar)" if uses_constant_liar(options, max_concurrent) else " (no constant liar)"
     print(f"{options.num_samples} trials, {max_concurrent} at once; sampler {options.sampler}{liar}, "
           f"scheduler {options.scheduler}")
-    if options.resume and tune.Tuner.can_restore(str(experiment)):
+    if options.resume and tune.Tuner.can_restore(ray_path, storage_filesystem=filesystem):
         print(f"resuming {experiment}: finished trials are kept, unfinished ones continue from their checkpoints")
         # The searcher's in-memory Optuna study is restored from Ray's saved searcher state (a live sqlite
         # study would be newer than that state and break the restore), so TPE keeps every finished trial.
-        return restore(experiment, trainable)
+        return restore(experiment, trainable, ray_path, filesystem)
     max_epochs = int(space.fixed.get("epochs", TrainConfig().epochs))
     metric, mode = task.val_metric, task.mode
     return tune.Tuner(
@@ -164,14 +183,15 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             reuse_actors=True,  # a new trial runs in a finished trial's worker: no new process, no re-imports
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
-            name=options.name, storage_path=str(experiment.parent), verbose=1,
+            name=options.name, storage_path=ray_path.rpartition("/")[0], storage_filesystem=filesystem, verbose=1,
             progress_reporter=progress_table(space, task),
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=metric, checkpoint_score_order=mode),
             callbacks=[GracefulStop(experiment), PruneCheckpoints(experiment, task), SayRetries(options.max_failures),
                        KeepReportsOnRetry(),
                        # then optuna.db, trials.csv and best.json as trials run, and the MLflow runs
                        *watchers(experiment, options.name, space, about, max_concurrent, task),
-                       *tracked(options, searched, about, task)],
+                       *tracked(options, searched, about, task),
+                       *([UploadViews(storage, experiment)] if storage else [])],
             failure_config=tune.FailureConfig(max_failures=options.max_failures)))
 
 
@@ -184,7 +204,7 @@ def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSp
         raise GalaxyTuneError(f"the search {experiment} ran no trial: check the Ray logs above")
     for folder in trials.loc[trials["status"].isin(["COMPLETED", "STOPPED"]), "path"]:
         # Not an unfinished trial's: a stop can leave it a newer checkpoint than the one Ray's state resumes from.
-        prune_checkpoints(Path(folder), task)
+        prune_checkpoints(Path(folder), task, grid.filesystem, f"{grid.experiment_path}/{Path(folder).name}")
     # Every trial created and ended: a stop ends the running trials too, which Ray then counts as terminated.
     complete = len(trials) >= options.num_samples and not (trials["status"] == "UNFINISHED").any()
     best = write_tables(experiment, trials, about, {**run, "retried": retried(trials)}, task, running=False,
@@ -261,12 +281,14 @@ def about_search(options: SearchOptions, model_name: str, prepared: Prepared, ex
             "data": data_summary(prepared), "experiment": str(experiment), "versions": library_versions()}
 
 
-def restore(experiment: Path, trainable) -> tune.Tuner:
-    """Ray's `Tuner.restore` of an experiment, or one line when galaxy_tune 0.1 saved it: Ray pickled that
-    version's module paths (`galaxy_tune.space`, ...), which the data/, models/ and search/ packages replaced."""
+def restore(experiment: Path, trainable, ray_path: str | None = None, filesystem=None) -> tune.Tuner:
+    """Ray's `Tuner.restore` of an experiment (at `ray_path` in `filesystem`), or one line when galaxy_tune 0.1 saved
+    it: Ray pickled that version's module paths (`galaxy_tune.space`, ...), which the data/, models/ and search/
+    packages replaced."""
     check_ray_state(experiment)
     try:
-        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(ray_path or str(experiment), trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=filesystem)
     except ModuleNotFoundError as err:
         if not (err.name or "").startswith("galaxy_tune."):
             raise
@@ -291,7 +313,8 @@ def trials_table(grid: tune.ResultGrid, experiment: Path, task: Task) -> pd.Data
 
     Status: COMPLETED (every epoch), STOPPED (early, by ASHA), ERROR, or UNFINISHED (the search was interrupted).
     """
-    ray_status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(str(experiment)).trials}
+    analysis = tune.ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
+    ray_status = {t.trial_id: t.status for t in analysis.trials}
     rows = []
     for result in grid:
         if not result.config:  # created but never started before an interruption
@@ -299,7 +322,8 @@ def trials_table(grid: tune.ResultGrid, experiment: Path, task: Task) -> pd.Data
         trial_id = Path(result.path).name.removeprefix("trial_")
         state = "ERROR" if result.error is not None else \
             "TERMINATED" if ray_status.get(trial_id) == "TERMINATED" else "UNFINISHED"
-        rows.append(trial_row(trial_id, result.config, reports(result), state, result.path, task))
+        folder = experiment / Path(result.path).name  # Ray's own, or the working copy of its reports
+        rows.append(trial_row(trial_id, result.config, reports(result), state, str(folder), task))
     return pd.DataFrame(rows)
 
 

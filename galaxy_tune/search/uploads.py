@@ -1,0 +1,48 @@
+"""With `--storage`, the driver's live views go to the object storage beside Ray's experiment as they change:
+trials.csv and best.json each time a trial finishes, optuna.db every STUDY_EVERY_S and at the end. An upload that
+fails is said once; the search goes on, and the end of the search uploads every view again."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ray import tune
+
+from .. import layout
+from ..storage import Storage
+
+STUDY_EVERY_S = 60.0
+TABLES = [layout.TRIALS, layout.BEST]
+
+
+class UploadViews(tune.Callback):
+    """Upload the experiment's views after the watchers (`monitor.watchers`) wrote them."""
+
+    def __init__(self, storage: Storage, experiment: Path):
+        self.storage, self.experiment = storage, Path(experiment)
+        self.study_sent, self.said = 0.0, False
+
+    def __getstate__(self):  # Ray pickles the callbacks with the Tuner; a resumed driver has its own
+        return {**self.__dict__, "study_sent": 0.0, "said": False}
+
+    def send(self, names: list[str]) -> None:
+        try:
+            self.storage.upload_views(self.experiment, names)
+        except OSError as err:
+            if not self.said:
+                print(f"galaxy_tune: could not upload {', '.join(names)} to {self.storage.uri} ({err}); the search "
+                      "goes on, and uploads them again when it ends", file=sys.stderr)
+            self.said = True
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.send(TABLES)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.send(TABLES)
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self.study_sent >= STUDY_EVERY_S:
+            self.study_sent = time.time()
+            self.send([layout.STUDY])
