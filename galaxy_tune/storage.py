@@ -6,11 +6,21 @@ driver keeps its working copy in --results-dir and uploads galaxy_tune's files b
 the usual places (AWS_ACCESS_KEY_ID and the rest, config files, instance roles), never from the URI, which search.json
 keeps. `object_storage` refuses, before anything starts, a URI pyarrow does not take, an endpoint that does not
 answer, a bucket that does not exist and refused credentials.
+
+The prepared data reaches every node through the storage too: the driver uploads it once (`share_folder`, under
+root/shared/, named by a checksum of what it was made from), and each node downloads it once into its own cache
+(`fetch_folder`, GALAXY_TUNE_CACHE or ~/.cache/galaxy_tune), checked against the sizes and sha256 of the upload.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import os
+import shutil
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,6 +31,14 @@ from .errors import GalaxyTuneError
 
 ANSWER_WAIT_S = 3.0  # how long the endpoint has to accept a connection
 TRIAL_FILES = ("result.json", "progress.csv", "params.json", "error.txt")  # a trial's reports and errors, no weights
+SHARED = "shared"  # root/shared/<name>: folders that every node downloads once
+MANIFEST = "manifest.json"  # a shared folder's files, sizes and sha256, written last
+CHUNK = 8 << 20
+
+
+def node_cache() -> Path:
+    """This node's cache of shared folders: GALAXY_TUNE_CACHE, or ~/.cache/galaxy_tune."""
+    return Path(os.environ.get("GALAXY_TUNE_CACHE") or "~/.cache/galaxy_tune").expanduser()
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,71 @@ class Storage:
         for name in names:
             if (experiment / name).is_file():
                 self.upload(experiment / name, experiment.name, name)
+
+    def exists(self, *parts: str) -> bool:
+        return self.filesystem.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def share_folder(self, local: Path, files: list[str], identity: list[str]) -> tuple[str, bool]:
+        """Upload `files` of the local folder once, to root/shared/<its name>-<key>, the key a checksum of its
+        `identity` files (what the folder was made from). The manifest (each file's size and sha256) goes last, so
+        a shared folder that has one is complete. Returns the shared name, and whether this call uploaded it."""
+        key = hashlib.sha256(b"".join((local / f).read_bytes() for f in identity)).hexdigest()[:16]
+        name = f"{local.name}-{key}"
+        if self.exists(SHARED, name, MANIFEST):
+            return name, False
+        manifest = {}
+        for file in files:
+            digest, size = hashlib.sha256(), 0
+            with open(local / file, "rb") as source, \
+                    self.filesystem.open_output_stream(self.path(SHARED, name, file)) as out:
+                while chunk := source.read(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            manifest[file] = {"size": size, "sha256": digest.hexdigest()}
+        with self.filesystem.open_output_stream(self.path(SHARED, name, MANIFEST)) as out:
+            out.write(json.dumps(manifest, indent=1).encode())
+        return name, True
+
+    def fetch_folder(self, name: str, cache: Path, node: str) -> Path:
+        """The shared folder `name` in the node-local `cache`, downloaded and checked against its manifest the
+        first time: concurrent callers on one node wait for that one download (a file lock)."""
+        folder = cache / name
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (folder / MANIFEST).is_file():
+                return folder
+            with self.filesystem.open_input_stream(self.path(SHARED, name, MANIFEST)) as source:
+                manifest = json.loads(source.read())
+            needed, free = sum(f["size"] for f in manifest.values()), shutil.disk_usage(cache).free
+            if needed > free:
+                raise GalaxyTuneError(f"node {node}: the prepared data {name} needs {needed / 1e9:.2f} GB in {cache}, "
+                                      f"which has {free / 1e9:.2f} GB free: free space there, or set GALAXY_TUNE_CACHE "
+                                      "to a folder on a larger disk on every node")
+            partial = cache / f".{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            started = time.monotonic()
+            for file, expected in manifest.items():
+                digest, size = hashlib.sha256(), 0
+                (partial / file).parent.mkdir(parents=True, exist_ok=True)
+                with self.filesystem.open_input_stream(self.path(SHARED, name, file)) as source, \
+                        open(partial / file, "wb") as out:
+                    while chunk := source.read(CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+                if (size, digest.hexdigest()) != (expected["size"], expected["sha256"]):
+                    shutil.rmtree(partial, ignore_errors=True)
+                    raise GalaxyTuneError(f"node {node}: {file} of the shared data {self.path(SHARED, name)} is not "
+                                          "what was uploaded (its size or sha256 differs): delete that folder in the "
+                                          "storage, and run the search again to upload it anew")
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            os.replace(partial, folder)
+            seconds = time.monotonic() - started
+            print(f"node {node}: fetched {needed / 1e6:.1f} MB of prepared data from {self.path(SHARED, name)} in "
+                  f"{seconds:.1f} s ({needed / 1e6 / max(seconds, 1e-3):.0f} MB/s)", flush=True)
+        return folder
 
     def download(self, local: Path, *parts: str) -> bool:
         """Copy root/parts to the local file; False when there is none."""

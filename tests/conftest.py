@@ -7,6 +7,7 @@ import importlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,13 +71,71 @@ def prepared(demo_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray (2 CPUs, no dashboard) for every test that runs a search."""
+def ray_local(tmp_path_factory):
+    """One real local Ray (2 CPUs, no dashboard) for every test that runs a search. Its node's cache of data shared
+    through object storage is a folder of the test session's (its workers inherit the variable)."""
     import ray
 
+    os.environ["GALAXY_TUNE_CACHE"] = str(tmp_path_factory.mktemp("node-cache"))
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)  # the same on a GPU machine
     yield ray
     ray.shutdown()
+
+
+BUCKET = "results"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "galaxy", "AWS_SECRET_ACCESS_KEY": "tune", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class S3Server(NamedTuple):
+    endpoint: str  # host:port
+    log: Path  # the server's log: a line per request
+
+
+def start_s3(log: Path, **env) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on a free port of 127.0.0.1, once it answers; and its host:port."""
+    port = free_port()
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
+            return server, f"127.0.0.1:{port}"
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "moto's S3 server did not start"
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """A real S3 server with the bucket `results`, and credentials in this process's environment as a user sets
+    them (Ray passes them on to the trials); stopped by its PID."""
+    import boto3
+
+    saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
+    os.environ.update(S3_CREDENTIALS)
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    server, endpoint = start_s3(log)
+    try:
+        boto3.client("s3", endpoint_url=f"http://{endpoint}").create_bucket(Bucket=BUCKET)
+        yield S3Server(endpoint, log)
+    finally:
+        server.kill()
+        server.wait()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def s3_uri(endpoint: str, bucket: str = BUCKET) -> str:
+    return f"s3://{bucket}/galaxy-tune?endpoint_override={endpoint}&scheme=http"
+
+
+def s3_requests(server: S3Server, method: str, ending: str) -> int:
+    """How many requests of `method` for a key ending in `ending` the server has logged."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", server.log.read_text()).splitlines()  # its log colours some lines
+    requests = [line.split('"')[1].split() for line in lines if line.count('"') >= 2]
+    return sum(r[0] == method and r[1].split("?")[0].endswith(ending) for r in requests if len(r) == 3)
 
 
 @pytest.fixture(scope="session")

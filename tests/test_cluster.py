@@ -1,5 +1,7 @@
 """The README's cluster recipe, for real: a head and a worker started with the `ray start` CLI, token
-authentication as Ray defaults it, and `search --address` from a shell with no extra environment."""
+authentication as Ray defaults it, and `search --address` from a shell with no extra environment. The nodes share
+no path: the search keeps its results and its prepared data in object storage (the session's S3 server), and each
+node has a cache of its own."""
 
 import contextlib
 import json
@@ -18,7 +20,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import RAY, free_port, shell_environment, start_node, stop_nodes
+from conftest import RAY, free_port, s3_requests, s3_uri, shell_environment, start_node, stop_nodes
 from galaxy_tune.search.cluster import check_cluster
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.layout import trial_reports
@@ -45,6 +47,7 @@ def wait_for_nodes(address: str, count: int, env: dict[str, str]) -> None:
 class Cluster(NamedTuple):
     address: str  # the head's
     worker: subprocess.Popen  # the worker node's blocking `ray start`
+    caches: dict[str, Path]  # each node's cache (GALAXY_TUNE_CACHE) of data shared through object storage
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +57,13 @@ def cluster(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="gt-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     env = shell_environment()
+    caches = {node: tmp_path_factory.mktemp(f"{node}-cache") for node in ("head", "worker")}
     # The head declares a node dead after 2 missed health checks 0.5 s apart (Ray's default: 5, 3 s apart).
     head = start_node(["--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
                        "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
                        "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", temp_dir, "--num-cpus", "1"],
-                      logs / "head.log", {**env, "RAY_health_check_period_ms": "500",
+                      logs / "head.log", {**env, "GALAXY_TUNE_CACHE": str(caches["head"]),
+                                          "RAY_health_check_period_ms": "500",
                                           "RAY_health_check_timeout_ms": "500",
                                           "RAY_health_check_failure_threshold": "2"})
     nodes = [head]
@@ -66,9 +71,10 @@ def cluster(tmp_path_factory):
         # The worker as the README starts it: Ray 2.60's `ray start --address` does not turn token mode on.
         nodes.append(start_node(["--address", f"127.0.0.1:{port}", "--num-cpus", "1",
                                  "--dashboard-agent-listen-port", str(free_port())],
-                                logs / "worker.log", {**env, "RAY_AUTH_MODE": "token"}))
+                                logs / "worker.log", {**env, "RAY_AUTH_MODE": "token",
+                                                      "GALAXY_TUNE_CACHE": str(caches["worker"])}))
         wait_for_nodes(f"127.0.0.1:{port}", 2, env)
-        yield Cluster(f"127.0.0.1:{port}", nodes[1])
+        yield Cluster(f"127.0.0.1:{port}", nodes[1], caches)
     finally:
         stop_nodes(*nodes)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -114,7 +120,7 @@ def lose_node(node: subprocess.Popen) -> None:
     node.wait()
 
 
-def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(cluster, demo_dir, tmp_path):
+def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(cluster, demo_dir, s3_server, tmp_path):
     experiment = tmp_path / "results" / "cluster"
     # Trials that outlast a worker's start (the tiny ResNet at 256 px, 6 epochs of a second or two): a pending trial
     # goes to the first free worker, and short ones would all reuse the head's while the other node's worker is
@@ -125,7 +131,7 @@ def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(clu
         [sys.executable, "-m", "galaxy_tune", "search", "full", "--address", cluster.address, "--data-dir",
          str(demo_dir), "--results-dir", str(tmp_path / "results"), "--model", "tiny", "--image-size",
          "256", "--crop", "256", "--num-samples", "2", "--max-epochs", "6", "--scheduler", "fifo",
-         "--checkpoint-every", "0", "--name", "cluster"],
+         "--checkpoint-every", "0", "--name", "cluster", "--storage", s3_uri(s3_server.endpoint)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=shell_environment())
     try:
         deadline, reported_trials = time.monotonic() + 300, ReportedTrials(experiment)
@@ -153,6 +159,15 @@ def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(clu
     assert best["retried"] == [{"trial_id": moved, "failures": ["node lost"]}]
     study = optuna.load_study(study_name="cluster", storage=f"sqlite:///{experiment / 'optuna.db'}")
     assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(trials["trial_id"])
+    # No shared path: each node downloaded the prepared data once, into its own cache, and its trials read it there.
+    [shared] = [line.split()[-1].rpartition("/")[2] for line in out.splitlines()
+                if line.startswith("prepared data uploaded to ")]
+    assert s3_requests(s3_server, "GET", f"{shared}/manifest.json") == 2
+    local = {node: str(cache / "prepared" / shared) for node, cache in cluster.caches.items()}
+    assert all(Path(folder, "manifest.json").is_file() for folder in local.values())
+    read = {r["prepared"] for t in trials["trial_id"] for r in trial_reports(experiment / f"trial_{t}")}
+    assert read == set(local.values())
+    assert not list(experiment.glob("trial_*/checkpoint_*"))  # the checkpoints, the lost node's too, are stored
 
 
 def test_joining_with_a_wrong_token_fails_in_one_line_naming_the_fix(cluster, monkeypatch):

@@ -44,7 +44,7 @@ from .options import SearchOptions, saved_options
 from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from ..provenance import library_versions
 from ..signals import STOP_SIGNALS, handlers_kept
-from ..storage import Storage, object_storage
+from ..storage import SHARED, Storage, object_storage
 from ..tracking import check_experiment
 from .space import SearchSpace, default_space_path, load_space
 from .strategy import make_sampler, make_scheduler, uses_constant_liar
@@ -114,6 +114,7 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
     options = dataclasses.replace(options, gpus_per_trial=gpus_per_trial)
     chosen = check_backbones(space, options.method, space_file, options.model)
     prepared = prepare(options.data, prepared_folder(results_dir, options.data))
+    shared = share_prepared(storage, prepared) if storage else None
     if chosen and options.model is None:  # each trial's config names its backbone, loaded above
         model_name = chosen[0]
     else:
@@ -136,7 +137,7 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
         warnings.filterwarnings("ignore", "The reported value is ignored because this `step=", UserWarning)
         with handlers_kept((signal.SIGINT, *STOP_SIGNALS)):  # Ray Tune's run leaves its own installed
             grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about, task,
-                              storage, searched).fit()
+                              storage, shared, searched).fit()
     if storage:  # the working copy of each trial's reports, which the tables, the report and MLflow read
         storage.download_trials(options.name, experiment)
     try:
@@ -150,16 +151,16 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
 
 def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, model_name: str,
                max_concurrent: int, experiment: Path, about: dict, task: Task, storage: Storage | None,
-               searched: dict | None = None) -> tune.Tuner:
+               shared: tuple[Storage, str] | None, searched: dict | None = None) -> tune.Tuner:
     """A new Tuner (Optuna TPE proposing, ASHA stopping), or the interrupted one of `experiment` on --resume.
-    `searched`: what a new search's search.json holds."""
+    `shared`: the prepared data in the object storage; `searched`: what a new search's search.json holds."""
     # Ray's experiment: in the experiment folder, or under the object storage's root.
     ray_path, filesystem = (storage.path(options.name), storage.filesystem) if storage else (str(experiment), None)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=prepared.image_size_px,
                              crop_px=prepared.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
                              gpus=options.gpus_per_trial, checkpoint_every_s=options.checkpoint_every_s,
-                             stop_marker=str(experiment / STOP_MARKER)),
+                             stop_marker=str(experiment / STOP_MARKER), shared=shared),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
     liar = "" if options.sampler == "random" else \
         " (constant liar)" if uses_constant_liar(options, max_concurrent) else " (no constant liar)"
@@ -220,6 +221,17 @@ def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSp
         raise GalaxyTuneError(f"every trial of {experiment} failed, the first with: {first} "
                               f"(all errors: {experiment}/*/error.txt)")
     print_ranked(trials, options.method, experiment, task)
+
+
+def share_prepared(storage: Storage, prepared: Prepared) -> tuple[Storage, str]:
+    """Upload the prepared data once (a second search on the same data uploads nothing); each node's trials then
+    download it once (`trainable.load_prepared_on_this_node`)."""
+    cache = f"cache/{prepared.cache_path.name}"
+    meta = f"{cache.removesuffix('.npy')}.json"  # what the cache was made from
+    name, uploaded = storage.share_folder(prepared.folder, ["splits.csv", "prepare.json", cache, meta],
+                                          identity=["splits.csv", meta])
+    print(f"prepared data {'uploaded to' if uploaded else 'already in'} {storage.path(SHARED, name)}")
+    return storage, name
 
 
 def pretrained_backbone(options: SearchOptions, prepared: Prepared) -> str:

@@ -20,6 +20,7 @@ from ray import tune
 
 from ..data.prepare import load_prepared
 from ..errors import GalaxyTuneError
+from ..storage import Storage, node_cache
 from ..data.tasks import get_task
 from ..train_config import TrainConfig
 from .cluster import trial_device
@@ -27,8 +28,14 @@ from .cluster import trial_device
 STATE_FILE = "state.pt"
 
 
-def load_prepared_on_this_node(folder: Path, image_size_px: int, crop_px: int | None):
-    """The prepared data the driver wrote, or one line saying this node can't see it and what to do."""
+def load_prepared_on_this_node(folder: Path, image_size_px: int, crop_px: int | None,
+                               shared: tuple[Storage, str] | None = None):
+    """The prepared data: this node's copy of what the driver shared through the object storage (`--storage`), or
+    the folder the driver wrote, or one line saying this node can't see it and what to do."""
+    if shared is not None:
+        storage, name = shared
+        local = storage.fetch_folder(name, node_cache() / "prepared", ray.util.get_node_ip_address())
+        return load_prepared(local, image_size_px, crop_px)
     if not folder.is_dir():
         raise GalaxyTuneError(f"node {ray.util.get_node_ip_address()} cannot see the prepared data {folder}: "
                               "trials read it from --results-dir, so every node of the cluster must mount "
@@ -38,11 +45,12 @@ def load_prepared_on_this_node(folder: Path, image_size_px: int, crop_px: int | 
 
 def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px: int | None, model_name: str,
                 cpus: float, gpus: float, checkpoint_every_s: float = 0.0, stop_marker: str | None = None,
-                fail_at_epoch: int | None = None) -> None:
+                fail_at_epoch: int | None = None, shared: tuple[Storage, str] | None = None) -> None:
     """Train one trial's config, reporting val metrics every epoch and checkpoints as the module says.
 
     While the file `stop_marker` exists (the search is stopping) every epoch checkpoints. `fail_at_epoch` makes
-    the first attempt crash in that epoch, before its report (fault-injection tests).
+    the first attempt crash in that epoch, before its report (fault-injection tests). `shared`: the prepared data
+    in the object storage, which this node downloads once.
     """
     # Here, not above: the driver, which hands this function to Ray, never trains.
     import torch
@@ -54,7 +62,7 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
     train_config = TrainConfig.from_dict(config)
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint is noise
     torch.set_num_threads(max(1, int(cpus)))
-    prepared = load_prepared_on_this_node(Path(prepared_dir), image_size_px, crop_px)
+    prepared = load_prepared_on_this_node(Path(prepared_dir), image_size_px, crop_px, shared)
     device, memory_share = trial_device(gpus)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -64,7 +72,7 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
                 "GPU: check `nvidia-smi` on that node and that its torch is a CUDA build")
         use_gpu(device.index, memory_share)
     # Reported with every epoch: the driver may have no GPU, or another one.
-    where = {"device": str(device), "precision": training_precision(device), **(
+    where = {"device": str(device), "precision": training_precision(device), "prepared": str(prepared.folder), **(
         {"gpu_name": torch.cuda.get_device_name(device), "gpu_memory_share": memory_share}
         if device.type == "cuda" else {})}
     train, val = open_splits(prepared, "train", "val")
