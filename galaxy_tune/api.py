@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -126,7 +127,10 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
         from .storage import object_storage
 
         figures = sorted(path.name for path in experiment.glob("*.png"))
-        object_storage(stored).upload_views(experiment, [layout.REPORT, *figures])
+        try:
+            object_storage(stored).upload_views(experiment, [layout.REPORT, *figures])
+        except GalaxyTuneError as err:  # the search is done: its report stays here
+            print(f"galaxy_tune: the report was not uploaded: {err}", file=sys.stderr)
     from .search.tracking import finish_search
 
     finish_search(experiment)

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,16 +53,30 @@ class Storage:
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
+    def writer(self, path: str):
+        """An output stream to `path` (a folder storage makes its parent folder first; object storage has none)."""
+        if isinstance(self.filesystem, pafs.LocalFileSystem):
+            self.filesystem.create_dir(path.rpartition("/")[0], recursive=True)
+        return self.filesystem.open_output_stream(path)
+
     def upload(self, local: Path, *parts: str) -> None:
         """Copy the local file to root/parts (the file's name when parts are none)."""
-        with open(local, "rb") as source, self.filesystem.open_output_stream(self.path(*parts or (local.name,))) as out:
+        with open(local, "rb") as source, self.writer(self.path(*parts or (local.name,))) as out:
             out.write(source.read())
 
-    def upload_views(self, experiment: Path, names: list[str]) -> None:
-        """The experiment's own files of these names (those that exist), beside Ray's under root/<its name>."""
-        for name in names:
-            if (experiment / name).is_file():
-                self.upload(experiment / name, experiment.name, name)
+    def upload_views(self, experiment: Path, names: list[str], say: bool = True) -> bool:
+        """The experiment's own files of these names (those that exist), beside Ray's under root/<its name>; False,
+        and (if `say`) a line saying so, when the storage did not take them."""
+        try:
+            for name in names:
+                if (experiment / name).is_file():
+                    self.upload(experiment / name, experiment.name, name)
+        except OSError as err:
+            if say:
+                print(f"galaxy_tune: could not upload {', '.join(names)} to {self.path(experiment.name)} "
+                      f"({str(err).splitlines()[0]})", file=sys.stderr)
+            return False
+        return True
 
     def exists(self, *parts: str) -> bool:
         return self.filesystem.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
@@ -78,13 +93,13 @@ class Storage:
         for file in files:
             digest, size = hashlib.sha256(), 0
             with open(local / file, "rb") as source, \
-                    self.filesystem.open_output_stream(self.path(SHARED, name, file)) as out:
+                    self.writer(self.path(SHARED, name, file)) as out:
                 while chunk := source.read(CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
             manifest[file] = {"size": size, "sha256": digest.hexdigest()}
-        with self.filesystem.open_output_stream(self.path(SHARED, name, MANIFEST)) as out:
+        with self.writer(self.path(SHARED, name, MANIFEST)) as out:
             out.write(json.dumps(manifest, indent=1).encode())
         return name, True
 
@@ -161,6 +176,9 @@ def object_storage(uri: str) -> Storage:
         raise GalaxyTuneError(f"--storage {uri}: {err}; give a URI such as s3://bucket/prefix or gs://bucket/prefix "
                               "(an S3-compatible server: s3://bucket/prefix?endpoint_override=host:9000&scheme=http)"
                               ) from None
+    if isinstance(filesystem, pafs.LocalFileSystem):  # file:///shared/path: a folder, made if need be
+        filesystem.create_dir(root)
+        return Storage(uri, filesystem, root)
     if isinstance(filesystem, pafs.S3FileSystem):
         check_answers(uri, parts.query)
     bucket = root.split("/", 1)[0]

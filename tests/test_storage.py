@@ -124,3 +124,15 @@ def test_a_node_fetches_a_shared_folder_once_and_refuses_a_damaged_or_too_large_
     with pytest.raises(GalaxyTuneError, match=r"node 10\.0\.0\.7: the prepared data huge needs 1000000000\.00 GB in "
                                               r".*, which has [0-9.]+ GB free: .*GALAXY_TUNE_CACHE"):
         storage.fetch_folder("huge", tmp_path / "node", "10.0.0.7")
+
+
+def test_a_folder_uri_is_a_storage_too(tmp_path):
+    storage = object_storage((tmp_path / "store").as_uri())
+    assert (tmp_path / "store").is_dir()
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "trials.csv").write_text("trial_id\n")
+    assert storage.upload_views(tmp_path / "exp", ["trials.csv", "best.json"])  # best.json: not there yet
+    assert [p.name for p in (tmp_path / "store" / "exp").iterdir()] == ["trials.csv"]
+    name, uploaded = storage.share_folder(tmp_path / "exp", ["trials.csv"], identity=["trials.csv"])
+    fetched = storage.fetch_folder(name, tmp_path / "node", "10.0.0.7")
+    assert uploaded and (fetched / "trials.csv").read_text() == "trial_id\n"

@@ -139,7 +139,7 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
             grid = make_tuner(options, space, prepared, model_name, max_concurrent, experiment, about, task,
                               storage, shared, searched).fit()
     if storage:  # the working copy of each trial's reports, which the tables, the report and MLflow read
-        storage.download_trials(options.name, experiment)
+        copy_trial_reports(storage, options, experiment)
     try:
         write_results(grid, options, space, experiment, about, task,
                       {"wall_seconds": round(time.time() - started, 1), "concurrency": max_concurrent})
@@ -221,6 +221,16 @@ def write_results(grid: tune.ResultGrid, options: SearchOptions, space: SearchSp
         raise GalaxyTuneError(f"every trial of {experiment} failed, the first with: {first} "
                               f"(all errors: {experiment}/*/error.txt)")
     print_ranked(trials, options.method, experiment, task)
+
+
+def copy_trial_reports(storage: Storage, options: SearchOptions, experiment: Path) -> None:
+    try:
+        storage.download_trials(options.name, experiment)
+    except OSError as err:
+        raise GalaxyTuneError(f"could not copy the trials' reports from {storage.path(options.name)} "
+                              f"({str(err).splitlines()[0]}): the results are all there; `search {options.method} "
+                              f"--resume --name {options.name} --results-dir {experiment.parent}` copies them "
+                              "again") from None
 
 
 def share_prepared(storage: Storage, prepared: Prepared) -> tuple[Storage, str]:

@@ -1,10 +1,9 @@
 """With `--storage`, the driver's live views go to the object storage beside Ray's experiment as they change:
-trials.csv and best.json each time a trial finishes, optuna.db every STUDY_EVERY_S and at the end. An upload that
-fails is said once; the search goes on, and the end of the search uploads every view again."""
+trials.csv and best.json each time a trial finishes, optuna.db every STUDY_EVERY_S. The first upload that fails is
+said; the search goes on, and its end uploads every view again."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -28,12 +27,7 @@ class UploadViews(tune.Callback):
         return {**self.__dict__, "study_sent": 0.0, "said": False}
 
     def send(self, names: list[str]) -> None:
-        try:
-            self.storage.upload_views(self.experiment, names)
-        except OSError as err:
-            if not self.said:
-                print(f"galaxy_tune: could not upload {', '.join(names)} to {self.storage.uri} ({err}); the search "
-                      "goes on, and uploads them again when it ends", file=sys.stderr)
+        if not self.storage.upload_views(self.experiment, names, say=not self.said):
             self.said = True
 
     def on_trial_complete(self, iteration, trials, trial, **info):
