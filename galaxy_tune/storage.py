@@ -37,6 +37,16 @@ MANIFEST = "manifest.json"  # a shared folder's files, sizes and sha256, written
 CHUNK = 8 << 20
 
 
+def copy_hashed(source, out) -> tuple[int, str]:
+    """Stream `source` into `out` in chunks; the bytes copied and their sha256."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := source.read(CHUNK):
+        digest.update(chunk)
+        out.write(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
 def node_cache() -> Path:
     """This node's cache of shared folders: GALAXY_TUNE_CACHE, or ~/.cache/galaxy_tune."""
     return Path(os.environ.get("GALAXY_TUNE_CACHE") or "~/.cache/galaxy_tune").expanduser()
@@ -91,14 +101,9 @@ class Storage:
             return name, False
         manifest = {}
         for file in files:
-            digest, size = hashlib.sha256(), 0
-            with open(local / file, "rb") as source, \
-                    self.writer(self.path(SHARED, name, file)) as out:
-                while chunk := source.read(CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            manifest[file] = {"size": size, "sha256": digest.hexdigest()}
+            with open(local / file, "rb") as source, self.writer(self.path(SHARED, name, file)) as out:
+                size, sha256 = copy_hashed(source, out)
+            manifest[file] = {"size": size, "sha256": sha256}
         with self.writer(self.path(SHARED, name, MANIFEST)) as out:
             out.write(json.dumps(manifest, indent=1).encode())
         return name, True
@@ -123,15 +128,11 @@ class Storage:
             shutil.rmtree(partial, ignore_errors=True)
             started = time.monotonic()
             for file, expected in manifest.items():
-                digest, size = hashlib.sha256(), 0
                 (partial / file).parent.mkdir(parents=True, exist_ok=True)
                 with self.filesystem.open_input_stream(self.path(SHARED, name, file)) as source, \
                         open(partial / file, "wb") as out:
-                    while chunk := source.read(CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-                        size += len(chunk)
-                if (size, digest.hexdigest()) != (expected["size"], expected["sha256"]):
+                    copied = copy_hashed(source, out)
+                if copied != (expected["size"], expected["sha256"]):
                     shutil.rmtree(partial, ignore_errors=True)
                     raise GalaxyTuneError(f"node {node}: {file} of the shared data {self.path(SHARED, name)} is not "
                                           "what was uploaded (its size or sha256 differs): delete that folder in the "
@@ -143,25 +144,23 @@ class Storage:
                   f"{seconds:.1f} s ({needed / 1e6 / max(seconds, 1e-3):.0f} MB/s)", flush=True)
         return folder
 
-    def download(self, local: Path, *parts: str) -> bool:
-        """Copy root/parts to the local file; False when there is none."""
+    def download(self, local: Path, *parts: str) -> None:
+        """Copy root/parts, if it is there, to the local file."""
         try:
             with self.filesystem.open_input_stream(self.path(*parts)) as source:
                 data = source.read()
-        except FileNotFoundError:
-            return False
+        except FileNotFoundError:  # a trial without errors has no error.txt
+            return
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(data)
-        return True
 
-    def download_trials(self, experiment: str, local: Path) -> int:
-        """Each trial's reports and errors (TRIAL_FILES, not its checkpoints) into local/trial_*; how many trials."""
+    def download_trials(self, experiment: str, local: Path) -> None:
+        """Each trial's reports and errors (TRIAL_FILES, not its checkpoints) into local/trial_*."""
         folders = [i.base_name for i in self.filesystem.get_file_info(pafs.FileSelector(self.path(experiment)))
                    if i.type == pafs.FileType.Directory and i.base_name.startswith("trial_")]
         for folder in folders:
             for name in TRIAL_FILES:
                 self.download(local / folder / name, experiment, folder, name)
-        return len(folders)
 
 
 def object_storage(uri: str) -> Storage:
