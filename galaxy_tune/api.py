@@ -1,7 +1,8 @@
-"""The Python API, for notebooks: `prepare`, `search`, `retrain` and `predict`, one function per CLI command of
-the same name, with the flags as keyword arguments (docs/reference/python-api.md maps the few whose names differ,
-such as --image-size to `image_size_px`). The other commands have their own functions: `demo-data` is
-`galaxy_tune.data.demo.write_demo_data`, `report` is `galaxy_tune.report.write_report`.
+"""The Python API, for notebooks: `prepare`, `search`, `retrain`, `report` and `predict`, one function per CLI
+command of the same name, with the flags as keyword arguments (docs/reference/python-api.md maps the few whose
+names differ, such as --image-size to `image_size_px`). `demo-data` has its own function,
+`galaxy_tune.data.demo.write_demo_data`. `report` is not at the package's top level, where `galaxy_tune.report` is
+the package of report writers (`galaxy_tune.report.write_report` reports one folder).
 
 Settings left as None take the defaults of the dataclasses that hold them (`DataConfig`, `SearchOptions`,
 `run_retrain`), so the CLI and the API share one set of defaults. With no `data_dir`, the built-in demo data
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,9 @@ from .data.demo import DEMO, DEMO_FOLDER, demo_data_dir
 from .data.tasks import DEFAULT_TASK, TASKS, get_task
 from .errors import GalaxyTuneError
 from .tracking import check_experiment, log_retrain, resolve_uri
+
+
+URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # s3://..., gs://..., file:/...: not a local path
 
 
 def given(**settings) -> dict:
@@ -87,9 +92,7 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     """
     if name is not None:
         layout.check_name(name)  # before anything is made or imported, the demo data included
-    if storage is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(results_dir)):
-        raise GalaxyTuneError(f"--results-dir {results_dir} is not a local folder: with --storage {storage}, it is "
-                              "the driver's working copy; give a local folder")
+    check_working_copy(results_dir, storage)
     mlflow = resolve_uri(mlflow)
     auto = resume == "auto"
     if resume and not name:
@@ -98,6 +101,13 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     from .search.run import run_search
 
     experiment = Path(results_dir).resolve() / name if name else None
+    if resume and storage is not None and not (experiment / layout.SEARCH_OPTIONS).is_file():
+        from .storage import object_storage
+
+        stored = object_storage(storage)  # a search started elsewhere: its working copy, made here
+        if stored.exists(name, layout.SEARCH_OPTIONS):
+            stored.pull(name, experiment.parent)
+            print(f"copied the search {name} from {stored.path(name)} to {experiment}, without its checkpoints")
     if auto and not (experiment / layout.SEARCH_OPTIONS).is_file() and experiment.exists():
         raise GalaxyTuneError(f"--resume auto: {experiment} holds no {layout.SEARCH_OPTIONS}: a search is starting "
                               "there, or one was stopped before it began; remove the folder once no search runs there")
@@ -137,6 +147,13 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
     return experiment
 
 
+def check_working_copy(results_dir: Path, storage: str | None) -> None:
+    """With --storage, --results-dir is this machine's working copy: refuse one that is not a local folder."""
+    if storage is not None and URI.match(str(results_dir)):
+        raise GalaxyTuneError(f"--results-dir {results_dir} is not a local folder: with --storage {storage}, it is "
+                              "this machine's working copy; give a local folder")
+
+
 def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Path] | None = None,
             methods: list[str] | None = None, seeds: int | None = None, max_epochs: int | None = None,
             data_dir: Path | None = None, image_size_px: int | None = None, crop_px: int | None = None,
@@ -144,16 +161,19 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Pa
             seed: int | None = None,
             model: str | None = None, device: str | None = None, augment: bool = True,
             top_k: int | None = None, name: str | None = None, resume: bool | str = False,
-            mlflow: str | None = None) -> Path:
+            mlflow: str | None = None, storage: str | None = None) -> Path:
     """Retrain the `top_k` best configs of each method's search with `seeds` seeds, test direct / full / LoRA;
     returns the retrain folder, `results_dir/name` (default: retrain-<time>).
 
     `resume` continues the stopped retrain `name`, skipping its finished runs; `resume="auto"` starts it when it
     does not exist yet. Either way the settings given here must make the plan it started with. `mlflow`: a
     tracking URI, or "" for MLFLOW_TRACKING_URI, that gets the finished retrain's runs (`galaxy_tune.tracking`).
+    `storage`: the URI of searches run with --storage; their files are copied into `results_dir` first, their
+    prepared data into this node's cache, and the finished retrain, models included, goes to the storage too.
     """
     if name is not None:
         layout.check_name(name)
+    check_working_copy(results_dir, storage)
     mlflow = resolve_uri(mlflow)
     if resume and not name:
         raise GalaxyTuneError(f"--resume{' auto' if resume == 'auto' else ''} needs the --name of the retrain to "
@@ -169,10 +189,19 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Pa
         if value is not None and value < 1:
             raise GalaxyTuneError(f"{flag} {value} must be 1 or more")
     device = pick_device(device).type  # an impossible device is refused before any data is prepared
+    stored, copied = None, None
+    if storage is not None:
+        from .storage import object_storage
+
+        stored = object_storage(storage)
+        copied = stored.folders(layout.BEST)
+        for search in copied:  # what retrain reads of a search
+            stored.pull(search, Path(results_dir), only=(layout.SEARCH_OPTIONS, layout.BEST, layout.TRIALS))
+            print(f"{search}: copied from {stored.path(search)}")
     if from_experiments:
         experiments = {read_best(Path(f))["method"]: Path(f) for f in from_experiments}
     else:
-        experiments = latest_searches(results_dir)
+        experiments = latest_searches(results_dir, copied)  # with --storage, among its searches only
     methods = list(methods or ALL_METHODS)
     used = {m: experiments[m] for m in methods if m in experiments}
     # Every method is tested on the searches' data with their backbone (`direct` too), which must agree.
@@ -188,7 +217,8 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Pa
         data = best["data"]
         refuse_other_data(data, searched, data_dir=data_dir, task=task, min_vote=min_vote,
                           image_size_px=image_size_px, crop_px=crop_px, seed=seed)
-        prepared = load_prepared(Path(data["prepared"]), data["image_size_px"], data["crop_px"])
+        prepared = load_prepared(searched_data(stored, next(iter(searched.values())), data), data["image_size_px"],
+                                 data["crop_px"])
         model_name = model or best["model"]
         for method, folder in used.items():
             print(f"{method}: best config of {folder}")
@@ -207,9 +237,25 @@ def retrain(results_dir: Path = layout.RESULTS_DIR, *, from_experiments: list[Pa
     print()
     print(report.read_text())
     print(f"retrain results in {out}")
+    if stored is not None:
+        try:
+            stored.upload_folder(out, out.name)
+            print(f"retrain results, models included, uploaded to {stored.path(out.name)}")
+        except OSError as err:  # the retrain is done: it stays here
+            print(f"galaxy_tune: the retrain was not uploaded to {stored.path(out.name)} "
+                  f"({str(err).splitlines()[0]}): it is all in {out}", file=sys.stderr)
     if mlflow:
         log_retrain(mlflow, out)
     return out
+
+
+def searched_data(stored, experiment: Path, data: dict) -> Path:
+    """The prepared data a search trained on: with --storage, what it shared there, fetched into this node's cache
+    (the driver's folder may be on another machine)."""
+    shared = json.loads((experiment / layout.SEARCH_OPTIONS).read_text()).get("shared") if stored else None
+    if not shared:
+        return Path(data["prepared"])
+    return stored.fetch_prepared(shared, socket.gethostname())
 
 
 DATA_FLAGS = {"data_dir": "--data-dir", "task": "--task", "min_vote": "--min-vote", "image_size_px": "--image-size",
@@ -231,11 +277,56 @@ def refuse_other_data(data: dict, searched: dict[str, Path], **settings) -> None
                 f"{DATA_FLAGS[name]}, or search again with it")
 
 
-def predict(model_dir: Path, images_dir: Path, out_csv: Path | None = None, *, tta: bool = False,
+def report(experiments: list[Path | str] | None = None, *, results_dir: Path = layout.RESULTS_DIR,
+           out: Path | None = None, storage: str | None = None) -> list[Path]:
+    """Rebuild the reports of search and retrain folders (default: all under `results_dir`); returns their
+    report.md files. With `storage`, `experiments` names folders there (default: all of them): each is copied into
+    `results_dir` without its weights, reported, and its report uploaded beside it."""
+    from .report import write_report
+
+    check_working_copy(results_dir, storage)
+    marks = (layout.BEST, layout.RETRAIN)
+    stored = None
+    if storage is not None:
+        from .storage import object_storage
+
+        stored = object_storage(storage)
+        found = stored.folders(*marks)
+        missing = [str(e) for e in experiments or [] if str(e) not in found]
+        if missing:
+            raise GalaxyTuneError(f"{stored.path()} has no search or retrain {', '.join(missing)}: give names of "
+                                  f"folders there ({', '.join(found) or 'it has none'})")
+        folders = [stored.pull(str(e), Path(results_dir)) for e in experiments or found]
+    else:
+        folders = [Path(e) for e in experiments] if experiments else sorted(
+            p.parent for p in Path(results_dir).glob("*/*.json") if p.name in marks)
+    reports = []
+    for folder in folders:
+        reports.append(write_report(folder, Path(out) / folder.name if out else None))
+        if stored is not None:
+            written = reports[-1].parent
+            stored.upload_views(written, [layout.REPORT, layout.EVALUATION, *sorted(
+                p.name for p in written.glob("*.png"))])
+    return reports
+
+
+def predict(model_dir: Path | str, images_dir: Path, out_csv: Path | None = None, *, tta: bool = False,
             image_size_px: int | None = None, crop_px: int | None = None, device: str | None = None) -> pd.DataFrame:
     """GalaxyID and the model's outputs for a folder of galaxy JPEGs; also written to `out_csv` when given
-    (the CLI's --out defaults to predictions.csv)."""
+    (the CLI's --out defaults to predictions.csv). `model_dir` may be in object storage (s3://.../hf, as
+    `retrain --storage` uploads it): it is downloaded to a temporary folder first."""
     from .predict import predict_folder
 
-    return predict_folder(Path(model_dir), Path(images_dir), None if out_csv is None else Path(out_csv), tta=tta,
-                          image_size_px=image_size_px, crop_px=crop_px, device=device)
+    def predict_with(model: Path) -> pd.DataFrame:
+        return predict_folder(model, Path(images_dir), None if out_csv is None else Path(out_csv), tta=tta,
+                              image_size_px=image_size_px, crop_px=crop_px, device=device)
+
+    if not URI.match(str(model_dir)):
+        return predict_with(Path(model_dir))
+    import tempfile
+
+    from .storage import object_storage
+
+    with tempfile.TemporaryDirectory(prefix="galaxy_tune-model-") as local:
+        object_storage(str(model_dir)).download_all(Path(local))
+        return predict_with(Path(local))

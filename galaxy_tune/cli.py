@@ -90,7 +90,7 @@ def cmd_retrain(args) -> None:
                 max_epochs=args.max_epochs, data_dir=args.data_dir, image_size_px=args.image_size, crop_px=args.crop,
                 task=args.task, min_vote=args.min_vote, skip_bad=args.skip_bad, workers=args.workers, seed=args.seed,
                 model=args.model, device=args.device, top_k=args.top_k, augment=not args.no_augment, name=args.name,
-                resume=args.resume, mlflow=args.mlflow)
+                resume=args.resume, mlflow=args.mlflow, storage=args.storage)
 
 
 def cmd_predict(args) -> None:
@@ -105,12 +105,16 @@ def cmd_predict(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import write_report
+    from . import api
 
-    folders = args.experiments or sorted(p.parent for p in Path(args.results_dir).glob("*/*.json")
-                                         if p.name in ("best.json", "retrain.json"))
-    for folder in folders:
-        print(f"wrote {write_report(Path(folder), args.out / Path(folder).name if args.out else None)}")
+    for report in api.report(args.experiments, results_dir=args.results_dir, out=args.out, storage=args.storage):
+        print(f"wrote {report}")
+
+
+def add_storage_flag(p, what: str) -> None:
+    p.add_argument("--storage", metavar="URI", help="object storage, e.g. s3://bucket/prefix or gs://bucket/prefix "
+                   "(an S3-compatible server: add ?endpoint_override=host:9000&scheme=http; credentials from the "
+                   f"environment): {what}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,11 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="train without random flips / 90° rotations")
     mlflow_flag(p, "a parent run for the search, a nested run per trial with each epoch's metrics, kept up to date "
                 "while it runs")
-    p.add_argument("--storage", metavar="URI", help="keep Ray's results (checkpoints, reports, its state) in object "
-                   "storage, e.g. s3://bucket/prefix or gs://bucket/prefix (an S3-compatible server: add "
-                   "?endpoint_override=host:9000&scheme=http); --results-dir keeps the driver's working copy, and "
-                   "trials.csv, best.json, optuna.db and the report are uploaded as they change; credentials come "
-                   "from the environment (default: Ray's results in --results-dir)")
+    add_storage_flag(p, "keep Ray's results (checkpoints, reports, its state) and the prepared data there; "
+                     "--results-dir keeps the driver's working copy, and trials.csv, best.json, optuna.db and the "
+                     "report are uploaded as they change; with --resume, a search found there continues here "
+                     "(default: Ray's results in --results-dir)")
     p.set_defaults(run=cmd_search)
 
     p = commands.add_parser("retrain", help="retrain the top configs of each search and test direct, full and LoRA")
@@ -228,11 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "retrain; an existing --name is refused)")
     mlflow_flag(p, "a parent run for the retrain, a nested run per method, config and seed with its test metrics "
                 "and model, once it ends")
+    add_storage_flag(p, "retrain the searches kept there (copied into --results-dir first; their prepared data "
+                     "into this node's cache), and upload the finished retrain, models included (default: the "
+                     "searches in --results-dir)")
     p.set_defaults(run=cmd_retrain)
 
     p = commands.add_parser("predict", help="classify a folder of galaxy JPEGs with a retrained model (a "
                                  "kaggle-votes model writes a Kaggle submission)")
-    p.add_argument("--model", type=Path, required=True, help="a retrain's <method>-seed<S>/hf folder")
+    p.add_argument("--model", required=True, help="a retrain's <method>-seed<S>/hf folder, here or in object "
+                   "storage (s3://.../hf, downloaded first; credentials from the environment)")
     p.add_argument("--images", type=Path, required=True, help="folder of galaxy JPEGs, e.g. images_test_rev1")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"),
                    help="CSV to write: GalaxyID and one column per output (default: predictions.csv); a folder "
@@ -246,10 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_predict)
 
     p = commands.add_parser("report", help="rebuild reports of search and retrain folders from disk")
-    p.add_argument("experiments", nargs="*", help="experiment folders (default: all under --results-dir)")
+    p.add_argument("experiments", nargs="*", help="experiment folders (default: all under --results-dir); with "
+                   "--storage, names of folders there")
     p.add_argument("--out", type=Path, help="write the reports here, one folder per experiment (default: in each "
                    "experiment folder)")
     results_flag(p)
+    add_storage_flag(p, "report the searches and retrains kept there: copied into --results-dir (without "
+                     "weights), reported, and their reports uploaded (default: --results-dir alone)")
     p.set_defaults(run=cmd_report)
 
     from .cli_bench import add_bench_parser  # here: cli_bench reads this module's constants

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli import DEFAULT_RESULTS, DEVICE_NAMES
+from .cli import DEFAULT_RESULTS, DEVICE_NAMES, add_storage_flag
 
 
 def cmd_bench_loader(args) -> None:
@@ -36,7 +36,7 @@ def cmd_bench_search(args) -> None:
         args.data_dir, args.results_dir, method=args.method, num_samples=args.num_samples,
         max_epochs=args.max_epochs, model=args.model, image_size_px=args.image_size, crop_px=args.crop,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, device=args.device, seed=args.seed,
-        repeats=args.repeats, **({"strategies": args.strategies} if args.strategies else {})))
+        repeats=args.repeats, storage=args.storage, **({"strategies": args.strategies} if args.strategies else {})))
 
 
 def cmd_bench_gpu(args) -> None:
@@ -137,6 +137,8 @@ def add_bench_parser(commands) -> None:
     device(p, "where trials train, as `search`")
     p.add_argument("--seed", type=int, default=0, help="the split's and trials' training seed, and the first "
                    "repeat's sampler seed (default: 0)")
+    add_storage_flag(p, "each search's results and the prepared data, as `search --storage` keeps them, in a "
+                     "folder of the benchmark's name (default: in --results-dir)")
     p.set_defaults(run=cmd_bench_search)
 
     p = kinds.add_parser("gpu", help="check a GPU machine in one go (about 10 min): training speed full and LoRA, "

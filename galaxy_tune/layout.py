@@ -18,6 +18,7 @@ RESULTS_DIR = Path("results")  # the default --results-dir
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # an experiment's --name: one folder name inside it
 # A search experiment, results/<name>/
 SEARCH_OPTIONS = "search.json"  # what the search was asked to do (read back by --resume)
+SPACE = "space.yaml"  # a copy of the space searched (read back by --resume)
 TRIALS = "trials.csv"  # one row per trial
 BEST = "best.json"  # the best trial's config and provenance
 STUDY = "optuna.db"  # the search as an Optuna study, for optuna-dashboard

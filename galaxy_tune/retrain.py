@@ -59,10 +59,12 @@ class Recipe:
         return layout.run_folder(self.method, self.rank)
 
 
-def latest_searches(results_dir: Path) -> dict[str, Path]:
-    """The newest finished search experiment (one with best.json) of each method."""
+def latest_searches(results_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
+    """The newest finished search experiment (one with best.json) of each method, among `names` if given."""
     latest: dict[str, tuple[float, Path]] = {}
     for best in Path(results_dir).glob(f"*/{layout.BEST}"):
+        if names is not None and best.parent.name not in names:
+            continue
         record = json.loads(best.read_text())
         if not finished(record):
             continue

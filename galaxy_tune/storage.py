@@ -10,6 +10,10 @@ answer, a bucket that does not exist and refused credentials.
 The prepared data reaches every node through the storage too: the driver uploads it once (`share_folder`, under
 root/shared/, named by a checksum of what it was made from), and each node downloads it once into its own cache
 (`fetch_folder`, GALAXY_TUNE_CACHE or ~/.cache/galaxy_tune), checked against the sizes and sha256 of the upload.
+
+Any machine with the credentials can go on from the storage alone: `pull` makes a local working copy of a search
+or a retrain without its weights (for `search --resume`, `retrain` and `report`), `upload_folder` sends a
+finished retrain, and `download_all` fetches a model for `predict`.
 """
 
 from __future__ import annotations
@@ -22,18 +26,21 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pyarrow import fs as pafs
 
+from . import layout
 from .errors import GalaxyTuneError
 
 ANSWER_WAIT_S = 3.0  # how long the endpoint has to accept a connection
 TRIAL_FILES = ("result.json", "progress.csv", "params.json", "error.txt")  # a trial's reports and errors, no weights
 SHARED = "shared"  # root/shared/<name>: folders that every node downloads once
 MANIFEST = "manifest.json"  # a shared folder's files, sizes and sha256, written last
+PREPARED = "prepared"  # the node cache's folder of prepared data
 CHUNK = 8 << 20
 
 
@@ -154,13 +161,62 @@ class Storage:
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(data)
 
+    def download_all(self, local: Path) -> None:
+        """Everything under root (e.g. a retrained model's hf/ folder) into the local folder."""
+        if self.filesystem.get_file_info(self.root).type != pafs.FileType.Directory:
+            raise GalaxyTuneError(f"{self.uri}: no folder there: give a retrain's <method>-seed<S>/hf folder in the "
+                                  "storage")
+        pafs.copy_files(self.root, str(local), source_filesystem=self.filesystem)
+
+    def download_folder(self, name: str, local: Path, keep: Callable[[str], bool] = lambda _: True) -> int:
+        """The files under root/name whose path inside it `keep` takes, into the local folder, each with the
+        storage's modification time (what says which search is newest); the number of files copied."""
+        copied, inside = 0, self.path(name) + "/"
+        for info in self.filesystem.get_file_info(pafs.FileSelector(self.path(name), recursive=True,
+                                                                    allow_not_found=True)):
+            relative = info.path.removeprefix(inside)
+            if info.type != pafs.FileType.File or not keep(relative):
+                continue
+            self.download(local / relative, name, relative)
+            if info.mtime is not None:
+                os.utime(local / relative, (info.mtime.timestamp(), info.mtime.timestamp()))
+            copied += 1
+        return copied
+
     def download_trials(self, experiment: str, local: Path) -> None:
         """Each trial's reports and errors (TRIAL_FILES, not its checkpoints) into local/trial_*."""
-        folders = [i.base_name for i in self.filesystem.get_file_info(pafs.FileSelector(self.path(experiment)))
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("trial_")]
-        for folder in folders:
-            for name in TRIAL_FILES:
-                self.download(local / folder / name, experiment, folder, name)
+        self.download_folder(experiment, local, lambda path: path.startswith("trial_") and path.count("/") == 1
+                             and path.rpartition("/")[2] in TRIAL_FILES)
+
+    def pull(self, name: str, local: Path, only: tuple[str, ...] | None = None) -> Path:
+        """A working copy of the folder `name` (a search or a retrain) in `local`/name: its files without the
+        weights (checkpoints and exported models), or `only` the top-level files of these names."""
+        def keep(path: str) -> bool:
+            if only is not None:
+                return path in only
+            return not any(part.startswith("checkpoint_") or part == layout.HF_FOLDER for part in path.split("/"))
+        self.download_folder(name, local / name, keep)
+        return local / name
+
+    def folders(self, *marks: str) -> list[str]:
+        """The folders under root that hold a file of one of these names (a search's best.json, a retrain's
+        retrain.json), the shared data's aside."""
+        found = self.filesystem.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return sorted(i.base_name for i in found if i.type == pafs.FileType.Directory and i.base_name != SHARED
+                      and any(self.exists(i.base_name, mark) for mark in marks))
+
+    def upload_folder(self, local: Path, name: str) -> None:
+        """The local folder, everything in it, to root/name."""
+        pafs.copy_files(str(local), self.path(name), destination_filesystem=self.filesystem)
+
+    def fetch_prepared(self, name: str, node: str) -> Path:
+        """The shared prepared data `name` in this node's cache (see `fetch_folder`)."""
+        return self.fetch_folder(name, node_cache() / PREPARED, node)
+
+def sub_uri(uri: str, *parts: str) -> str:
+    """The URI of a folder inside `uri` (its query, such as an endpoint_override, kept)."""
+    split = urlsplit(uri)
+    return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
 
 
 def object_storage(uri: str) -> Storage:

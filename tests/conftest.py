@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -127,8 +128,8 @@ def s3_server(tmp_path_factory) -> S3Server:
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def s3_uri(endpoint: str, bucket: str = BUCKET) -> str:
-    return f"s3://{bucket}/galaxy-tune?endpoint_override={endpoint}&scheme=http"
+def s3_uri(endpoint: str, bucket: str = BUCKET, prefix: str = "galaxy-tune") -> str:
+    return f"s3://{bucket}/{prefix}?endpoint_override={endpoint}&scheme=http"
 
 
 def s3_requests(server: S3Server, method: str, ending: str) -> int:
@@ -165,12 +166,27 @@ def shell_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
 
 
-def start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`ray start ... --block` in its own process group; returns once the node is up."""
+def hiding(paths: tuple[Path, ...]) -> list[str]:
+    """A command prefix: the command runs in a mount namespace of its own (Linux), with an empty folder over each
+    of `paths`, which it and its processes then cannot see; none when `paths` is empty."""
+    if not paths:
+        return []
+    mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(path))}" for path in paths)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh"]
+
+
+def can_hide(folder: Path) -> bool:
+    """Whether this machine lets a test hide a folder from a process (`hiding`): root, or a user namespace."""
+    return subprocess.run([*hiding((folder,)), "true"], capture_output=True).returncode == 0
+
+
+def start_node(args: list[str], log: Path, env: dict[str, str], hidden: tuple[Path, ...] = ()) -> subprocess.Popen:
+    """`ray start ... --block` in its own process group, its processes blind to `hidden`; returns once the node is
+    up."""
     env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # stop at once (not drain 30 s for a dead GCS)
     with log.open("w") as out:
-        node = subprocess.Popen([RAY, "start", *args, "--block", "--disable-usage-stats"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        node = subprocess.Popen([*hiding(hidden), RAY, "start", *args, "--block", "--disable-usage-stats"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 90
     while READY not in log.read_text():
         if node.poll() is not None or time.monotonic() > deadline:
@@ -354,3 +370,39 @@ def epochs_logged(uri: str, run, metric: str = "val_accuracy") -> list[int]:
     from mlflow import MlflowClient
 
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, metric))
+
+
+A_BIGGER_MACHINE = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16, "GPU": 1})}  # what a Ray started here would see
+
+
+def start_search_args(demo_dir, results_dir, name: str, samples: int) -> list[str]:
+    return ["--data-dir", str(demo_dir), "--results-dir", str(results_dir), "--name", name, "--num-samples",
+            str(samples), "--max-epochs", "3", *TINY_SEARCH]
+
+
+def start_search(ray_local, method: str, name: str, demo_dir, results_dir, samples: int,
+                 ray_env: dict[str, str] | None = None, resume_auto: bool = False, extra: tuple[str, ...] = (),
+                 **popen) -> subprocess.Popen:
+    """`search` as a user starts it, in its own process group, joining the test's Ray.
+
+    Its own Ray would see this machine's CPUs and GPUs; the test's has 2 CPUs and no GPU on any machine. The
+    driver is told it runs on a 16-core machine with a GPU, which must change nothing.
+    """
+    argv = [sys.executable, "-m", "galaxy_tune", "search", method,
+            *start_search_args(demo_dir, results_dir, name, samples),
+            "--address", ray_local.get_runtime_context().gcs_address, *(["--resume", "auto"] if resume_auto else []),
+            *extra]
+    return subprocess.Popen(argv, start_new_session=True, env={**os.environ, **A_BIGGER_MACHINE, **(ray_env or {})},
+                            **popen)
+
+
+def wait_for(predicate, timeout, what, driver: subprocess.Popen):
+    """Until `predicate()` holds; fails at once if the driver ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if driver.poll() is not None:
+            raise AssertionError(f"the search ended (exit {driver.returncode}) before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")

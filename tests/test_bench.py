@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import CROP_PX, IMAGE_SIZE_PX
+from conftest import CROP_PX, IMAGE_SIZE_PX, s3_uri
 
 from galaxy_tune import cli, layout
 from galaxy_tune.bench import bench_loader, bench_search, bench_train, write_json
@@ -24,6 +24,7 @@ from galaxy_tune.bench.searching import STRATEGIES, most_at_once, search_environ
 from galaxy_tune.search.strategy import SAMPLERS, SCHEDULERS
 from galaxy_tune.report.search_curves import best_so_far, epochs_to_reach, median_interval, summarize
 from galaxy_tune.errors import GalaxyTuneError
+from galaxy_tune.storage import object_storage, sub_uri
 from galaxy_tune.train import training_precision
 
 CPU = torch.device("cpu")
@@ -324,16 +325,18 @@ def test_bench_train_on_cuda_uses_bf16_channels_last_and_compile(demo_dir, tmp_p
 EVERY_PART = ["random+fifo", "tpe-independent+asha", "tpe+hyperband"]
 
 
-def test_bench_search_runs_every_strategy_repeatedly_and_summarises_them(ray_local, demo_dir, tmp_path):
+def test_bench_search_runs_every_strategy_repeatedly_and_summarises_them(ray_local, demo_dir, s3_server, tmp_path):
     assert {s.partition("+")[0] for s in EVERY_PART} == set(SAMPLERS)
     assert {s.partition("+")[2] for s in EVERY_PART} == set(SCHEDULERS) and set(EVERY_PART) <= set(STRATEGIES)
+    uri = s3_uri(s3_server.endpoint, prefix="bench")  # each search's results there, as `search --storage` keeps them
     figures = bench_search(demo_dir, tmp_path, model="tiny", num_samples=2, max_epochs=2, repeats=2,
                            image_size_px=IMAGE_SIZE_PX, crop_px=CROP_PX, device="cpu", gpus_per_trial=0,
-                           strategies=EVERY_PART)
+                           strategies=EVERY_PART, storage=uri)
     assert set(figures) == {"benchmark", "settings", "baseline", "target_val_accuracy", "random_trial_epochs",
                             "strategies", "ray_start_seconds", "model_build_seconds", "data_open_seconds",
                             "environment", "figure"}
     settings = figures["settings"]
+    stored = object_storage(settings["storage"])
     assert settings["repeats"] == 2 and settings["strategies"] == EVERY_PART and settings["concurrency"] == 2
     assert settings["device"] == "cpu" and settings["gpus_per_trial"] == 0
     assert list(figures["strategies"]) == EVERY_PART and figures["baseline"] == "random+fifo"
@@ -352,6 +355,9 @@ def test_bench_search_runs_every_strategy_repeatedly_and_summarises_them(ray_loc
             assert run["best_so_far"][-1] == pytest.approx(run["best_val_accuracy"], abs=1e-6)  # trials.csv: 6 digits
             assert run["epochs_to_target"] == epochs_to_reach(run["best_so_far"], figures["target_val_accuracy"])
             searched = json.loads((Path(run["experiment"]) / "search.json").read_text())
+            assert searched["storage"] == sub_uri(uri, Path(settings["experiments"]).name) == settings["storage"]
+            with stored.filesystem.open_input_stream(stored.path(Path(run["experiment"]).name, "trials.csv")) as up:
+                assert up.read() == (Path(run["experiment"]) / "trials.csv").read_bytes()
             assert (searched["sampler"], searched["scheduler"], searched["concurrency"]) == (sampler, scheduler, 2)
             assert searched["constant_liar"] is (sampler == "tpe")
             if scheduler == "fifo":

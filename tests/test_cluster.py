@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,7 +21,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import RAY, free_port, s3_requests, s3_uri, shell_environment, start_node, stop_nodes
+from conftest import RAY, can_hide, free_port, s3_requests, s3_uri, shell_environment, start_node, stop_nodes
 from galaxy_tune.search.cluster import check_cluster
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.layout import trial_reports
@@ -46,18 +47,23 @@ def wait_for_nodes(address: str, count: int, env: dict[str, str]) -> None:
 
 class Cluster(NamedTuple):
     address: str  # the head's
-    worker: subprocess.Popen  # the worker node's blocking `ray start`
+    nodes: dict[str, subprocess.Popen]  # each node's blocking `ray start`: head, worker
     caches: dict[str, Path]  # each node's cache (GALAXY_TUNE_CACHE) of data shared through object storage
+    hidden: tuple[Path, ...]  # what the nodes cannot see: this test session's folders (its data, its results)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Head and worker as the README starts them, on their own ports and temp dir."""
+    """Head and worker as the README starts them, on their own ports and temp dir. Where the machine allows it,
+    neither node sees this test session's folders, where the drivers keep their data and results: as on machines
+    that share no path."""
     logs = tmp_path_factory.mktemp("ray-logs")
     temp_dir = tempfile.mkdtemp(prefix="gt-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     env = shell_environment()
-    caches = {node: tmp_path_factory.mktemp(f"{node}-cache") for node in ("head", "worker")}
+    caches = {node: Path(temp_dir, f"{node}-cache") for node in ("head", "worker")}
+    session = tmp_path_factory.getbasetemp()
+    hidden = (session,) if can_hide(session) else ()
     # The head declares a node dead after 2 missed health checks 0.5 s apart (Ray's default: 5, 3 s apart).
     head = start_node(["--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
                        "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
@@ -65,16 +71,16 @@ def cluster(tmp_path_factory):
                       logs / "head.log", {**env, "GALAXY_TUNE_CACHE": str(caches["head"]),
                                           "RAY_health_check_period_ms": "500",
                                           "RAY_health_check_timeout_ms": "500",
-                                          "RAY_health_check_failure_threshold": "2"})
+                                          "RAY_health_check_failure_threshold": "2"}, hidden)
     nodes = [head]
     try:
         # The worker as the README starts it: Ray 2.60's `ray start --address` does not turn token mode on.
         nodes.append(start_node(["--address", f"127.0.0.1:{port}", "--num-cpus", "1",
                                  "--dashboard-agent-listen-port", str(free_port())],
                                 logs / "worker.log", {**env, "RAY_AUTH_MODE": "token",
-                                                      "GALAXY_TUNE_CACHE": str(caches["worker"])}))
+                                                      "GALAXY_TUNE_CACHE": str(caches["worker"])}, hidden))
         wait_for_nodes(f"127.0.0.1:{port}", 2, env)
-        yield Cluster(f"127.0.0.1:{port}", nodes[1], caches)
+        yield Cluster(f"127.0.0.1:{port}", dict(zip(("head", "worker"), nodes)), caches, hidden)
     finally:
         stop_nodes(*nodes)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -122,6 +128,13 @@ def lose_node(node: subprocess.Popen) -> None:
 
 def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(cluster, demo_dir, s3_server, tmp_path):
     experiment = tmp_path / "results" / "cluster"
+    if cluster.hidden:  # each node sees an empty folder where the data and the results are (its mount namespace's)
+        for node in cluster.nodes.values():
+            assert not Path(f"/proc/{node.pid}/root", *demo_dir.parts[1:]).exists() and demo_dir.is_dir()
+            assert not Path(f"/proc/{node.pid}/root", *tmp_path.parts[1:]).exists() and tmp_path.is_dir()
+    else:
+        warnings.warn("this machine does not let a test hide folders from a process (`unshare --mount`): the nodes "
+                      "see the driver's data, which the trials must not read")
     # Trials that outlast a worker's start (the tiny ResNet at 256 px, 6 epochs of a second or two): a pending trial
     # goes to the first free worker, and short ones would all reuse the head's while the other node's worker is
     # still importing torch. Both run at once, one per node (each node has one CPU). Each checkpoints every epoch
@@ -138,7 +151,7 @@ def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(clu
         while reported_trials() < 2:
             assert driver.poll() is None and time.monotonic() < deadline, "the two trials did not report an epoch"
             time.sleep(0.2)
-        lose_node(cluster.worker)
+        lose_node(cluster.nodes["worker"])
         out, err = driver.communicate(timeout=600)
     finally:
         if driver.poll() is None:

@@ -18,7 +18,8 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 
-from conftest import CROP_PX, IMAGE_SIZE_PX, TINY_SEARCH, epochs_logged, mlflow_search
+from conftest import (CROP_PX, IMAGE_SIZE_PX, epochs_logged, mlflow_search, start_search, start_search_args,
+                      wait_for)
 from galaxy_tune.cli import main
 from galaxy_tune.search.faults import RAY_STATE, STOP_MARKER, KeepReportsOnRetry
 from galaxy_tune.search.trainable import train_trial
@@ -26,7 +27,6 @@ from galaxy_tune.train import TrainConfig
 
 SAMPLES = 16  # far more than finish before the first does: the kill lands mid-search, after Ray saved its state
 STOPPED_SAMPLES = 24  # stopped three times, each once one more trial has finished: trials to spare
-A_BIGGER_MACHINE = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16, "GPU": 1})}  # what a Ray started here would see
 
 
 # The trial of each case, run in one Tuner: one that never fails (what a resumed trial must reproduce), and two
@@ -90,39 +90,6 @@ def test_a_trial_that_crashes_in_epoch_2_resumes_from_its_latest_checkpoint(case
         assert history[column].tolist() == pytest.approx(expected[column].tolist(), rel=1e-5)
 
 
-def start_search_args(demo_dir, results_dir, name: str, samples: int) -> list[str]:
-    return ["--data-dir", str(demo_dir), "--results-dir", str(results_dir), "--name", name, "--num-samples",
-            str(samples), "--max-epochs", "3", *TINY_SEARCH]
-
-
-def start_search(ray_local, method: str, name: str, demo_dir, results_dir, samples: int = SAMPLES,
-                 ray_env: dict[str, str] | None = None, resume_auto: bool = False, extra: tuple[str, ...] = (),
-                 **popen) -> subprocess.Popen:
-    """`search` as a user starts it, in its own process group, joining the test's Ray.
-
-    Its own Ray would see this machine's CPUs and GPUs; the test's has 2 CPUs and no GPU on any machine. The
-    driver is told it runs on a 16-core machine with a GPU, which must change nothing.
-    """
-    argv = [sys.executable, "-m", "galaxy_tune", "search", method,
-            *start_search_args(demo_dir, results_dir, name, samples),
-            "--address", ray_local.get_runtime_context().gcs_address, *(["--resume", "auto"] if resume_auto else []),
-            *extra]
-    return subprocess.Popen(argv, start_new_session=True, env={**os.environ, **A_BIGGER_MACHINE, **(ray_env or {})},
-                            **popen)
-
-
-def wait_for(predicate, timeout, what, driver: subprocess.Popen):
-    """Until `predicate()` holds; fails at once if the driver ends first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if driver.poll() is not None:
-            raise AssertionError(f"the search ended (exit {driver.returncode}) before {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def live_statuses(experiment) -> set[str]:
     """The trial statuses in the trials.csv a running search keeps up to date (replaced atomically)."""
     table = experiment / "trials.csv"
@@ -154,7 +121,8 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
     experiment = tmp_path / "killed"
     # Ray saves its experiment state, and copies its trials' result.json files, into the experiment folder every
     # second (by default every 10 s or more): the kill lands soon after the first trial ends, on a busy machine too.
-    driver = start_search(ray_local, "lora", "killed", demo_dir, tmp_path, ray_env={"TUNE_GLOBAL_CHECKPOINT_S": "1"},
+    driver = start_search(ray_local, "lora", "killed", demo_dir, tmp_path, SAMPLES,
+                          ray_env={"TUNE_GLOBAL_CHECKPOINT_S": "1"},
                           extra=("--mlflow", mlflow_server), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # A trial is finished for a resume once Ray has saved an experiment state that records its end. The live

@@ -3,62 +3,133 @@ session's `s3_server`)."""
 
 import json
 import os
+import pickle
+import shutil
+import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 from pyarrow import fs
 
-from conftest import BUCKET, TINY_SEARCH, free_port, s3_requests, s3_uri, start_s3
+from conftest import BUCKET, TINY_SEARCH, S3Server, free_port, s3_requests, s3_uri, start_s3, start_search, wait_for
 from galaxy_tune.cli import main
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.storage import object_storage
+from galaxy_tune.search.faults import STOP_MARKER, StopMark
+from galaxy_tune.search.uploads import UploadViews
+from galaxy_tune.storage import object_storage, sub_uri
 
-def test_a_search_keeps_rays_results_in_the_bucket_and_a_working_copy_here(ray_local, demo_dir, s3_server, tmp_path,
-                                                                          capsys):
-    uri, local = s3_uri(s3_server.endpoint), tmp_path / "local"
-    argv = ["search", "lora", "--results-dir", str(local), "--name", "stored", "--storage", uri]
-    assert main([*argv, "--data-dir", str(demo_dir), "--num-samples", "3", "--checkpoint-every", "0", *TINY_SEARCH,
-                 "--max-epochs", "3"]) == 0
-    storage, experiment = object_storage(uri), local / "stored"
-    # The prepared data: uploaded once, and downloaded once into this node's cache, where every trial read it.
-    [shared] = [line.split()[-1] for line in capsys.readouterr().out.splitlines()
-                if line.startswith("prepared data uploaded to ")]
-    assert s3_requests(s3_server, "GET", f"{shared.rpartition('/')[2]}/manifest.json") == 1
-    cached = Path(os.environ["GALAXY_TUNE_CACHE"]) / "prepared" / shared.rpartition("/")[2]
-    assert (cached / "manifest.json").is_file()
-    root = storage.path("stored")
-    stored = {i.path.removeprefix(root + "/") for i in storage.filesystem.get_file_info(fs.FileSelector(root,
-                                                                                                       recursive=True))
-              if i.type == fs.FileType.File}
-    # Ray's: its state, and each trial's reports and checkpoints, pruned to its best and latest.
-    assert any(p.startswith("experiment_state-") for p in stored) and "tuner.pkl" in stored
+KILLED_SAMPLES = 6  # the kill lands after the first trial ends, with trials left to run
+
+
+def stored_files(storage, name: str) -> set[str]:
+    root = storage.path(name)
+    return {i.path.removeprefix(root + "/") for i in storage.filesystem.get_file_info(fs.FileSelector(
+        root, recursive=True)) if i.type == fs.FileType.File}
+
+
+def stored_table(storage, name: str) -> pd.DataFrame | None:
+    try:
+        with storage.filesystem.open_input_stream(storage.path(name, "trials.csv")) as source:
+            return pd.read_csv(source, dtype={"trial_id": str})
+    except FileNotFoundError:
+        return None
+
+
+def test_a_search_killed_on_one_machine_continues_retrains_reports_and_predicts_on_others_from_the_bucket_alone(
+        ray_local, demo_dir, s3_server, tmp_path, monkeypatch):
+    """Each command runs from an empty --results-dir of its own, as on another machine; the driver's data is
+    never given again after the first start."""
+    uri = s3_uri(s3_server.endpoint, prefix="elsewhere")
+    storage, node_cache = object_storage(uri), Path(os.environ["GALAXY_TUNE_CACHE"])
+    shutil.rmtree(node_cache / "prepared", ignore_errors=True)  # another test's search may have fetched the data
+    # Ray copies its experiment state to the bucket every second here (by default every 10 s or more).
+    driver = start_search(ray_local, "lora", "killed", demo_dir, tmp_path / "first", KILLED_SAMPLES,
+                          ray_env={"TUNE_GLOBAL_CHECKPOINT_S": "1"},
+                          extra=("--storage", uri, "--checkpoint-every", "0"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # The bucket's trials.csv is uploaded as each trial ends; the kill lands once Ray's state there has
+        # recorded that end.
+        wait_for(lambda: (t := stored_table(storage, "killed")) is not None and (t["status"] == "COMPLETED").any(),
+                 240, "a completed trial in the bucket's trials.csv", driver)
+        recorded = time.time()
+        ended = stored_table(storage, "killed")
+        wait_for(lambda: any(i.mtime.timestamp() > recorded + 1 for i in storage.filesystem.get_file_info(
+            fs.FileSelector(storage.path("killed"))) if i.base_name.startswith("experiment_state-")), 120,
+                 "an experiment state uploaded after that", driver)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    before = dict(zip(ended.loc[ended["status"] == "COMPLETED", "trial_id"],
+                      ended.loc[ended["status"] == "COMPLETED", "epochs"]))
+    with storage.filesystem.open_input_stream(storage.path("killed", "search.json")) as searched:
+        shared = json.loads(searched.read())["shared"]
+    assert len(before) < KILLED_SAMPLES  # the kill left trials to run
+    manifest = f"elsewhere/shared/{shared}/manifest.json"
+    assert s3_requests(s3_server, "GET", manifest) == 1  # the node's trials fetched the data once
+
+    # Another machine: its own cache, an empty --results-dir, no --data-dir.
+    monkeypatch.setenv("GALAXY_TUNE_CACHE", str(tmp_path / "second-cache"))
+    second = tmp_path / "second"
+    assert main(["search", "lora", "--resume", "--name", "killed", "--results-dir", str(second), "--storage",
+                 uri]) == 0
+    assert s3_requests(s3_server, "GET", manifest) == 2  # and this driver once, into its own cache
+    experiment = second / "killed"
     trials = pd.read_csv(experiment / "trials.csv", dtype={"trial_id": str})
-    assert len(trials) == 3
+    assert len(trials) == KILLED_SAMPLES and trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"COMPLETED", "STOPPED"}
+    for trial, epochs in before.items():  # finished before the kill: kept, and not run again
+        assert trials.set_index("trial_id").loc[trial, "epochs"] == epochs
+        assert len((experiment / f"trial_{trial}" / "result.json").read_text().splitlines()) == epochs
+    # Every trial trained from its node's copy of the shared data, never from the first driver's folder.
     for trial, epochs in zip(trials["trial_id"], trials["epochs"]):
-        assert f"trial_{trial}/result.json" in stored
+        reports = (experiment / f"trial_{trial}" / "result.json").read_text().splitlines()
+        assert {json.loads(r)["prepared"] for r in reports} == {str(node_cache / "prepared" / shared)}
+    # The bucket: Ray's state, each trial's checkpoints pruned to its best and latest; none in the working copy.
+    stored = stored_files(storage, "killed")
+    assert any(p.startswith("experiment_state-") for p in stored) and "tuner.pkl" in stored
+    for trial, epochs in zip(trials["trial_id"], trials["epochs"]):
         kept = {p.split("/")[1] for p in stored if p.startswith(f"trial_{trial}/checkpoint_")}
         assert 1 <= len(kept) <= 2 and f"checkpoint_{epochs - 1:06d}" in kept, (trial, epochs, kept)
-        # The working copy: the trial's reports, not its checkpoints.
-        reports = (experiment / f"trial_{trial}" / "result.json").read_text().splitlines()
-        assert len(reports) == epochs and {json.loads(r)["prepared"] for r in reports} == {str(cached)}
-    assert (trials["epochs"] == 3).any() and not list(experiment.glob("trial_*/checkpoint_*"))
-    # galaxy_tune's own files, uploaded beside Ray's as they are here.
-    for name in ("search.json", "trials.csv", "best.json", "optuna.db", "report.md", "val_curves.png",
-                 "best_vs_time.png"):
-        with storage.filesystem.open_input_stream(f"{root}/{name}") as uploaded:
+    assert not list(experiment.glob("trial_*/checkpoint_*"))
+    # galaxy_tune's files in the bucket are the working copy's, and agree with each other.
+    for name in ("search.json", "space.yaml", "trials.csv", "best.json", "optuna.db", "report.md", "val_curves.png"):
+        with storage.filesystem.open_input_stream(storage.path("killed", name)) as uploaded:
             assert uploaded.read() == (experiment / name).read_bytes(), name
-    assert json.loads((experiment / "search.json").read_text())["storage"] == uri
     assert "not drawn: no result.json" not in (experiment / "report.md").read_text()  # read in the working copy
-    # --resume finds Ray's state in the bucket: the search had ended, so it runs no trial and keeps every one.
-    assert main([*argv[:-2], "--resume"]) == 0
-    assert f"prepared data already in {shared}" in capsys.readouterr().out  # a second search uploads nothing
-    resumed = pd.read_csv(experiment / "trials.csv", dtype={"trial_id": str})
-    # The same rows and columns; their order follows Ray's trial order, which a restore may change.
-    pd.testing.assert_frame_equal(*(t.sort_values("trial_id", ignore_index=True) for t in (resumed, trials)),
-                                  check_like=True)
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(trials["trial_id"])
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["complete"] is True and best["val_accuracy"] == trials["best_val_accuracy"].max()
+    assert best["trial_id"] in set(trials.loc[trials["best_val_accuracy"] == best["val_accuracy"], "trial_id"])
+
+    # A third machine retrains the bucket's search: the models and the report go to the bucket too.
+    third = tmp_path / "third"
+    assert main(["retrain", "--storage", uri, "--results-dir", str(third), "--name", "retrained", "--methods",
+                 "lora", "--seeds", "1", "--top-k", "1", "--max-epochs", "1"]) == 0
+    assert sorted(p.name for p in (third / "killed").iterdir()) == ["best.json", "search.json", "trials.csv"]
+    retrained = stored_files(storage, "retrained")
+    assert {"retrain.json", "test_results.csv", "report.md", "lora-seed0/hf/galaxy_tune.json"} <= retrained
+    assert json.loads((third / "retrained" / "retrain.json").read_text())["data"]["prepared"] == str(
+        tmp_path / "second-cache" / "prepared" / shared)
+    # A fourth reports both from the bucket, without their weights, and uploads the reports.
+    fourth = tmp_path / "fourth"
+    assert main(["report", "--storage", uri, "--results-dir", str(fourth)]) == 0
+    assert sorted(p.name for p in fourth.iterdir()) == ["killed", "retrained"]
+    assert not list(fourth.glob("**/checkpoint_*")) and not list(fourth.glob("**/hf"))
+    for name in ("killed/report.md", "retrained/report.md", "retrained/test_evaluation.csv"):
+        with storage.filesystem.open_input_stream(storage.path(name)) as uploaded:
+            assert uploaded.read() == (fourth / name).read_bytes(), name
+    # And a fifth predicts with the retrained model, downloaded from the bucket.
+    out = tmp_path / "fifth" / "predictions.csv"
+    assert main(["predict", "--model", sub_uri(uri, "retrained", "lora-seed0", "hf"), "--images",
+                 str(demo_dir / "images_training_rev1"), "--out", str(out)]) == 0
+    assert len(pd.read_csv(out)) == len(list((demo_dir / "images_training_rev1").glob("*.jpg")))
 
 
 def refused_in_one_line(argv: list[str], results, capsys) -> str:
@@ -84,6 +155,15 @@ def test_storage_that_cannot_be_used_is_refused_before_anything_starts(demo_dir,
     assert "--storage nosuch://bucket/x: " in error and "give a URI such as s3://bucket/prefix" in error
     assert main([*search, "--storage", s3_uri(s3_server.endpoint), "--results-dir", f"s3://{BUCKET}/x"]) == 2
     assert "is not a local folder: with --storage" in capsys.readouterr().err
+    # retrain, report and predict refuse alike, before anything is made.
+    error = refused_in_one_line(["retrain", "--storage", s3_uri(s3_server.endpoint, "missing")], results, capsys)
+    assert "the bucket missing does not exist" in error
+    error = refused_in_one_line(["report", "nosuch", "--storage", s3_uri(s3_server.endpoint, prefix="empty")],
+                                results, capsys)
+    assert f"{BUCKET}/empty has no search or retrain nosuch: give names of folders there (it has none)" in error
+    assert main(["predict", "--model", s3_uri(s3_server.endpoint, prefix="nosuch/hf"), "--images", str(demo_dir),
+                 "--out", str(results / "p.csv")]) == 2
+    assert "no folder there: give a retrain's <method>-seed<S>/hf folder" in capsys.readouterr().err
 
 
 def test_credentials_the_server_refuses_are_refused_naming_the_variables(tmp_path, s3_server):
@@ -96,6 +176,31 @@ def test_credentials_the_server_refuses_are_refused_naming_the_variables(tmp_pat
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_storage_lost_mid_search_is_said_once_and_the_search_goes_on(tmp_path, s3_server, capsys):
+    """The live uploads' callback, as Ray calls it, before and after its S3 server goes away."""
+    import boto3
+
+    server, endpoint = start_s3(tmp_path / "moto.log")
+    try:
+        boto3.client("s3", endpoint_url=f"http://{endpoint}").create_bucket(Bucket=BUCKET)
+        experiment = tmp_path / "lost"
+        experiment.mkdir()
+        (experiment / "trials.csv").write_text("trial_id\n1\n")
+        (experiment / "optuna.db").write_bytes(b"study")
+        uploads = UploadViews(object_storage(s3_uri(endpoint)), experiment)
+        uploads.on_trial_complete(0, [], None)
+        assert s3_requests(S3Server(endpoint, tmp_path / "moto.log"), "PUT", "lost/trials.csv") == 1
+    finally:
+        server.kill()
+        server.wait()
+    for _ in range(2):
+        uploads.on_trial_complete(1, [], None)
+        uploads.on_trial_error(2, [], None)
+        uploads.on_step_end(3, [])
+    error = capsys.readouterr().err
+    assert error.count("could not upload") == 1 and "galaxy-tune/lost" in error, error
 
 
 def test_a_node_fetches_a_shared_folder_once_and_refuses_a_damaged_or_too_large_one(s3_server, tmp_path):
@@ -120,6 +225,14 @@ def test_a_node_fetches_a_shared_folder_once_and_refuses_a_damaged_or_too_large_
                                               "was uploaded"):
         storage.fetch_folder(name, tmp_path / "other-node", "10.0.0.7")
     assert [p.name for p in (tmp_path / "other-node").iterdir()] == [f"{name}.lock"]
+    # A search's stop mark (SIGTERM: checkpoint at the epoch's end) is an object there, which every node sees.
+    mark = StopMark(storage.path("marked", STOP_MARKER), storage.filesystem)
+    assert not mark.is_set()
+    mark.set()
+    assert mark.is_set() and pickle.loads(pickle.dumps(mark)).is_set()  # as Ray hands it to a trial
+    mark.clear()
+    mark.clear()  # once the search ends too
+    assert not mark.is_set()
     # More than the node's disk holds.
     with storage.filesystem.open_output_stream(storage.path("shared", "huge", "manifest.json")) as out:
         out.write(json.dumps({"cache/pixels.npy": {"size": 10**18, "sha256": "0"}}).encode())

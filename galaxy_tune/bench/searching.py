@@ -26,6 +26,7 @@ from ..report.search_curves import (BENCH_FILE, best_so_far, epochs_to_reach, fm
                                     plot_search_benchmark, summarize)
 from ..search.options import SearchOptions
 from ..search.run import run_search
+from ..storage import object_storage, sub_uri
 from ..search.strategy import SAMPLERS, SCHEDULERS
 from ..train import TrainConfig, make_model
 
@@ -37,12 +38,13 @@ def bench_search(data_dir: Path | None = None, results_dir: Path = Path("results
                  num_samples: int = 12, max_epochs: int = 6, model: str = "tiny", image_size_px: int = 64,
                  crop_px: int | None = 256, cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None,
                  device: str = "auto", seed: int = 0, repeats: int = 3,
-                 strategies: tuple[str, ...] | list[str] = STRATEGIES) -> dict:
+                 strategies: tuple[str, ...] | list[str] = STRATEGIES, storage: str | None = None) -> dict:
     """Run each strategy `repeats` times (sampler seeds seed, seed + 1, ...; the same split, training seed and
     budget), the strategies taking turns within each repeat; returns and writes (search_bench.json and .png in
     the benchmark's folder) the summary: per strategy the mean best so far against trial-epochs and wall time with
     95 % bands, and the trial-epochs to reach random search's mean best - 1 point (median, bootstrap interval).
-    `device` and `gpus_per_trial` are `search`'s.
+    `device`, `gpus_per_trial` and `storage` are `search`'s; with `storage`, each search goes to a folder of the
+    benchmark's name there.
     """
     strategies = list(strategies)
     unknown = [s for s in strategies if s.partition("+")[0] not in SAMPLERS or s.partition("+")[2] not in SCHEDULERS]
@@ -55,6 +57,9 @@ def bench_search(data_dir: Path | None = None, results_dir: Path = Path("results
     results_dir = Path(results_dir)
     data_dir = resolve_data_dir(data_dir, results_dir)
     folder = bench_dir(results_dir) / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
+    if storage is not None:
+        object_storage(storage)  # checked before Ray starts
+        storage = sub_uri(storage, folder.name)
     started_ray = not ray.is_initialized()
     started = time.perf_counter()
     start_ray(None)
@@ -68,7 +73,8 @@ def bench_search(data_dir: Path | None = None, results_dir: Path = Path("results
                     method, DataConfig(data_dir, image_size_px=image_size_px, crop_px=crop_px, seed=seed),
                     results_dir=folder, name=f"{name}-r{repeat}", num_samples=num_samples, max_epochs=max_epochs,
                     model=model, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                    device=device or "auto", sampler=sampler, scheduler=scheduler, sampler_seed=seed + repeat)
+                    device=device or "auto", sampler=sampler, scheduler=scheduler, sampler_seed=seed + repeat,
+                    storage=storage)
                 runs[name].append(search_run(run_search(options), seed + repeat))
     finally:
         if started_ray:
@@ -95,7 +101,8 @@ def bench_search(data_dir: Path | None = None, results_dir: Path = Path("results
                      "image_size_px": image_size_px, "crop_px": crop_px, "cpus_per_trial": cpus_per_trial,
                      "gpus_per_trial": searched["gpus_per_trial"], "concurrency": searched["concurrency"],
                      "device": device or "auto", "seed": seed, "repeats": repeats, "strategies": strategies,
-                     "data_dir": str(data_dir), "prepared": searched["prepared"], "experiments": str(folder)},
+                     "data_dir": str(data_dir), "prepared": searched["prepared"], "experiments": str(folder),
+                     "storage": storage},
         "baseline": BASELINE, "target_val_accuracy": target, "random_trial_epochs": budget,
         "strategies": {name: {"sampler": name.partition("+")[0], "scheduler": name.partition("+")[2],
                               "about": describe(name), "summary": summarize(runs[name], target, budget),

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -29,8 +31,28 @@ from ..errors import GalaxyTuneError
 from ..signals import STOP_SIGNALS
 
 STOP_GRACE_S = 60.0  # how long running trials get to reach their epoch's end and checkpoint after a stop signal
-STOP_MARKER = ".stop-requested"  # in the experiment folder while trials are asked to checkpoint at their epoch's end
+# In the experiment folder (or beside it in the storage) while trials are asked to checkpoint at their epoch's end
+STOP_MARKER = ".stop-requested"
 RAY_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")  # the newest is read
+
+
+@dataclass(frozen=True)
+class StopMark:
+    """The search's "checkpoint at your epoch's end": a file in the experiment folder, or with --storage an object
+    beside Ray's in the storage, which every node sees (they may share no folder with the driver)."""
+
+    path: str
+    filesystem: pyarrow.fs.FileSystem = field(default_factory=pyarrow.fs.LocalFileSystem)
+
+    def set(self) -> None:
+        self.filesystem.open_output_stream(self.path).close()
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.filesystem.delete_file(self.path)
+
+    def is_set(self) -> bool:
+        return self.filesystem.get_file_info(self.path).type != pyarrow.fs.FileType.NotFound
 
 
 class GracefulStop(tune.Callback):
@@ -39,8 +61,8 @@ class GracefulStop(tune.Callback):
     After STOP_GRACE_S the search stops with the checkpoints it has. A second signal stops it at once (Ray's
     stop); a third raises KeyboardInterrupt. Ctrl-C stays Ray's: an immediate stop."""
 
-    def __init__(self, experiment: Path):
-        self.marker = Path(experiment) / STOP_MARKER
+    def __init__(self, marker: StopMark):
+        self.marker = marker
         self.stops = 0  # signals taken, and the stop at the grace's end
         self.deadline = 0.0
         self.waiting: set[str] | None = None
@@ -50,7 +72,7 @@ class GracefulStop(tune.Callback):
         return {**self.__dict__, "stops": 0, "waiting": None, "ray_stop": None}
 
     def setup(self, **info):
-        self.marker.unlink(missing_ok=True)
+        self.marker.clear()
         if threading.current_thread() is not threading.main_thread():
             return
         self.ray_stop = signal.getsignal(signal.SIGUSR1)  # Ray Tune's, installed as its run began
@@ -64,13 +86,13 @@ class GracefulStop(tune.Callback):
         if self.stops == 2:
             self.stop_now()
             return
-        self.marker.touch()
+        self.marker.set()
         self.deadline = time.monotonic() + STOP_GRACE_S
         print(f"{signal.Signals(signum).name}: each running trial checkpoints at the end of its epoch (at most "
               f"{STOP_GRACE_S:.0f} s), then the search stops; send it again to stop at once", file=sys.stderr)
 
     def stop_now(self):
-        self.marker.unlink(missing_ok=True)
+        self.marker.clear()
         self.ray_stop(signal.SIGUSR1, None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -80,7 +102,7 @@ class GracefulStop(tune.Callback):
     on_trial_error = on_checkpoint = on_trial_complete  # a trial that ended or checkpointed is no longer waited for
 
     def on_experiment_end(self, trials, **info):  # also after a Ctrl-C that came during the grace
-        self.marker.unlink(missing_ok=True)
+        self.marker.clear()
 
     def on_step_end(self, iteration, trials, **info):
         if self.stops != 1:

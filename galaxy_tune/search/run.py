@@ -30,16 +30,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from .. import layout
 from .cluster import check_resources, start_ray
-from ..data.prepare import Prepared, data_summary, prepare, prepared_folder
+from ..data.prepare import Prepared, data_summary, load_prepared, prepare, prepared_folder
 from ..errors import GalaxyTuneError, Stopped
 from ..models.choices import RANDOM_BACKBONES, describe_weights, is_timm
-from .faults import (STOP_MARKER, GracefulStop, KeepReportsOnRetry, PruneCheckpoints, SayRetries, check_ray_state,
-                     prune_checkpoints, retried)
+from .faults import (STOP_MARKER, GracefulStop, KeepReportsOnRetry, PruneCheckpoints, SayRetries, StopMark,
+                     check_ray_state, prune_checkpoints, retried)
 from .options import SearchOptions, saved_options
 from .monitor import finish_study, study_trial, trial_row, watchers, write_tables
 from ..provenance import library_versions
@@ -104,7 +105,10 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
                  **dict(task.fixed)}
     if options.max_epochs is not None:
         overrides["epochs"] = options.max_epochs
-    space_file = options.space or default_space_path(options.method)
+    # A resumed search searches the copy it made of its space: the file may have changed, or be on another machine.
+    saved_space = experiment / layout.SPACE
+    space_file = saved_space if options.resume and saved_space.is_file() else \
+        options.space or default_space_path(options.method)
     space = load_space(space_file, overrides)
 
     # Resources first: a request no node can satisfy is refused before minutes go into caching pixels.
@@ -113,8 +117,14 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
                                                      options.max_concurrent)
     options = dataclasses.replace(options, gpus_per_trial=gpus_per_trial)
     chosen = check_backbones(space, options.method, space_file, options.model)
-    prepared = prepare(options.data, prepared_folder(results_dir, options.data))
-    shared = share_prepared(storage, prepared) if storage else None
+    stored = json.loads((experiment / layout.SEARCH_OPTIONS).read_text()).get("shared") if options.resume else None
+    if storage and stored:  # resumed, here or on another machine: the data it searched, from the storage
+        shared = storage, stored
+        prepared = load_prepared(storage.fetch_prepared(stored, ray.util.get_node_ip_address()),
+                                 options.data.image_size_px, options.data.crop_px)
+    else:
+        prepared = prepare(options.data, prepared_folder(results_dir, options.data))
+        shared = share_prepared(storage, prepared) if storage else None
     if chosen and options.model is None:  # each trial's config names its backbone, loaded above
         model_name = chosen[0]
     else:
@@ -123,11 +133,13 @@ def search_in(experiment: Path, options: SearchOptions) -> Path:
     if not options.resume:
         # The resolved model is saved as the explicit one: a resumed search never falls back to other weights.
         searched = {**asdict(options), "model": model_name, "prepared": str(prepared.folder),
-                    "concurrency": max_concurrent, "constant_liar": uses_constant_liar(options, max_concurrent),
+                    "shared": shared and shared[1], "concurrency": max_concurrent,
+                    "constant_liar": uses_constant_liar(options, max_concurrent),
                     "mlflow_search_id": uuid.uuid4().hex if options.mlflow else None}  # its MLflow run's tag
         (experiment / layout.SEARCH_OPTIONS).write_text(json.dumps(searched, indent=2, default=str))
+        saved_space.write_text(space.source)
     if storage:
-        storage.upload_views(experiment, [layout.SEARCH_OPTIONS])
+        storage.upload_views(experiment, [layout.SEARCH_OPTIONS, layout.SPACE])
 
     started = time.time()
     about = about_search(options, model_name, prepared, experiment)  # what best.json says of the search
@@ -156,11 +168,13 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
     `shared`: the prepared data in the object storage; `searched`: what a new search's search.json holds."""
     # Ray's experiment: in the experiment folder, or under the object storage's root.
     ray_path, filesystem = (storage.path(options.name), storage.filesystem) if storage else (str(experiment), None)
+    marker = StopMark(storage.path(options.name, STOP_MARKER), storage.filesystem) if storage else \
+        StopMark(str(experiment / STOP_MARKER))
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, prepared_dir=str(prepared.folder), image_size_px=prepared.image_size_px,
                              crop_px=prepared.crop_px, model_name=model_name, cpus=options.cpus_per_trial,
                              gpus=options.gpus_per_trial, checkpoint_every_s=options.checkpoint_every_s,
-                             stop_marker=str(experiment / STOP_MARKER), shared=shared),
+                             stop_marker=marker, shared=shared),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
     liar = "" if options.sampler == "random" else \
         " (constant liar)" if uses_constant_liar(options, max_concurrent) else " (no constant liar)"
@@ -187,7 +201,7 @@ def make_tuner(options: SearchOptions, space: SearchSpace, prepared: Prepared, m
             name=options.name, storage_path=ray_path.rpartition("/")[0], storage_filesystem=filesystem, verbose=1,
             progress_reporter=progress_table(space, task),
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=metric, checkpoint_score_order=mode),
-            callbacks=[GracefulStop(experiment), PruneCheckpoints(experiment, task), SayRetries(options.max_failures),
+            callbacks=[GracefulStop(marker), PruneCheckpoints(experiment, task), SayRetries(options.max_failures),
                        KeepReportsOnRetry(),
                        # then optuna.db, trials.csv and best.json as trials run, and the MLflow runs
                        *watchers(experiment, options.name, space, about, max_concurrent, task),

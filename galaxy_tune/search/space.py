@@ -41,6 +41,7 @@ class SearchSpace:
     params: tuple[Param, ...]
     fixed: dict[str, Any]
     points_to_evaluate: tuple[dict, ...]
+    source: str = ""  # the YAML it was read from
 
     def suggest(self, trial: optuna.Trial) -> dict:
         """Define-by-run: ask the trial for each active parameter, return the fixed values (Ray's config)."""
@@ -74,7 +75,8 @@ def load_space(path: Path, overrides: dict | None = None) -> SearchSpace:
     path = Path(path)
     where = f"search space {path}"
     try:
-        raw = yaml.safe_load(path.read_text())
+        source = path.read_text()  # read once: it may be a pipe
+        raw = yaml.safe_load(source)
     except FileNotFoundError:
         raise GalaxyTuneError(f"{where} does not exist: pass --space with a YAML file like "
                               "search_spaces/lora.yaml") from None
@@ -122,7 +124,7 @@ def load_space(path: Path, overrides: dict | None = None) -> SearchSpace:
             raise GalaxyTuneError(f"{where}: points_to_evaluate sets {', '.join(unknown)}, which is not searched: "
                                   "remove it from the point or make it a searched parameter")
     check_values(where, params, fixed)
-    space = SearchSpace(tuple(params), fixed, tuple(points))
+    space = SearchSpace(tuple(params), fixed, tuple(points), source)
     for point in points:  # every point and the fixed values must make a valid training config
         TrainConfig.from_dict({**fixed, **point})
     return space

@@ -20,10 +20,11 @@ from ray import tune
 
 from ..data.prepare import load_prepared
 from ..errors import GalaxyTuneError
-from ..storage import Storage, node_cache
+from ..storage import Storage
 from ..data.tasks import get_task
 from ..train_config import TrainConfig
 from .cluster import trial_device
+from .faults import StopMark
 
 STATE_FILE = "state.pt"
 
@@ -34,21 +35,21 @@ def load_prepared_on_this_node(folder: Path, image_size_px: int, crop_px: int | 
     the folder the driver wrote, or one line saying this node can't see it and what to do."""
     if shared is not None:
         storage, name = shared
-        local = storage.fetch_folder(name, node_cache() / "prepared", ray.util.get_node_ip_address())
-        return load_prepared(local, image_size_px, crop_px)
+        return load_prepared(storage.fetch_prepared(name, ray.util.get_node_ip_address()), image_size_px, crop_px)
     if not folder.is_dir():
         raise GalaxyTuneError(f"node {ray.util.get_node_ip_address()} cannot see the prepared data {folder}: "
                               "trials read it from --results-dir, so every node of the cluster must mount "
-                              "--results-dir (and --data-dir) at the same path, e.g. on NFS")
+                              "--results-dir (and --data-dir) at the same path, e.g. on NFS, or the search needs "
+                              "--storage URI (object storage)")
     return load_prepared(folder, image_size_px, crop_px)
 
 
 def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px: int | None, model_name: str,
-                cpus: float, gpus: float, checkpoint_every_s: float = 0.0, stop_marker: str | None = None,
+                cpus: float, gpus: float, checkpoint_every_s: float = 0.0, stop_marker: StopMark | None = None,
                 fail_at_epoch: int | None = None, shared: tuple[Storage, str] | None = None) -> None:
     """Train one trial's config, reporting val metrics every epoch and checkpoints as the module says.
 
-    While the file `stop_marker` exists (the search is stopping) every epoch checkpoints. `fail_at_epoch` makes
+    While `stop_marker` is set (the search is stopping) every epoch checkpoints. `fail_at_epoch` makes
     the first attempt crash in that epoch, before its report (fault-injection tests). `shared`: the prepared data
     in the object storage, which this node downloads once.
     """
@@ -98,7 +99,7 @@ def train_trial(config: dict, *, prepared_dir: str, image_size_px: int, crop_px:
         metrics = {**metrics, "trainable_params": trainable_params, "total_params": total_params,
                    "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **where}
         if (metrics["epoch"] < train_config.epochs and time.monotonic() - last_checkpoint < checkpoint_every_s
-                and not (stop_marker and os.path.exists(stop_marker))):
+                and not (stop_marker and stop_marker.is_set())):
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
