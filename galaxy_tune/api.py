@@ -108,6 +108,9 @@ def search(method: str, data_dir: Path | None = None, *, results_dir: Path = lay
         if stored.exists(name, layout.SEARCH_OPTIONS):
             stored.pull(name, experiment.parent)
             print(f"copied the search {name} from {stored.path(name)} to {experiment}, without its checkpoints")
+        elif not auto:
+            raise GalaxyTuneError(f"no search to resume: {name} is neither in {stored.path()} nor at {experiment}: "
+                                  "check --name, --storage and --results-dir")
     if auto and not (experiment / layout.SEARCH_OPTIONS).is_file() and experiment.exists():
         raise GalaxyTuneError(f"--resume auto: {experiment} holds no {layout.SEARCH_OPTIONS}: a search is starting "
                               "there, or one was stopped before it began; remove the folder once no search runs there")

@@ -155,6 +155,9 @@ def test_storage_that_cannot_be_used_is_refused_before_anything_starts(demo_dir,
     assert "--storage nosuch://bucket/x: " in error and "give a URI such as s3://bucket/prefix" in error
     assert main([*search, "--storage", s3_uri(s3_server.endpoint), "--results-dir", f"s3://{BUCKET}/x"]) == 2
     assert "is not a local folder: with --storage" in capsys.readouterr().err
+    error = refused_in_one_line(["search", "lora", "--resume", "--name", "nosuch", "--storage",
+                                 s3_uri(s3_server.endpoint)], results, capsys)
+    assert f"no search to resume: nosuch is neither in {BUCKET}/galaxy-tune nor at" in error
     # retrain, report and predict refuse alike, before anything is made.
     error = refused_in_one_line(["retrain", "--storage", s3_uri(s3_server.endpoint, "missing")], results, capsys)
     assert "the bucket missing does not exist" in error
