@@ -5,12 +5,14 @@
 - `SayRetries` and `retried`: which trials Ray retried, and why (their node lost, or their own error).
 - `KeepReportsOnRetry`: a trial retried from its checkpoint keeps the reports of its failed run.
 - `PruneCheckpoints`: checkpoints pruned only once a killed driver's state can no longer name them.
-- `check_ray_state`: a Ray state file cut short by a kill is refused, not silently started over.
+- `check_ray_state`: a Ray state file cut short by a kill is refused, not silently started over; a searcher's state
+  copied before or after the trials' is made to agree with them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import re
 import signal
@@ -229,19 +231,55 @@ def prune_checkpoints(trial_folder: Path, task: Task, filesystem: pyarrow.fs.Fil
                 pass
 
 
-def check_ray_state(experiment: Path) -> None:
-    """Refuse an experiment whose newest Ray state file was cut short. Ray saves its state in a staging folder and
-    then copies it into the experiment folder, file by file: a kill during the copy leaves a short file, and Ray's
-    restore would then start the whole search over."""
+def check_ray_state(experiment: Path, ray_path: str | None = None,
+                    filesystem: pyarrow.fs.FileSystem | None = None) -> None:
+    """Refuse an experiment (at `ray_path` in `filesystem`) whose newest Ray state file was cut short, and make its
+    searcher's state agree with its trials'. Ray saves its state in a staging folder and then copies it to the
+    experiment's folder or the storage, file by file. A kill during the copy leaves a short file (Ray's restore
+    would then start the whole search over), or a searcher's state older or newer than the trials' (Ray would then
+    create a trial too many or too few, or fail on a trial its searcher does not know)."""
+    filesystem, folder = filesystem or pyarrow.fs.LocalFileSystem(), ray_path or str(experiment)
+    names = [info.base_name for info in filesystem.get_file_info(pyarrow.fs.FileSelector(folder))]
+    state, paths = {}, {}
     for pattern in RAY_STATE:
-        newest = max(experiment.glob(pattern), default=None)  # Ray reads the greatest name
+        newest = max(fnmatch.filter(names, pattern), default=None)  # Ray reads the greatest name
         if newest is None:
             continue
+        paths[pattern] = f"{folder}/{newest}"
         try:
-            with open(newest, "rb") as saved:
-                json.load(saved) if pattern.startswith("experiment") else cloudpickle.load(saved)
+            with filesystem.open_input_stream(paths[pattern]) as saved:
+                data = saved.read()
+            state[pattern] = json.loads(data) if pattern.startswith("experiment") else cloudpickle.loads(data)
         except Exception:
-            raise GalaxyTuneError(f"{newest} is cut short (the search was killed while Ray copied it there): Ray "
-                                  "cannot continue this search. Its finished trials stay in trials.csv and optuna.db "
-                                  "(`retrain --from` and `report` read them); start a new search with another "
-                                  "--name") from None
+            raise GalaxyTuneError(f"{paths[pattern]} is cut short (the search was killed while Ray copied it there): "
+                                  "Ray cannot continue this search. Its finished trials stay in trials.csv and "
+                                  "optuna.db (`retrain --from` and `report` read them); start a new search with "
+                                  "another --name") from None
+    if len(state) < len(RAY_STATE):
+        return
+    trials, generator, optuna = (state[pattern] for pattern in RAY_STATE)
+    if match_searcher([json.loads(trial) for trial, _ in trials["trial_data"]], generator, optuna):
+        print(f"{experiment}: the search was killed while Ray copied its state, so its searcher's state did not "
+              "match its trials; it now does")
+        for pattern, value in zip(RAY_STATE[1:], (generator, optuna)):
+            with filesystem.open_output_stream(paths[pattern]) as out:
+                out.write(cloudpickle.dumps(value))
+
+
+def match_searcher(trials: list[dict], generator: dict, optuna: dict) -> bool:
+    """Make Ray's saved search generator and OptunaSearch (`generator`, `optuna`: their states) agree with the saved
+    `trials`: as many trials created, the unfinished ones live and known to Optuna. Whether anything changed."""
+    unfinished = [trial for trial in trials if trial["status"] not in ("TERMINATED", "ERROR")]
+    unknown = [trial for trial in unfinished if trial["trial_id"] not in optuna["_ot_trials"]]
+    for trial in unknown:  # as OptunaSearch asks for its points_to_evaluate
+        optuna["_ot_study"].enqueue_trial(trial["evaluated_params"])
+        ot_trial = optuna["_ot_study"].ask()
+        optuna["_space"](ot_trial)
+        optuna["_ot_trials"][trial["trial_id"]] = ot_trial
+    limiter = generator.get("name:ConcurrencyLimiter", {})
+    live = {trial["trial_id"] for trial in unfinished}
+    changed = bool(unknown) or generator["counter"] != len(trials) or limiter.get("live_trials", live) != live
+    generator["counter"] = len(trials)
+    if limiter:
+        limiter["live_trials"], limiter["num_unfinished_live_trials"] = live, len(live)
+    return changed

@@ -321,7 +321,7 @@ def restore(experiment: Path, trainable, ray_path: str | None = None, filesystem
     """Ray's `Tuner.restore` of an experiment (at `ray_path` in `filesystem`), or one line when galaxy_tune 0.1 saved
     it: Ray pickled that version's module paths (`galaxy_tune.space`, ...), which the data/, models/ and search/
     packages replaced."""
-    check_ray_state(experiment)
+    check_ray_state(experiment, ray_path, filesystem)
     try:
         return tune.Tuner.restore(ray_path or str(experiment), trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=filesystem)
