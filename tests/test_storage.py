@@ -222,12 +222,15 @@ def test_a_storage_lost_mid_search_is_said_once_and_the_search_goes_on(tmp_path,
     finally:
         server.kill()
         server.wait()
-    for _ in range(2):
-        uploads.on_trial_complete(1, [], None)
-        uploads.on_trial_error(2, [], None)
-        uploads.on_step_end(3, [])
+    uploads.on_trial_complete(1, [], None)  # waits for pyarrow's retries, then says so
+    assert time.time() < uploads.retry_at  # the next ones wait for the storage, not for its retries
+    uploads.on_trial_error(2, [], None)
+    uploads.on_step_end(3, [])
+    uploads.retry_at = 0.0  # the wait is over: the views try again, and say nothing more
+    uploads.on_trial_complete(4, [], None)
     error = capsys.readouterr().err
     assert error.count("could not upload") == 1 and "galaxy-tune/lost" in error, error
+    assert time.time() < uploads.retry_at
 
 
 def test_a_node_fetches_a_shared_folder_once_and_refuses_a_damaged_or_too_large_one(s3_server, tmp_path):

@@ -1,6 +1,7 @@
 """With `--storage`, the driver's live views go to the object storage beside Ray's experiment as they change:
 trials.csv and best.json each time a trial finishes, optuna.db every STUDY_EVERY_S. The first upload that fails is
-said; the search goes on, and its end uploads every view again."""
+said, and the views wait RETRY_AFTER_S before the next try: a storage that does not answer holds each try for its
+retries, and the driver with it. The search goes on, and its end uploads every view again."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .. import layout
 from ..storage import Storage
 
 STUDY_EVERY_S = 60.0
+RETRY_AFTER_S = 60.0
 TABLES = [layout.TRIALS, layout.BEST]
 
 
@@ -21,14 +23,16 @@ class UploadViews(tune.Callback):
 
     def __init__(self, storage: Storage, experiment: Path):
         self.storage, self.experiment = storage, Path(experiment)
-        self.study_sent, self.said = 0.0, False
+        self.study_sent, self.said, self.retry_at = 0.0, False, 0.0
 
     def __getstate__(self):  # Ray pickles the callbacks with the Tuner; a resumed driver has its own
-        return {**self.__dict__, "study_sent": 0.0, "said": False}
+        return {**self.__dict__, "study_sent": 0.0, "said": False, "retry_at": 0.0}
 
     def send(self, names: list[str]) -> None:
+        if time.time() < self.retry_at:
+            return
         if not self.storage.upload_views(self.experiment, names, say=not self.said):
-            self.said = True
+            self.said, self.retry_at = True, time.time() + RETRY_AFTER_S
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.send(TABLES)
