@@ -272,7 +272,7 @@ def match_searcher(trials: list[dict], generator: dict, optuna: dict) -> bool:
     unfinished = [trial for trial in trials if trial["status"] not in ("TERMINATED", "ERROR")]
     unknown = [trial for trial in unfinished if trial["trial_id"] not in optuna["_ot_trials"]]
     for trial in unknown:  # as OptunaSearch asks for its points_to_evaluate
-        optuna["_ot_study"].enqueue_trial(trial["evaluated_params"])
+        optuna["_ot_study"].enqueue_trial(trial.get("evaluated_params") or {})
         ot_trial = optuna["_ot_study"].ask()
         optuna["_space"](ot_trial)
         optuna["_ot_trials"][trial["trial_id"]] = ot_trial
