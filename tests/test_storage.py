@@ -1,7 +1,6 @@
 """`search --storage`: Ray's results and the prepared data in object storage, against a real S3 server (moto's, the
 session's `s3_server`)."""
 
-import fnmatch
 import json
 import os
 import pickle
@@ -20,8 +19,8 @@ from pyarrow import fs
 from conftest import BUCKET, TINY_SEARCH, S3Server, free_port, s3_requests, s3_uri, start_s3, start_search, wait_for
 from galaxy_tune.cli import main
 from galaxy_tune.errors import GalaxyTuneError
-from galaxy_tune.search.faults import RAY_STATE, STOP_MARKER, StopMark
-from galaxy_tune.search.uploads import UploadViews
+from galaxy_tune.search.faults import RAY_STATE, STOP_MARKER, StopMark, newest_ray_state
+from galaxy_tune.search.uploads import RETRY_AFTER_S, UploadViews
 from galaxy_tune.storage import object_storage, sub_uri
 
 KILLED_SAMPLES = 6  # the kill lands after the first trial ends, with trials left to run
@@ -41,18 +40,6 @@ def stored_table(storage, name: str) -> pd.DataFrame | None:
         return None
 
 
-def stored_state(storage, name: str, patterns) -> dict[str, tuple[str, bytes]]:
-    """Of each pattern, the greatest name in the experiment `name` and its bytes."""
-    names = [i.base_name for i in storage.filesystem.get_file_info(fs.FileSelector(storage.path(name),
-                                                                                    allow_not_found=True))]
-    state = {}
-    for pattern in patterns:
-        if newest := max(fnmatch.filter(names, pattern), default=None):
-            with storage.filesystem.open_input_stream(storage.path(name, newest)) as source:
-                state[pattern] = newest, source.read()
-    return state
-
-
 def test_a_search_killed_on_one_machine_continues_retrains_reports_and_predicts_on_others_from_the_bucket_alone(
         ray_local, demo_dir, s3_server, tmp_path, monkeypatch):
     """Each command runs from an empty --results-dir of its own, as on another machine; the driver's data is
@@ -68,9 +55,9 @@ def test_a_search_killed_on_one_machine_continues_retrains_reports_and_predicts_
     try:
         # The searcher's state as Ray first copied it to the bucket: put back after the kill, it is what a kill
         # during a later copy leaves when the trials' state was copied and the searcher's not yet.
-        wait_for(lambda: len(stored_state(storage, "killed", RAY_STATE[1:])) == 2, 240,
-                 "the searcher's state in the bucket", driver)
-        stale = stored_state(storage, "killed", RAY_STATE[1:])
+        searcher = storage.filesystem, storage.path("killed"), RAY_STATE[1:]
+        wait_for(lambda: len(newest_ray_state(*searcher)) == 2, 240, "the searcher's state in the bucket", driver)
+        stale = newest_ray_state(*searcher)
         # The bucket's trials.csv is uploaded as each trial ends; the kill lands once Ray's state there has
         # recorded that end.
         wait_for(lambda: (t := stored_table(storage, "killed")) is not None and (t["status"] == "COMPLETED").any(),
@@ -88,11 +75,11 @@ def test_a_search_killed_on_one_machine_continues_retrains_reports_and_predicts_
     with storage.filesystem.open_input_stream(storage.path("killed", "search.json")) as searched:
         shared = json.loads(searched.read())["shared"]
     assert len(before) < KILLED_SAMPLES  # the kill left trials to run
-    _, trials_state = stored_state(storage, "killed", RAY_STATE[:1])[RAY_STATE[0]]
+    _, trials_state = newest_ray_state(storage.filesystem, storage.path("killed"))[RAY_STATE[0]]
     created = len(json.loads(trials_state)["trial_data"])
     assert pickle.loads(stale[RAY_STATE[1]][1])["counter"] < created  # the stale searcher knows fewer trials
-    for name, data in stale.values():
-        with storage.filesystem.open_output_stream(storage.path("killed", name)) as out:
+    for path, data in stale.values():
+        with storage.filesystem.open_output_stream(path) as out:
             out.write(data)
     manifest = f"elsewhere/shared/{shared}/manifest.json"
     assert s3_requests(s3_server, "GET", manifest) == 1  # the node's trials fetched the data once
@@ -226,7 +213,7 @@ def test_a_storage_lost_mid_search_is_said_once_and_the_search_goes_on(tmp_path,
     assert time.time() < uploads.retry_at  # the next ones wait for the storage, not for its retries
     uploads.on_trial_error(2, [], None)
     uploads.on_step_end(3, [])
-    uploads.retry_at = 0.0  # the wait is over: the views try again, and say nothing more
+    uploads.retry_at -= RETRY_AFTER_S  # the wait is over: the views try again, and say nothing more
     uploads.on_trial_complete(4, [], None)
     error = capsys.readouterr().err
     assert error.count("could not upload") == 1 and "galaxy-tune/lost" in error, error

@@ -238,23 +238,17 @@ def check_ray_state(experiment: Path, ray_path: str | None = None,
     experiment's folder or the storage, file by file. A kill during the copy leaves a short file (Ray's restore
     would then start the whole search over), or a searcher's state older or newer than the trials' (Ray would then
     create a trial too many or too few, or fail on a trial its searcher does not know)."""
-    filesystem, folder = filesystem or pyarrow.fs.LocalFileSystem(), ray_path or str(experiment)
-    names = [info.base_name for info in filesystem.get_file_info(pyarrow.fs.FileSelector(folder))]
-    state, paths = {}, {}
-    for pattern in RAY_STATE:
-        newest = max(fnmatch.filter(names, pattern), default=None)  # Ray reads the greatest name
-        if newest is None:
-            continue
-        paths[pattern] = f"{folder}/{newest}"
+    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
+    saved = newest_ray_state(filesystem, ray_path or str(experiment))
+    state = {}
+    for pattern, (path, data) in saved.items():
         try:
-            with filesystem.open_input_stream(paths[pattern]) as saved:
-                data = saved.read()
             state[pattern] = json.loads(data) if pattern.startswith("experiment") else cloudpickle.loads(data)
         except Exception:
-            raise GalaxyTuneError(f"{paths[pattern]} is cut short (the search was killed while Ray copied it there): "
-                                  "Ray cannot continue this search. Its finished trials stay in trials.csv and "
-                                  "optuna.db (`retrain --from` and `report` read them); start a new search with "
-                                  "another --name") from None
+            raise GalaxyTuneError(f"{path} is cut short (the search was killed while Ray copied it there): Ray "
+                                  "cannot continue this search. Its finished trials stay in trials.csv and optuna.db "
+                                  "(`retrain --from` and `report` read them); start a new search with another "
+                                  "--name") from None
     if len(state) < len(RAY_STATE):
         return
     trials, generator, optuna = (state[pattern] for pattern in RAY_STATE)
@@ -262,8 +256,22 @@ def check_ray_state(experiment: Path, ray_path: str | None = None,
         print(f"{experiment}: the search was killed while Ray copied its state, so its searcher's state did not "
               "match its trials; it now does")
         for pattern, value in zip(RAY_STATE[1:], (generator, optuna)):
-            with filesystem.open_output_stream(paths[pattern]) as out:
+            with filesystem.open_output_stream(saved[pattern][0]) as out:
                 out.write(cloudpickle.dumps(value))
+
+
+def newest_ray_state(filesystem: pyarrow.fs.FileSystem, folder: str,
+                     patterns: tuple[str, ...] = RAY_STATE) -> dict[str, tuple[str, bytes]]:
+    """Of each pattern, the file Ray reads in `folder` (the greatest name) as (path, bytes); none for a pattern
+    without a file, or a folder not made yet."""
+    names = [info.base_name for info in filesystem.get_file_info(pyarrow.fs.FileSelector(folder,
+                                                                                          allow_not_found=True))]
+    saved = {}
+    for pattern in patterns:
+        if newest := max(fnmatch.filter(names, pattern), default=None):
+            with filesystem.open_input_stream(f"{folder}/{newest}") as source:
+                saved[pattern] = f"{folder}/{newest}", source.read()
+    return saved
 
 
 def match_searcher(trials: list[dict], generator: dict, optuna: dict) -> bool:

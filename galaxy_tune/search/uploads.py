@@ -23,16 +23,16 @@ class UploadViews(tune.Callback):
 
     def __init__(self, storage: Storage, experiment: Path):
         self.storage, self.experiment = storage, Path(experiment)
-        self.study_sent, self.said, self.retry_at = 0.0, False, 0.0
+        self.study_sent, self.retry_at = 0.0, 0.0  # retry_at: when to try again after a failed upload (0: none)
 
     def __getstate__(self):  # Ray pickles the callbacks with the Tuner; a resumed driver has its own
-        return {**self.__dict__, "study_sent": 0.0, "said": False, "retry_at": 0.0}
+        return {**self.__dict__, "study_sent": 0.0, "retry_at": 0.0}
 
     def send(self, names: list[str]) -> None:
         if time.time() < self.retry_at:
             return
-        if not self.storage.upload_views(self.experiment, names, say=not self.said):
-            self.said, self.retry_at = True, time.time() + RETRY_AFTER_S
+        if not self.storage.upload_views(self.experiment, names, say=not self.retry_at):
+            self.retry_at = time.time() + RETRY_AFTER_S
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.send(TABLES)
