@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -80,6 +80,15 @@ class Storage:
         """Copy the local file to root/parts (the file's name when parts are none)."""
         with open(local, "rb") as source, self.writer(self.path(*parts or (local.name,))) as out:
             out.write(source.read())
+
+    def trying_once(self) -> Storage:
+        """This storage with one try per S3 request, for uploads that a later one repeats: a server that does not
+        answer fails them at once instead of holding the caller through pyarrow's retries (seconds each)."""
+        if not isinstance(self.filesystem, pafs.S3FileSystem):
+            return self
+        options = self.filesystem.__reduce__()[1][0]  # what it was made with, as pickle remakes it
+        return replace(self, filesystem=pafs.S3FileSystem(
+            **options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1)))
 
     def upload_views(self, experiment: Path, names: list[str], say: bool = True) -> bool:
         """The experiment's own files of these names (those that exist), beside Ray's under root/<its name>; False,

@@ -1,7 +1,7 @@
 """With `--storage`, the driver's live views go to the object storage beside Ray's experiment as they change:
-trials.csv and best.json each time a trial finishes, optuna.db every STUDY_EVERY_S. The first upload that fails is
-said, and the views wait RETRY_AFTER_S before the next try: a storage that does not answer holds each try for its
-retries, and the driver with it. The search goes on, and its end uploads every view again."""
+trials.csv and best.json each time a trial finishes, optuna.db every STUDY_EVERY_S. Each request is tried once, so
+a storage that does not answer never holds the driver. The first upload that fails is said, and the views wait
+RETRY_AFTER_S before the next try. The search goes on, and its end uploads every view again, with retries."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class UploadViews(tune.Callback):
     """Upload the experiment's views after the watchers (`monitor.watchers`) wrote them."""
 
     def __init__(self, storage: Storage, experiment: Path):
-        self.storage, self.experiment = storage, Path(experiment)
+        self.storage, self.experiment = storage.trying_once(), Path(experiment)
         self.study_sent, self.retry_at = 0.0, 0.0  # retry_at: when to try again after a failed upload (0: none)
 
     def __getstate__(self):  # Ray pickles the callbacks with the Tuner; a resumed driver has its own
