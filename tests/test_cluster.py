@@ -135,7 +135,7 @@ def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(clu
     else:
         warnings.warn("this machine does not let a test hide folders from a process (`unshare --mount`): the nodes "
                       "see the driver's data, which the trials must not read")
-    # Trials that outlast a worker's start (the tiny ResNet at 256 px, 6 epochs of a second or two): a pending trial
+    # Trials that outlast a worker's start (the tiny ResNet at 256 px, 4 epochs of a second or two): a pending trial
     # goes to the first free worker, and short ones would all reuse the head's while the other node's worker is
     # still importing torch. Both run at once, one per node (each node has one CPU). Each checkpoints every epoch
     # and runs every epoch (no early stopping), so the one on the node lost after its first epoch has a checkpoint
@@ -143,7 +143,7 @@ def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(clu
     driver = subprocess.Popen(
         [sys.executable, "-m", "galaxy_tune", "search", "full", "--address", cluster.address, "--data-dir",
          str(demo_dir), "--results-dir", str(tmp_path / "results"), "--model", "tiny", "--image-size",
-         "256", "--crop", "256", "--num-samples", "2", "--max-epochs", "6", "--scheduler", "fifo",
+         "256", "--crop", "256", "--num-samples", "2", "--max-epochs", "4", "--scheduler", "fifo",
          "--checkpoint-every", "0", "--name", "cluster", "--storage", s3_uri(s3_server.endpoint)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=shell_environment())
     try:

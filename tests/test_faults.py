@@ -26,7 +26,7 @@ from galaxy_tune.search.trainable import train_trial
 from galaxy_tune.train import TrainConfig
 
 SAMPLES = 16  # far more than finish before the first does: the kill lands mid-search, after Ray saved its state
-STOPPED_SAMPLES = 24  # stopped three times, each once one more trial has finished: trials to spare
+STOPPED_SAMPLES = 16  # stopped three times, each once one more trial has finished: trials to spare
 
 
 # The trial of each case, run in one Tuner: one that never fails (what a resumed trial must reproduce), and two
@@ -55,13 +55,13 @@ class StaleExperimentCopy(tune.Callback):
 
 @pytest.fixture(scope="module")
 def cases(ray_local, prepared, tmp_path_factory) -> dict[str, tune.Result]:
-    """Case -> the result of its trial, the three run at once as a search runs them (2 at a time), with the
+    """Case -> the result of its trial, the three run at once as a search runs them (half a CPU each), with the
     search's callback that keeps a retried trial's reports."""
     config = TrainConfig(method="full", lr=3e-3, optimizer="adam", scheduler="onecycle", epochs=3,
                          batch_size=16).to_dict()
     trainable = tune.with_parameters(case_trial, prepared_dir=str(prepared.folder), image_size_px=IMAGE_SIZE_PX,
                                      crop_px=CROP_PX, model_name="tiny", cpus=1, gpus=0)
-    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}),
+    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 0.5}),
                        param_space={**config, "case": tune.grid_search(list(CASES))},
                        run_config=tune.RunConfig(name="cases", storage_path=str(tmp_path_factory.mktemp("cases")),
                                                  failure_config=tune.FailureConfig(max_failures=1),
