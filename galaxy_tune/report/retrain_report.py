@@ -18,7 +18,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from PIL import Image
-from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from .. import layout
 from ..data.prepare import load_prepared
@@ -223,6 +222,8 @@ def plot_test_accuracy(results: pd.DataFrame, majority: float,
 
 def plot_confusion_matrices(predictions: pd.DataFrame, class_names: list[str]) -> Figure:
     """One confusion matrix per method on the test split (first seed), counts and share of each true class."""
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix  # here: a search's report needs no sklearn
+
     methods = [m for m in METHOD_ORDER if m in set(predictions["method"])]
     seed = int(predictions["seed"].min())
     figure = Figure(figsize=(4.3 * len(methods), 4.4), layout="constrained")
