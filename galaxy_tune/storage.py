@@ -83,7 +83,7 @@ class Storage:
 
     def trying_once(self) -> Storage:
         """This storage with one try per S3 request, for uploads that a later one repeats: a server that does not
-        answer fails them at once instead of holding the caller through pyarrow's retries (seconds each)."""
+        answer fails them after one request instead of holding the caller through pyarrow's retries."""
         if not isinstance(self.filesystem, pafs.S3FileSystem):
             return self
         options = self.filesystem.__reduce__()[1][0]  # what it was made with, as pickle remakes it

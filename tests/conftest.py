@@ -399,6 +399,14 @@ def start_search(ray_local, method: str, name: str, demo_dir, results_dir, sampl
                             **popen)
 
 
+def kill_driver(driver: subprocess.Popen) -> None:
+    """kill -9 of a driver that `start_search` started, and of its process group, as a crash would (Ray ends the
+    dead driver's trials); a driver that already ended is left alone, so that the test's own failure shows."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+
 def wait_for(predicate, timeout, what, driver: subprocess.Popen):
     """Until `predicate()` holds; fails at once if the driver ends first."""
     deadline = time.time() + timeout

@@ -18,8 +18,8 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 
-from conftest import (CROP_PX, IMAGE_SIZE_PX, epochs_logged, mlflow_search, start_search, start_search_args,
-                      wait_for)
+from conftest import (CROP_PX, IMAGE_SIZE_PX, epochs_logged, kill_driver, mlflow_search, start_search,
+                      start_search_args, wait_for)
 from galaxy_tune.cli import main
 from galaxy_tune.search.faults import RAY_STATE, STOP_MARKER, KeepReportsOnRetry
 from galaxy_tune.search.trainable import train_trial
@@ -138,8 +138,7 @@ def test_a_search_killed_with_sigkill_resumes_without_losing_or_repeating_trials
         wait_for(lambda: time.time() - max(p.stat().st_mtime for pattern in RAY_STATE for p in experiment.glob(pattern))
                  > 0.3, 60, "a moment without a state copy", driver)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # as a crash would: Ray ends the dead driver's trials
-        driver.wait()
+        kill_driver(driver)
     before = {trial: epochs for trial, epochs in finished_trials(experiment, 3).items() if trial in ended}
     assert set(before) == ended
     # The default strategy is the one resumed: multivariate TPE with constant liar (2 trials at once) and ASHA.

@@ -1,7 +1,8 @@
 """With `--storage`, the driver's live views go to the object storage beside Ray's experiment as they change:
-trials.csv and best.json each time a trial finishes, optuna.db every STUDY_EVERY_S. Each request is tried once, so
-a storage that does not answer never holds the driver. The first upload that fails is said, and the views wait
-RETRY_AFTER_S before the next try. The search goes on, and its end uploads every view again, with retries."""
+trials.csv and best.json each time a trial finishes, optuna.db every STUDY_EVERY_S. Each request is tried once: a
+storage that stops answering holds the driver for one request's timeout, not for pyarrow's retries (which waited
+99 s for a silent endpoint). The first upload that fails is said, and the views wait RETRY_AFTER_S before the next
+try. The search goes on, and its end uploads every view again, with retries."""
 
 from __future__ import annotations
 
