@@ -212,7 +212,7 @@ def test_a_storage_lost_mid_search_is_said_once_and_the_search_goes_on(tmp_path,
         server.wait()
     started = time.monotonic()
     uploads.on_trial_complete(1, [], None)  # one try, then says so
-    assert time.monotonic() - started < 1  # not after pyarrow's retries, which take seconds
+    assert time.monotonic() - started < 3  # not after pyarrow's retries, which took 6 s here
     assert time.time() < uploads.retry_at  # the next ones wait for the storage
     uploads.on_trial_error(2, [], None)
     uploads.on_step_end(3, [])
