@@ -15,7 +15,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -287,23 +286,19 @@ def doomed_mlflow_server(launched_mlflow) -> MlflowServer:
     return answering(launched_mlflow["doomed_mlflow_server"])
 
 
-def kill_once_a_trial_is_logged(server: MlflowServer, name: str) -> threading.Thread:
-    """A thread that kills the server (kill -9) once a trial's run of the search `name` has an epoch."""
-    def watch():
-        from mlflow import MlflowClient
+def kill_once_a_trial_is_logged(uri: str, group: int, name: str) -> None:
+    """Kill the server at `uri` (kill -9 of its process group) once a trial's run of the search `name` has an
+    epoch."""
+    from mlflow import MlflowClient
 
-        client, deadline = MlflowClient(server.uri), time.monotonic() + 120
-        while time.monotonic() < deadline:
-            found = client.get_experiment_by_name(name)
-            if found and any(run.data.metrics for run in client.search_runs(
-                    [found.experiment_id], "tags.`galaxy_tune.role` = 'trial'")):
-                break
-            time.sleep(0.2)
-        stop_mlflow(server.process, signal.SIGKILL)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    client, deadline = MlflowClient(uri), time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = client.get_experiment_by_name(name)
+        if found and any(run.data.metrics for run in client.search_runs(
+                [found.experiment_id], "tags.`galaxy_tune.role` = 'trial'")):
+            break
+        time.sleep(0.2)
+    os.killpg(group, signal.SIGKILL)
 
 
 class WatchedSearch(NamedTuple):
@@ -318,8 +313,8 @@ class WatchedSearch(NamedTuple):
 @pytest.fixture(scope="session")
 def watched_search(ray_local, demo_dir, doomed_mlflow_server, tmp_path_factory) -> WatchedSearch:
     """A 4-trial LoRA search, one trial at a time, run as a user runs it and watched as it runs: a callback added
-    to the search's own reads its files after each trial's end, and its MLflow server is killed (kill -9) once a
-    trial's run has an epoch."""
+    to the search's own reads its files after each trial's end. At the first trial's end, the callback waits for
+    that trial's run to have an epoch in MLflow, then kills the server (kill -9): three trials run without it."""
     import optuna
     from ray import tune
 
@@ -327,10 +322,13 @@ def watched_search(ray_local, demo_dir, doomed_mlflow_server, tmp_path_factory) 
 
     search = importlib.import_module("galaxy_tune.search.run")  # the module (galaxy_tune.search is the API call)
     results, server = tmp_path_factory.mktemp("watched"), doomed_mlflow_server
+    uri, group = server.uri, server.process.pid  # what the callback, which Ray pickles, may hold
     experiment, looks, passes, out, err = results / "dies", [], [], io.StringIO(), io.StringIO()
 
     class Probe(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
+            if not looks:
+                kill_once_a_trial_is_logged(uri, group, experiment.name)
             live = optuna.load_study(study_name=experiment.name, storage=f"sqlite:///{experiment / 'optuna.db'}")
             looks.append({"study": [(t.user_attrs["ray_trial_id"], t.state, dict(t.intermediate_values))
                                     for t in live.trials],
@@ -343,11 +341,9 @@ def watched_search(ray_local, demo_dir, doomed_mlflow_server, tmp_path_factory) 
         with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             patch.setattr(search, "watchers", lambda *args: [*make(*args), Probe()])
             patch.setattr(search, "finish_study", lambda *args: passes.append(finish(*args)) or passes[-1])
-            killer = kill_once_a_trial_is_logged(server, experiment.name)
             assert main(["search", "lora", "--data-dir", str(demo_dir), "--results-dir", str(results), "--name",
                          experiment.name, "--num-samples", "4", "--max-concurrent", "1", *SEARCH, "--mlflow",
                          server.uri]) == 0, err.getvalue()[-3000:]
-            killer.join()
     finally:
         stop_mlflow(server.process, signal.SIGKILL)
     return WatchedSearch(experiment, looks, passes, out.getvalue(), err.getvalue(), server.uri)
