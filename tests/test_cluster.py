@@ -87,9 +87,10 @@ def cluster(tmp_path_factory):
 
 
 class ReportedTrials:
-    """Trials whose first epoch the driver has, from the study it mirrors live (with a checkpoint every epoch,
-    Ray then knows the trial's first checkpoint). The study is opened once: opening it costs a tenth of a
-    CPU-second, which each poll would take from the trials, one per CPU."""
+    """Trials whose second epoch the driver has, from the study it mirrors live. Ray takes an epoch's checkpoint
+    in a call to the trial of its own, after the epoch's result, and asks for the next epoch once it has it: a
+    trial's second epoch is there only once Ray knows its first checkpoint. The study is opened once: opening it
+    costs a tenth of a CPU-second, which each poll would take from the trials, one per CPU."""
 
     def __init__(self, experiment: Path):
         self.database, self.study = experiment / "optuna.db", None
@@ -100,7 +101,7 @@ class ReportedTrials:
                 self.study = optuna.load_study(study_name="cluster", storage=f"sqlite:///{self.database}")
             except Exception:  # the driver has not made it yet
                 pass
-        return 0 if self.study is None else sum(bool(trial.intermediate_values) for trial in self.study.trials)
+        return 0 if self.study is None else sum(len(trial.intermediate_values) >= 2 for trial in self.study.trials)
 
 
 def descendants(pid: int) -> list[int]:
@@ -135,21 +136,21 @@ def test_a_search_on_a_token_cluster_uses_both_nodes_and_survives_losing_one(clu
     else:
         warnings.warn("this machine does not let a test hide folders from a process (`unshare --mount`): the nodes "
                       "see the driver's data, which the trials must not read")
-    # Trials that outlast a worker's start (the tiny ResNet at 256 px, 4 epochs of a second or two): a pending trial
+    # Trials that outlast a worker's start (the tiny ResNet at 256 px, 6 epochs of a second or two): a pending trial
     # goes to the first free worker, and short ones would all reuse the head's while the other node's worker is
     # still importing torch. Both run at once, one per node (each node has one CPU). Each checkpoints every epoch
-    # and runs every epoch (no early stopping), so the one on the node lost after its first epoch has a checkpoint
+    # and runs every epoch (no early stopping), so the one on the node lost after its second epoch has a checkpoint
     # to continue from, and epochs left to run.
     driver = subprocess.Popen(
         [sys.executable, "-m", "galaxy_tune", "search", "full", "--address", cluster.address, "--data-dir",
          str(demo_dir), "--results-dir", str(tmp_path / "results"), "--model", "tiny", "--image-size",
-         "256", "--crop", "256", "--num-samples", "2", "--max-epochs", "4", "--scheduler", "fifo",
+         "256", "--crop", "256", "--num-samples", "2", "--max-epochs", "6", "--scheduler", "fifo",
          "--checkpoint-every", "0", "--name", "cluster", "--storage", s3_uri(s3_server.endpoint)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=shell_environment())
     try:
         deadline, reported_trials = time.monotonic() + 300, ReportedTrials(experiment)
         while reported_trials() < 2:
-            assert driver.poll() is None and time.monotonic() < deadline, "the two trials did not report an epoch"
+            assert driver.poll() is None and time.monotonic() < deadline, "the two trials did not report 2 epochs"
             time.sleep(0.2)
         lose_node(cluster.nodes["worker"])
         out, err = driver.communicate(timeout=600)
