@@ -23,9 +23,15 @@ from galaxy_tune.search.faults import RAY_STATE, STOP_MARKER, StopMark, newest_r
 from galaxy_tune.search.uploads import RETRY_AFTER_S, UploadViews
 from galaxy_tune.storage import object_storage, sub_uri
 
-# The kill lands 1-2 s after the first trial ends (Ray's state is uploaded every second): about 9 of 12 trials had
-# ended by then here. 16 leave trials to run on a faster machine too; each trial costs about 1.5 s of the test.
+# The kill lands about a second after the first trial ends (Ray's state is uploaded every second): 4 or 5 of 16
+# trials had started by then here, so a faster machine has trials left to run too. Each costs about 1.5 s of the test.
 KILLED_SAMPLES = 16
+
+
+def stored_trials(storage, name: str) -> list[dict]:
+    """The trials of Ray's experiment state in the bucket (an object is whole once seen)."""
+    saved = newest_ray_state(storage.filesystem, storage.path(name), RAY_STATE[:1])
+    return [json.loads(trial) for trial, _ in json.loads(saved[RAY_STATE[0]][1])["trial_data"]] if saved else []
 
 
 def stored_files(storage, name: str) -> set[str]:
@@ -60,15 +66,18 @@ def test_a_search_killed_on_one_machine_continues_retrains_reports_and_predicts_
         searcher = storage.filesystem, storage.path("killed"), RAY_STATE[1:]
         wait_for(lambda: len(newest_ray_state(*searcher)) == 2, 240, "the searcher's state in the bucket", driver)
         stale = newest_ray_state(*searcher)
-        # The bucket's trials.csv is uploaded as each trial ends; the kill lands once Ray's state there has
-        # recorded that end.
+        # The bucket's trials.csv is uploaded as each trial ends. The kill lands once Ray's state there has
+        # recorded that end, and holds more trials than the stale searcher knows.
         wait_for(lambda: (t := stored_table(storage, "killed")) is not None and (t["status"] == "COMPLETED").any(),
                  240, "a completed trial in the bucket's trials.csv", driver)
-        recorded = time.time()
-        ended = stored_table(storage, "killed")
-        wait_for(lambda: any(i.mtime.timestamp() > recorded + 1 for i in storage.filesystem.get_file_info(
-            fs.FileSelector(storage.path("killed"))) if i.base_name.startswith("experiment_state-")), 120,
-                 "an experiment state uploaded after that", driver)
+        ended, known = stored_table(storage, "killed"), pickle.loads(stale[RAY_STATE[1]][1])["counter"]
+
+        def recorded() -> bool:
+            trials = stored_trials(storage, "killed")
+            done = {trial["trial_id"] for trial in trials if trial["status"] == "TERMINATED"}
+            return len(trials) > known and set(ended.loc[ended["status"] == "COMPLETED", "trial_id"]) <= done
+
+        wait_for(recorded, 120, "Ray's state in the bucket recording those trials' end", driver)
     finally:
         kill_driver(driver)
     before = dict(zip(ended.loc[ended["status"] == "COMPLETED", "trial_id"],
@@ -76,9 +85,6 @@ def test_a_search_killed_on_one_machine_continues_retrains_reports_and_predicts_
     with storage.filesystem.open_input_stream(storage.path("killed", "search.json")) as searched:
         shared = json.loads(searched.read())["shared"]
     assert len(before) < KILLED_SAMPLES  # the kill left trials to run
-    _, trials_state = newest_ray_state(storage.filesystem, storage.path("killed"), RAY_STATE[:1])[RAY_STATE[0]]
-    created = len(json.loads(trials_state)["trial_data"])
-    assert pickle.loads(stale[RAY_STATE[1]][1])["counter"] < created  # the stale searcher knows fewer trials
     for path, data in stale.values():
         with storage.filesystem.open_output_stream(path) as out:
             out.write(data)
