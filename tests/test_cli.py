@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -59,6 +60,19 @@ def opened_for_writing(fifo, timeout: float) -> int:
             time.sleep(0.1)
 
 
+def reading_a_pipe(pid: int, timeout: float) -> None:
+    """Until a thread of process `pid` sleeps in a pipe's read (Linux names the kernel function it sleeps in: its
+    wchan). A signal that lands before the read starts, just after the pipe opened, interrupts nothing: the read
+    then waits for good. Where the kernel hides wchan, this waits `timeout` s, and the read has begun by then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if any(wchan.read_text().endswith(("pipe_read", "pipe_wait"))
+                   for wchan in Path(f"/proc/{pid}/task").glob("*/wchan")):
+                return
+        time.sleep(0.05)
+
+
 # `python -m galaxy_tune` with Ctrl-C live, as a shell starts it. After earlier tests this test's process was seen
 # ignoring SIGINT and SIGQUIT (as the C library's `system()` leaves its caller while a command runs), and a Python
 # started from a process that ignores SIGINT ignores Ctrl-C for good.
@@ -80,6 +94,7 @@ def test_ctrl_c_during_prepare_says_what_prepare_left_and_leaves_no_folder(demo_
     writer = None
     try:
         writer = opened_for_writing(stalled, timeout=120)
+        reading_a_pipe(driver.pid, timeout=10)
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=60)
     finally:
