@@ -5,7 +5,9 @@ import json
 import os
 import pickle
 import shutil
+import socketserver
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +23,7 @@ from galaxy_tune.cli import main
 from galaxy_tune.errors import GalaxyTuneError
 from galaxy_tune.search.faults import RAY_STATE, STOP_MARKER, StopMark, newest_ray_state
 from galaxy_tune.search.uploads import RETRY_AFTER_S, UploadViews
-from galaxy_tune.storage import object_storage, sub_uri
+from galaxy_tune.storage import Storage, object_storage, sub_uri
 
 # The kill lands about a second after the first trial ends (Ray's state is uploaded every second): 4 or 5 of 16
 # trials had started by then here, so a faster machine has trials left to run too. Each costs about 1.5 s of the test.
@@ -227,6 +229,28 @@ def test_a_storage_lost_mid_search_is_said_once_and_the_search_goes_on(tmp_path,
     error = capsys.readouterr().err
     assert error.count("could not upload") == 1 and "galaxy-tune/lost" in error, error
     assert time.time() < uploads.retry_at
+
+
+def test_a_live_upload_tries_once_in_a_resumed_driver_too(tmp_path, capsys):
+    """Against an endpoint that hangs up on each connection, as a failing server does: one connection per upload,
+    where pyarrow's default retries make three."""
+    connections = []
+
+    class HangUp(socketserver.BaseRequestHandler):
+        def handle(self):
+            connections.append(self.client_address)
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), HangUp) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        uri = s3_uri("{}:{}".format(*server.server_address))
+        (tmp_path / "trials.csv").write_text("trial_id\n1\n")
+        uploads = UploadViews(Storage(uri, *fs.FileSystem.from_uri(uri)), tmp_path)
+        for views in (uploads, pickle.loads(pickle.dumps(uploads))):  # as Tuner.restore gives a resumed driver
+            connections.clear()
+            views.on_trial_complete(0, [], None)
+            assert len(connections) == 1
+        server.shutdown()
+    assert capsys.readouterr().err.count("could not upload") == 2
 
 
 def test_a_node_fetches_a_shared_folder_once_and_refuses_a_damaged_or_too_large_one(s3_server, tmp_path):

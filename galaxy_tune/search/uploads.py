@@ -29,6 +29,10 @@ class UploadViews(tune.Callback):
     def __getstate__(self):  # Ray pickles the callbacks with the Tuner; a resumed driver has its own
         return {**self.__dict__, "study_sent": 0.0, "retry_at": 0.0}
 
+    def __setstate__(self, state):  # pickle remakes an S3 filesystem with pyarrow's default retries
+        self.__dict__.update(state)
+        self.storage = self.storage.trying_once()
+
     def send(self, names: list[str]) -> None:
         if time.time() < self.retry_at:
             return
