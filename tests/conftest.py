@@ -195,14 +195,14 @@ def start_node(args: list[str], log: Path, env: dict[str, str], hidden: tuple[Pa
     return node
 
 
-def stop_nodes(*nodes: subprocess.Popen, grace_s: float = 1.0) -> None:
+def stop_nodes(*nodes: subprocess.Popen) -> None:
     """SIGTERM to each blocking `ray start` and the processes it started (its process group, and only those), all
-    at once; SIGKILL to the groups still running `grace_s` later (`ray start` would stop its processes one after
+    at once; SIGKILL to the groups still running a second later (`ray start` would stop its processes one after
     the other, giving each a second)."""
     running = [node for node in nodes if node.poll() is None]
     for node in running:
         os.killpg(node.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
+    deadline = time.monotonic() + 1.0
     for node in running:
         try:
             node.wait(timeout=max(0.0, deadline - time.monotonic()))
